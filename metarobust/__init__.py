@@ -1,0 +1,8 @@
+"""metarobust: adversarially robust few-shot learning in one episodic engine.
+
+Everything is an episode: meta-learning tasks have a support and a query set; a plain
+mini-batch is a single-task episode with no support set. One engine runs
+``sampler -> learner.adapt -> objective(attack) -> step`` for every recipe.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,201 @@
+"""The ``metarobust`` command line.
+
+    metarobust quickstart                      robust vs plain MAML on the embedded glyphs
+    metarobust train CONFIG [key=value ...] [--resume]
+    metarobust eval RUN_OR_CHECKPOINT [key=value ...]
+    metarobust data info DATASET [--root PATH]
+    metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
+    metarobust list recipes|models|datasets|attacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from metarobust.errors import MetarobustError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from metarobust.config import load_config
+    from metarobust.experiment import train_and_evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
+    print(_table({cfg.recipe: summary}))
+    print(json.dumps(summary))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from metarobust.experiment import evaluate, model_from_checkpoint
+    from metarobust.runs import RunDir
+    from metarobust.training.engine import load_stores, resolve_device
+
+    cfg, model, state = model_from_checkpoint(args.run, args.overrides)
+    stores = load_stores(cfg, resolve_device(cfg.device))
+    run_path = Path(args.run)
+    run = None
+    if run_path.is_dir():
+        cfg.out_dir, cfg.name = str(run_path.parent), run_path.name
+        run = RunDir(cfg, resume=True, tensorboard=False)
+    result = evaluate(cfg, model, stores, run, progress=not args.quiet)
+    summary = {"run": str(run_path), "recipe": cfg.recipe, "step": int(state["step"]), **result.as_dict()}
+    print(_table({cfg.recipe: summary}))
+    print(json.dumps(summary))
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from metarobust.config import load_config
+    from metarobust.experiment import train_and_evaluate
+    from metarobust.plots import plot_clean_vs_robust
+    from metarobust.training.engine import load_stores, resolve_device
+
+    start = time.perf_counter()
+    base = Path(args.out_dir)
+    out = base / "quickstart"
+    suffix = 1
+    while out.exists():
+        suffix += 1
+        out = base / f"quickstart-{suffix}"
+    results = {}
+    stores = None
+    for recipe in ("r_maml", "maml"):
+        cfg = load_config(CONFIGS / "quickstart.yaml",
+                          [f"recipe={recipe}", f"name={recipe}", f"out_dir={out}", *args.overrides])
+        stores = stores or load_stores(cfg, resolve_device(cfg.device))
+        print(f"== meta-training {recipe} ({cfg.train.iterations} meta-updates, "
+              f"{cfg.meta.ways}-way, {cfg.meta.train_shots}-shot training, "
+              f"{cfg.meta.test_shots}-shot test) ==", flush=True)
+        results[recipe] = train_and_evaluate(cfg, progress=not args.quiet, stores=stores)
+    chance = 1 / cfg.meta.ways
+    title = (f"{cfg.data.dataset}: {cfg.meta.ways}-way {cfg.meta.test_shots}-shot on held-out classes, "
+             f"PGD-{cfg.attack.steps} eps={cfg.attack.eps * 255:.0f}/255 (chance {100 * chance:.0f}%)")
+    plot = plot_clean_vs_robust(results, out / "quickstart.png", title)
+    print(_table(results))
+    print(f"plot: {plot}\nruns: {out}")
+    headline = {"dataset": cfg.data.dataset, "ways": cfg.meta.ways, "test_shots": cfg.meta.test_shots,
+                "train_shots": cfg.meta.train_shots, "eps": round(cfg.attack.eps, 5), "chance": chance}
+    for recipe, r in results.items():
+        headline[f"{recipe}_clean_acc"] = round(r["clean_acc"], 4)
+        headline[f"{recipe}_robust_acc"] = round(r["robust_acc"], 4)
+    headline["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(headline))
+
+
+def _cmd_data_info(args: argparse.Namespace) -> None:
+    from metarobust.config import DataConfig
+    from metarobust.data.datasets import DATASETS, dataset_info
+
+    DATASETS.get(args.dataset, "DATASET")
+    info = dataset_info(DataConfig(dataset=args.dataset, root=args.root, image_size=args.image_size,
+                                   rotations=args.rotations))
+    print(json.dumps(info, indent=2))
+
+
+def _cmd_episodes_freeze(args: argparse.Namespace) -> None:
+    from metarobust.config import DataConfig
+    from metarobust.data.datasets import load_split
+    from metarobust.data.manifest import default_manifest_path, freeze_episodes, save_manifest
+
+    data = DataConfig(dataset=args.dataset, root=args.root, rotations=args.rotations)
+    store = load_split(data, args.split)
+    manifest = freeze_episodes(store, args.ways, args.shots, args.queries, args.count, args.seed,
+                               dataset=args.dataset, split=args.split)
+    path = args.out or default_manifest_path(args.dataset, args.ways, args.shots, args.queries,
+                                             args.count, args.rotations)
+    print(f"wrote {len(manifest)} episodes to {save_manifest(manifest, path)}")
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from metarobust.attacks import ATTACKS
+    from metarobust.data.datasets import DATASETS
+    from metarobust.models import MODELS
+    from metarobust.training.recipes import RECIPES
+
+    registry = {"recipes": RECIPES, "models": MODELS, "datasets": DATASETS, "attacks": ATTACKS}[args.what]
+    width = max(len(n) for n in registry.names())
+    for name, description in registry.describe():
+        print(f"{name:<{width}}  {description}")
+
+
+def _table(results: dict[str, dict]) -> str:
+    lines = [f"{'method':<22} {'clean acc (%)':>16} {'robust acc (%)':>16} {'episodes':>9}"]
+    for name, r in results.items():
+        lines.append(f"{name:<22} {100 * r['clean_acc']:>9.2f} ± {100 * r['clean_ci95']:<4.2f} "
+                     f"{100 * r['robust_acc']:>9.2f} ± {100 * r['robust_ci95']:<4.2f} {r['episodes']:>9}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metarobust", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    overrides_help = "dotted config overrides, e.g. meta.train_shots=5 attack.eps=0.0314"
+    p = sub.add_parser("quickstart", help="meta-train robust and plain MAML on the embedded glyphs, "
+                                          "evaluate on held-out classes, plot")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--out-dir", default="runs", help="parent folder of the run folders (default: runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("train", help="meta-train a config, then evaluate it on the frozen test episodes")
+    p.add_argument("config", help="a YAML file, e.g. configs/meta/omniglot_rmaml.yaml")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="clean and robust accuracy of a trained run on the frozen episodes")
+    p.add_argument("run", help="a run folder (runs/<name>) or a checkpoint file")
+    p.add_argument("overrides", nargs="*", help=overrides_help + " (e.g. attack.steps=20)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("info", help="classes and images per split of a dataset")
+    q.add_argument("dataset", help="a dataset name (metarobust list datasets)")
+    q.add_argument("--root", default=None, help="where the dataset's files are")
+    q.add_argument("--image-size", type=int, default=28)
+    q.add_argument("--rotations", action="store_true", help="Omniglot: rotations as new classes")
+    q.set_defaults(func=_cmd_data_info)
+
+    p = sub.add_parser("episodes", help="frozen evaluation episodes")
+    ep_sub = p.add_subparsers(dest="episodes_command", required=True, metavar="SUBCOMMAND")
+    q = ep_sub.add_parser("freeze", help="write a manifest of test episodes into episodes/<dataset>/")
+    q.add_argument("dataset", help="a dataset name (metarobust list datasets)")
+    q.add_argument("--root", default=None)
+    q.add_argument("--split", default="test", choices=["train", "val", "test"])
+    q.add_argument("--ways", type=int, default=5)
+    q.add_argument("--shots", type=int, default=1)
+    q.add_argument("--queries", type=int, default=15)
+    q.add_argument("--count", type=int, default=600)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--rotations", action="store_true")
+    q.add_argument("--out", default=None, help="manifest path (default: episodes/<dataset>/test_...json)")
+    q.set_defaults(func=_cmd_episodes_freeze)
+
+    p = sub.add_parser("list", help="what the registries hold, one name a line")
+    p.add_argument("what", choices=["recipes", "models", "datasets", "attacks"])
+    p.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MetarobustError as exc:
+        print(f"metarobust: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

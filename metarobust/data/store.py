@@ -1,0 +1,132 @@
+"""A labelled image set held as one uint8 tensor, ready to live on the device.
+
+Every reader returns an :class:`ImageStore`; every sampler draws from one. Images stay uint8
+until a batch is gathered (4x less memory than float32 and no host round-trip per episode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from metarobust.errors import DataError
+
+
+@dataclass
+class ImageStore:
+    """Images of one split of one dataset.
+
+    Attributes:
+        images: ``uint8 [M, C, H, W]``, pixel values 0..255.
+        labels: ``int64 [M]``, class index in ``0..num_classes-1``.
+        class_names: name of each class, ``len == num_classes``; stable across runs
+            (e.g. ``"Latin/character01"`` or ``"Latin/character01@rot90"``).
+        name: dataset and split, for messages (``"omniglot/test"``).
+        image_ids: ``int64 [M]``, the position of each image inside its class (0-based, in
+            the reader's stable order). Frozen episode manifests refer to images by
+            ``(class_name, image_id)`` so that they survive a change of the store's order.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    name: str = "dataset"
+    image_ids: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(
+                f"{self.name}: images must be uint8 [M, C, H, W], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(
+                f"{self.name}: labels must have shape [M={self.images.shape[0]}], "
+                f"got {tuple(self.labels.shape)}"
+            )
+        self.labels = self.labels.long()
+        if len(self.labels) and (
+            int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)
+        ):
+            raise DataError(f"{self.name}: labels must lie in 0..{len(self.class_names) - 1}")
+        if self.image_ids is None:
+            self.image_ids = _rank_within_class(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def counts(self) -> torch.Tensor:
+        """Images per class, ``int64 [num_classes]``."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+    def to(self, device: torch.device | str) -> ImageStore:
+        return ImageStore(
+            self.images.to(device),
+            self.labels.to(device),
+            list(self.class_names),
+            self.name,
+            self.image_ids.to(device),
+        )
+
+    def subset(self, class_names: list[str], name: str | None = None) -> ImageStore:
+        """The images of ``class_names`` only, relabelled ``0..len(class_names)-1`` in that order."""
+        index = {c: i for i, c in enumerate(self.class_names)}
+        missing = [c for c in class_names if c not in index]
+        if missing:
+            raise DataError(
+                f"{self.name}: {len(missing)} classes of the split are not in the data "
+                f"(first: {missing[:3]}); check the dataset root and the split file"
+            )
+        old = torch.tensor([index[c] for c in class_names], dtype=torch.long, device=self.device)
+        remap = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
+        remap[old] = torch.arange(len(class_names), device=self.device)
+        new_labels = remap[self.labels]
+        keep = new_labels >= 0
+        return ImageStore(
+            self.images[keep],
+            new_labels[keep],
+            list(class_names),
+            name or self.name,
+            self.image_ids[keep],
+        )
+
+    def class_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class image indices, for vectorised sampling on the device.
+
+        Returns:
+            ``table`` ``int64 [num_classes, max_count]`` (row c lists the store indices of class
+            c ordered by image id, padded with 0) and ``counts`` ``int64 [num_classes]``.
+        """
+        counts = self.counts()
+        max_count = int(counts.max()) if len(counts) else 0
+        order = torch.argsort(self.labels * (int(self.image_ids.max()) + 1 if len(self) else 1)
+                              + self.image_ids, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_labels = self.labels[order]
+        slot = torch.arange(len(self), device=self.device) - starts[sorted_labels]
+        table = torch.zeros(self.num_classes, max_count, dtype=torch.long, device=self.device)
+        table[sorted_labels, slot] = order
+        return table, counts
+
+
+def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:
+    """The 0-based order of each image among the images of its class, in store order."""
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels) if len(labels) else labels.new_zeros(0)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(labels)
+    ranks[order] = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
+    return ranks
