@@ -74,7 +74,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
         results[recipe] = train_and_evaluate(cfg, progress=not args.quiet, stores=stores)
     chance = 1 / cfg.meta.ways
     title = (f"{cfg.data.dataset}: {cfg.meta.ways}-way {cfg.meta.test_shots}-shot on held-out classes, "
-             f"PGD-{cfg.attack.steps} eps={cfg.attack.eps * 255:.0f}/255 (chance {100 * chance:.0f}%)")
+             f"PGD-{cfg.attack.steps} eps={cfg.attack.eps:.3g} (chance {100 * chance:.0f}%)")
     plot = plot_clean_vs_robust(results, out / "quickstart.png", title)
     print(_table(results))
     print(f"plot: {plot}\nruns: {out}")

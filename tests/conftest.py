@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Under pytest-xdist each worker gets one thread: two workers with two threads each on a
+# 2-core machine oversubscribe the cores and run several times slower than either alone.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 """The staged, read-only public datasets beside the checkout (``../shared/data``)."""

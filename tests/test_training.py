@@ -78,7 +78,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, stores)
     trainer = Trainer(cfg, run, stores=stores, progress=False)
 
     def poison(step, metrics):
-        if step == 2:
+        if step == 3:  # after the checkpoint of step 2
             with torch.no_grad():
                 trainer.model.head.weight.fill_(float("nan"))
 
