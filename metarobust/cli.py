@@ -73,9 +73,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
               f"{cfg.meta.test_shots}-shot test) ==", flush=True)
         results[recipe] = train_and_evaluate(cfg, progress=not args.quiet, stores=stores)
     chance = 1 / cfg.meta.ways
-    title = (f"{cfg.data.dataset}: {cfg.meta.ways}-way {cfg.meta.test_shots}-shot on held-out classes, "
-             f"PGD-{cfg.attack.steps} eps={cfg.attack.eps:.3g} (chance {100 * chance:.0f}%)")
-    plot = plot_clean_vs_robust(results, out / "quickstart.png", title)
+    title = (f"{cfg.data.dataset}: {cfg.meta.ways}-way {cfg.meta.test_shots}-shot, held-out classes\n"
+             f"robust = PGD-{cfg.attack.steps}, eps {cfg.attack.eps:.3g}")
+    plot = plot_clean_vs_robust(results, out / "quickstart.png", title, chance)
     print(_table(results))
     print(f"plot: {plot}\nruns: {out}")
     headline = {"dataset": cfg.data.dataset, "ways": cfg.meta.ways, "test_shots": cfg.meta.test_shots,

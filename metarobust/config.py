@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -37,7 +37,7 @@ class DataConfig:
 
     dataset: str = "glyphs"
     """Registry name (``metarobust list datasets``)."""
-    root: Optional[str] = None
+    root: str | None = None
     """Where the files are (folder or zips); ``None``: ``$METAROBUST_DATA/<dataset>``, else
     ``~/.cache/metarobust/<dataset>``. The embedded ``glyphs`` set needs no files."""
     image_size: int = 28
@@ -123,7 +123,7 @@ class EvalConfig:
     """Frozen test episodes (``episodes/<dataset>/...``), the same for every method."""
     batch_size: int = 20
     """Episodes evaluated together."""
-    manifest: Optional[str] = None
+    manifest: str | None = None
     """A manifest path; ``None``: ``episodes/<dataset>/test_<N>way_<K>shot_<Q>query_<E>.json``."""
 
 

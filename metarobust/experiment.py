@@ -10,8 +10,13 @@ from typing import Any
 import torch
 
 from metarobust.config import ExperimentConfig, config_from_dict
-from metarobust.data.manifest import (Manifest, default_manifest_path, freeze_episodes, load_manifest,
-                                      save_manifest)
+from metarobust.data.manifest import (
+    Manifest,
+    default_manifest_path,
+    freeze_episodes,
+    load_manifest,
+    save_manifest,
+)
 from metarobust.data.store import ImageStore
 from metarobust.meta.evaluate import FewShotResult, evaluate_fewshot
 from metarobust.models import build_model

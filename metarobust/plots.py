@@ -7,13 +7,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
-def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str) -> Path:
-    """Grouped bars of clean and robust accuracy (%) per method, with 95% intervals."""
+def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
+                         chance: float | None = None) -> Path:
+    """Grouped bars of clean and robust accuracy (%) per method, with 95% intervals and an
+    optional dashed chance line (``chance`` in [0, 1])."""
     names = list(results)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.6 * len(names), 3.8))
     width = 0.38
     for offset, (key, label, color) in enumerate([("clean", "clean", "#4C72B0"),
                                                    ("robust", "robust (PGD)", "#C44E52")]):
@@ -22,6 +24,8 @@ def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str)
         errors = [100 * results[n][f"{key}_ci95"] for n in names]
         bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=label, color=color)
         ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    if chance is not None:
+        ax.axhline(100 * chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("accuracy on held-out classes (%)")
     ax.set_ylim(0, 105)

@@ -118,5 +118,5 @@ def read_split_file(dataset: str) -> dict[str, Any]:
 
 # The readers import DATASETS from this module, so they are imported last: by then every name
 # they need exists, whichever of the modules is imported first.
-import metarobust.data.glyphs  # noqa: E402,F401
-import metarobust.data.omniglot  # noqa: E402,F401
+import metarobust.data.glyphs
+import metarobust.data.omniglot  # noqa: F401

@@ -62,8 +62,8 @@ from PIL import Image, ImageDraw, ImageFont
 from metarobust.config import DataConfig
 from metarobust.data.datasets import (
     DATASETS,
-    check_image_size,
     EMBEDDED_DATASETS,
+    check_image_size,
     check_split,
     read_split_file,
     split_file_path,
@@ -198,7 +198,7 @@ def missing_fonts(char: str) -> list[str]:
     return [f for f, cmap in zip(FONT_FILES, _font_cmaps()) if ord(char) not in cmap]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(file: str) -> ImageFont.FreeTypeFont:
     """``file`` at the integer size that makes its capital H :data:`_CAP_HEIGHT` pixels tall."""
     path = str(font_dir() / file)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
 from metarobust.attacks import LinfPGD
 from metarobust.config import ExperimentConfig
 from metarobust.meta.execution import TaskFn
