@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from metarobust.data.episode import EpisodeBatch
-from metarobust.data.sampler import EpisodicSampler, to_float
+from metarobust.data.sampler import EpisodicSampler, gather_episodes
 from metarobust.data.store import ImageStore
 from metarobust.errors import DataError
 from metarobust.runs import atomic_write_text
@@ -100,20 +100,8 @@ def manifest_batches(store: ImageStore, manifest: Manifest, batch_size: int) -> 
                         f"{store.name}; the manifest belongs to another dataset version")
     device = store.device
     classes, support, query = classes.to(device), support.to(device), query.to(device)
-    n = manifest.ways
-    labels = torch.arange(n, device=device).view(1, n, 1)
     for start in range(0, len(manifest), batch_size):
         c = classes[start : start + batch_size]
-        t = c.shape[0]
-        rows = table[c]  # [t, N, max_count]
-        s_index = torch.gather(rows, 2, support[start : start + t]).reshape(t, -1)
-        q_index = torch.gather(rows, 2, query[start : start + t]).reshape(t, -1)
-        yield EpisodeBatch(
-            support_x=to_float(store.images[s_index]),
-            support_y=labels.expand(t, n, manifest.shots).reshape(t, -1),
-            query_x=to_float(store.images[q_index]),
-            query_y=labels.expand(t, n, manifest.queries).reshape(t, -1),
-            classes=c,
-            support_index=s_index,
-            query_index=q_index,
-        )
+        rows = table[c]  # [t, N, max_count]: store indices of each class, by in-class id
+        yield gather_episodes(store, c, torch.gather(rows, 2, support[start : start + batch_size]),
+                              torch.gather(rows, 2, query[start : start + batch_size]))

@@ -83,22 +83,7 @@ class EpisodicSampler:
         keys = keys.masked_fill(slots >= self.counts[classes].unsqueeze(-1), 2.0)
         picks = keys.argsort(dim=-1)[..., : k + q]  # [T, N, K+Q] distinct images per class
         index = torch.gather(self.table[classes], 2, picks)
-        return self._gather(classes, index[..., :k], index[..., k:])
-
-    def _gather(self, classes: torch.Tensor, support: torch.Tensor, query: torch.Tensor) -> EpisodeBatch:
-        """Episodes from store indices ``support [T, N, K]`` and ``query [T, N, Q]``."""
-        t, n = classes.shape
-        labels = torch.arange(n, device=classes.device).view(1, n, 1)
-        support_index, query_index = support.reshape(t, -1), query.reshape(t, -1)
-        return EpisodeBatch(
-            support_x=to_float(self.store.images[support_index]),
-            support_y=labels.expand_as(support).reshape(t, -1),
-            query_x=to_float(self.store.images[query_index]),
-            query_y=labels.expand_as(query).reshape(t, -1),
-            classes=classes,
-            support_index=support_index,
-            query_index=query_index,
-        )
+        return gather_episodes(self.store, classes, index[..., :k], index[..., k:])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
@@ -149,6 +134,24 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
         self.order = state["order"].to(self.store.device)
         self.position = int(state["position"])
+
+
+def gather_episodes(store: ImageStore, classes: torch.Tensor, support: torch.Tensor,
+                    query: torch.Tensor) -> EpisodeBatch:
+    """Episodes from ``classes [T, N]`` and store indices ``support [T, N, K]``, ``query [T, N, Q]``
+    (row ``i`` of each task holds images of ``classes[:, i]``, which becomes label ``i``)."""
+    t, n = classes.shape
+    labels = torch.arange(n, device=classes.device).view(1, n, 1)
+    support_index, query_index = support.reshape(t, -1), query.reshape(t, -1)
+    return EpisodeBatch(
+        support_x=to_float(store.images[support_index]),
+        support_y=labels.expand_as(support).reshape(t, -1),
+        query_x=to_float(store.images[query_index]),
+        query_y=labels.expand_as(query).reshape(t, -1),
+        classes=classes,
+        support_index=support_index,
+        query_index=query_index,
+    )
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
