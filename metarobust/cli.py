@@ -32,7 +32,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from metarobust.experiment import evaluate, model_from_checkpoint
+    import torch
+    from tqdm.auto import tqdm
+
+    from metarobust.attacks.harness import evaluate_units
+    from metarobust.experiment import model_from_checkpoint, resolve_manifest
+    from metarobust.meta.evaluate import fewshot_units
+    from metarobust.plots import plot_robustness_curve
     from metarobust.runs import RunDir
     from metarobust.training.engine import load_stores, resolve_device
 
@@ -43,10 +49,41 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if run_path.is_dir():
         cfg.out_dir, cfg.name = str(run_path.parent), run_path.name
         run = RunDir(cfg, resume=True, tensorboard=False)
-    result = evaluate(cfg, model, stores, run, progress=not args.quiet)
-    summary = {"run": str(run_path), "recipe": cfg.recipe, "step": int(state["step"]), **result.as_dict()}
-    print(_table({cfg.recipe: summary}))
-    print(json.dumps(summary))
+    manifest = resolve_manifest(cfg, stores.test, run)
+    units = fewshot_units(model, stores.test, manifest, cfg)
+    bar = (lambda it: tqdm(it, total=len(manifest), desc="eval", dynamic_ncols=True)) if not args.quiet else None
+    with torch.no_grad():  # torch.func.grad still differentiates inside the attacks
+        report = evaluate_units(units, cfg, cfg.meta.ways, stores.test.class_names, bar)
+    summary = {"run": str(run_path), "recipe": cfg.recipe, "step": int(state["step"]),
+               "episodes": len(manifest), "suite": cfg.eval.suite, "norm": cfg.attack.norm,
+               "eps": cfg.attack.eps, **report.as_dict()}
+    out_dir = run.path if run is not None else run_path.parent
+    if run is not None:
+        run.write_json("eval.json", summary)
+    if report.eps_sweep:
+        title = f"{cfg.recipe} on {cfg.data.dataset}: robust accuracy vs eps ({cfg.attack.norm})"
+        summary["plot"] = str(plot_robustness_curve(report.eps_sweep, out_dir / "robustness_vs_eps.png", title))
+    print(_report_table(report))
+    headline = {k: summary[k] for k in ("run", "recipe", "suite", "norm", "eps", "points", "clean_acc",
+                                        "robust_acc")}
+    headline["after"] = report.after
+    headline["checks_failed"] = [c.name for c in report.checks if not c.passed]
+    print(json.dumps(headline))
+
+
+def _report_table(report) -> str:
+    lines = [f"{'':<28} {'accuracy (%)':>12}", f"{'clean':<28} {100 * report.clean_acc:>12.2f}"]
+    for name, acc in report.after.items():
+        lines.append(f"{'after ' + name:<28} {100 * acc:>12.2f}")
+    lines.append(f"{'robust (worst case)':<28} {100 * report.robust_acc:>12.2f}   over {report.points} points")
+    classes = sorted(report.per_class.items(), key=lambda kv: kv[1]["robust_acc"])
+    if classes:
+        worst, best = classes[0], classes[-1]
+        lines.append(f"per class robust: worst {worst[0]} {100 * worst[1]['robust_acc']:.1f}%, "
+                     f"best {best[0]} {100 * best[1]['robust_acc']:.1f}% ({len(classes)} classes)")
+    for c in report.checks:
+        lines.append(f"[{'ok' if c.passed else 'WARNING'}] {c.name}: {c.detail}")
+    return "\n".join(lines)
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> None:

@@ -85,13 +85,28 @@ class MetaConfig:
 
 @dataclass
 class AttackConfig:
-    """An L-inf attack: ``steps=1, step_size=1.25*eps`` is FGSM with random start (fast AT)."""
+    """A white-box attack and its budget (``metarobust list attacks``).
+
+    L-inf PGD with ``steps=1, step_size=1.25*eps`` is FGSM with random start (fast AT).
+    """
 
     name: str = "pgd"
+    norm: str = "linf"
+    """Threat model: ``linf``, ``l2`` or ``l1``."""
     eps: float = EPS_8
+    """Radius of the ball in [0, 1] pixel units (L-inf 8/255 = 0.0314; L2 e.g. 0.5; L1 e.g. 12)."""
     steps: int = 10
     step_size: float = STEP_2
+    """Step size (PGD, FGSM); APGD adapts its own from 2 eps."""
     random_start: bool = True
+    restarts: int = 1
+    """Independent random starts; a point counts as broken if any restart breaks it."""
+    loss: str = "ce"
+    """Objective maximised: ``ce`` (cross-entropy), ``dlr`` (Croce & Hein 2020), ``cw`` (CW margin)."""
+    targeted: bool = False
+    """Targeted mode: reach each of the ``target_classes`` most likely wrong classes in turn."""
+    target_classes: int = 9
+    """Targeted APGD: how many runner-up classes are tried (AutoAttack: 9)."""
 
 
 @dataclass
@@ -125,6 +140,18 @@ class EvalConfig:
     """Episodes evaluated together."""
     manifest: str | None = None
     """A manifest path; ``None``: ``episodes/<dataset>/test_<N>way_<K>shot_<Q>query_<E>.json``."""
+    suite: str = "single"
+    """``metarobust eval``: ``single`` (the ``attack`` section) or ``autoattack`` (APGD-CE, then
+    targeted APGD-DLR on the survivors, 100 steps each, in ``attack.norm`` at ``attack.eps``)."""
+    union: dict[str, float] = field(default_factory=dict)
+    """Extra threat models for the union, norm -> eps, e.g. ``{l2: 0.5, l1: 12.0}``: a point is
+    robust only if it survives the suite in every threat model (and in ``attack.norm``)."""
+    checks: bool = True
+    """Run the gradient-masking checks (more steps, large eps, attack vs random noise)."""
+    check_points: int = 200
+    """Query points (or test images) the checks and the eps sweep use."""
+    eps_sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
+    """Multiples of ``attack.eps`` for the robust-accuracy-vs-eps plot."""
 
 
 @dataclass
@@ -247,8 +274,12 @@ def validate(cfg: ExperimentConfig) -> None:
         from metarobust.attacks import ATTACKS
 
         ATTACKS.get(a.name, f"{section}.name")
-        _check(0 <= a.eps <= 1, f"{section}.eps", a.eps,
-               "an L-inf radius in [0, 1] pixel units, e.g. 0.0314 for 8/255 (not negative)")
+        _check(a.norm in ("linf", "l2", "l1"), f"{section}.norm", a.norm, "linf, l2 or l1")
+        _check(a.eps >= 0 and (a.norm != "linf" or a.eps <= 1), f"{section}.eps", a.eps,
+               "a radius >= 0 (not negative) in [0, 1] pixel units; L-inf at most 1, e.g. 0.0314 for 8/255")
+        _check(a.restarts >= 1, f"{section}.restarts", a.restarts, "an integer >= 1")
+        _check(a.loss in ("ce", "dlr", "cw"), f"{section}.loss", a.loss, "ce, dlr or cw")
+        _check(a.target_classes >= 1, f"{section}.target_classes", a.target_classes, "an integer >= 1")
         _check(a.steps >= 1, f"{section}.steps", a.steps, "an integer >= 1")
         _check(a.step_size >= 0, f"{section}.step_size", a.step_size, "a step size >= 0")
     _check(cfg.robust.form in ("trades", "ce"), "robust.form", cfg.robust.form, "trades or ce")
@@ -259,3 +290,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "an integer >= 1")
     _check(cfg.eval.episodes >= 1, "eval.episodes", cfg.eval.episodes, "an integer >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
+    _check(cfg.eval.suite in ("single", "autoattack"), "eval.suite", cfg.eval.suite, "single or autoattack")
+    for norm, eps in cfg.eval.union.items():
+        _check(norm in ("linf", "l2", "l1") and eps >= 0, f"eval.union.{norm}", eps,
+               "norm -> eps with norm in linf, l2, l1 and eps >= 0")
+    _check(cfg.eval.check_points >= 1, "eval.check_points", cfg.eval.check_points, "an integer >= 1")
+    _check(all(m >= 0 for m in cfg.eval.eps_sweep), "eval.eps_sweep", cfg.eval.eps_sweep,
+           "multiples of attack.eps, each >= 0")

@@ -36,3 +36,19 @@ def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_robustness_curve(sweep: list[dict[str, float]], path: str | Path, title: str) -> Path:
+    """Robust accuracy (%) against epsilon, from the harness's eps sweep."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    ax.plot([s["eps"] for s in sweep], [100 * s["robust_acc"] for s in sweep], marker="o")
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -110,7 +110,8 @@ def test_cli_eval_rescores_a_run_with_overrides(tmp_path, capsys, stores):
     assert main(["eval", str(tmp_path / "cli"), "attack.eps=0.0", "eval.episodes=10", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["eps"] == 0.0 and out["robust_acc"] == pytest.approx(out["clean_acc"])
-    assert main(["eval", str(tmp_path / "cli"), "attack.eps=0.5", "eval.episodes=10", "--quiet"]) == 0
+    assert main(["eval", str(tmp_path / "cli"), "attack.eps=0.5", "eval.episodes=10",
+                 "eval.check_points=20", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["robust_acc"] < 0.05  # a huge eps breaks everything: no gradient masking
     assert main(["eval", str(tmp_path / "missing"), "--quiet"]) == 2

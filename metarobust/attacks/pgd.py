@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from metarobust.attacks.losses import cross_entropy_sum
+from metarobust.attacks.registry import ATTACKS
+from metarobust.config import AttackConfig
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -87,3 +89,13 @@ class LinfPGD:
             delta = delta.clamp(-self.eps, self.eps)
             delta = ((x + delta).clamp(0, 1) - x).detach()
         return x + delta
+
+
+@ATTACKS.register("pgd", "L-inf PGD (Madry et al. 2018), random start; steps=1 + step 1.25 eps is FGSM-RS")
+def _pgd(cfg: AttackConfig) -> LinfPGD:
+    return LinfPGD(cfg.eps, cfg.step_size, cfg.steps, cfg.random_start)
+
+
+@ATTACKS.register("fgsm", "FGSM (Goodfellow et al. 2015): one signed step of size eps, no random start")
+def _fgsm(cfg: AttackConfig) -> LinfPGD:
+    return LinfPGD(cfg.eps, cfg.eps, 1, random_start=False)

@@ -87,3 +87,23 @@ def evaluate_fewshot(model: nn.Module, store: ImageStore, manifest: Manifest, cf
     robust_mean, robust_ci = mean_ci95(scores[:, 1])
     name = f"{cfg.attack.name}-{cfg.attack.steps}"
     return FewShotResult(clean_mean, clean_ci, robust_mean, robust_ci, len(scores), cfg.attack.eps, name), scores
+
+
+def fewshot_units(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig):
+    """Harness units for a few-shot learner: one per frozen episode, ``forward`` at the weights
+    fine-tuned (``meta.test_inner_steps`` clean steps) on that episode's support set, points =
+    its query set, classes = the store's class ids (for per-class accuracies)."""
+    from metarobust.attacks.harness import Unit
+    from metarobust.models.layers import TaskBatchNorm2d
+
+    model.eval()
+    coupled = any(isinstance(m, TaskBatchNorm2d) for m in model.modules())
+    forward = functional_forward(model)
+    learner = MAML(forward, cfg.meta.inner_lr, cfg.meta.test_inner_steps, first_order=True)
+    params = detached(params_of(model))
+    for batch in manifest_batches(store, manifest, cfg.eval.batch_size):
+        for t in range(batch.num_tasks):
+            episode = batch.task(t)
+            fast = detached(learner.adapt(params, episode.support_x, episode.support_y))
+            yield Unit(bind(forward, fast), episode.query_x, episode.query_y,
+                       episode.classes[episode.query_y], coupled)
