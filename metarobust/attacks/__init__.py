@@ -7,7 +7,7 @@ same call runs in a per-task loop and under ``torch.func.vmap``.
 
 from __future__ import annotations
 
-from metarobust.attacks import pgd  # noqa: F401  (registers pgd, fgsm)
+from metarobust.attacks import apgd, pgd  # noqa: F401  (each registers its attacks)
 from metarobust.attacks.losses import cross_entropy_sum, kl_from_clean
 from metarobust.attacks.pgd import LinfPGD
 from metarobust.attacks.registry import ATTACKS

@@ -151,19 +151,33 @@ def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Ge
     a = cfg.attack
     tol = 0.02  # two points of accuracy: sampling noise of a few hundred points and restarts
 
-    def mean_acc(attack_cfg: AttackConfig) -> float:
-        accs = [robust_accuracy(u, attack_cfg, generator)[0] * len(u.y) for u in units]
-        return sum(accs) / sum(len(u.y) for u in units)
+    total = sum(len(u.y) for u in units)
 
+    def mean_acc(attack_cfg: AttackConfig, noises: list[torch.Tensor | None] | None = None) -> float:
+        attack = build_attack(attack_cfg)
+        correct = 0
+        for i, u in enumerate(units):
+            noise = noises[i] if noises is not None else attack.init_noise(u.x, generator)
+            x_adv = attack(u.forward, u.x, u.y, noise=noise)
+            correct += int((predict(u, x_adv) == u.y).sum())
+        return correct / total
+
+    # Paired comparisons: the stronger attack starts from the same random points as the base
+    # one (its first restart *is* the base run), so only the attack, not the draw, can differ.
+    base_noise = [build_attack(a).init_noise(u.x, generator) for u in units]
     checks = []
-    base = mean_acc(a)
-    more_steps = mean_acc(replace(a, steps=4 * a.steps, step_size=a.step_size / 2))
+    base = mean_acc(a, base_noise)
+    more_steps = mean_acc(replace(a, steps=4 * a.steps, step_size=a.step_size / 2), base_noise)
     checks.append(CheckResult("more steps do not help the model", more_steps <= base + tol,
                               f"{a.steps} steps: {100 * base:.1f}%, {4 * a.steps} steps: {100 * more_steps:.1f}%"))
     if a.random_start:
-        restarts = mean_acc(replace(a, restarts=3))
+        triple = replace(a, restarts=3 * a.restarts)
+        noises = [nest_restarts(n, build_attack(triple).init_noise(u.x, generator), u.x, 3)
+                  for n, u in zip(base_noise, units)]
+        restarts = mean_acc(triple, noises)
         checks.append(CheckResult("restarts do not help the model", restarts <= base + tol,
-                                  f"1 restart: {100 * base:.1f}%, 3 restarts: {100 * restarts:.1f}%"))
+                                  f"{a.restarts} restart(s): {100 * base:.1f}%, {3 * a.restarts} restarts: "
+                                  f"{100 * restarts:.1f}%"))
     dim = units[0].x[0].numel()
     big = large_eps(a.norm, dim)
     huge = mean_acc(replace(a, eps=big, steps=max(a.steps, 20), step_size=big / 8))
@@ -196,6 +210,21 @@ def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Ge
         if not c.passed:
             warnings.warn(f"possible gradient masking: {c.name} FAILED ({c.detail})", stacklevel=2)
     return checks, sweep
+
+
+def nest_restarts(first: torch.Tensor | None, more: torch.Tensor, x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Random-start noise for an attack with ``factor`` times the restarts whose first restart of
+    every run is the one ``first`` holds: a point fooled with ``first`` stays fooled.
+
+    Noise is ``x.shape`` (one run) or ``[*x.shape, runs]``; runs are ordered ``target * restarts
+    + restart`` (:class:`metarobust.attacks.apgd.APGD`), so each target's first restart is set.
+    """
+    if first is None:
+        return more
+    runs = first.shape[-1] if first.dim() > x.dim() else 1
+    nested = more.reshape(*x.shape, runs, -1).clone()
+    nested[..., 0] = first.reshape(*x.shape, runs)
+    return nested.reshape(more.shape)
 
 
 def random_perturbation(x: torch.Tensor, norm: str, eps: float, generator: torch.Generator) -> torch.Tensor:

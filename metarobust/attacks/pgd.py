@@ -1,101 +1,359 @@
-"""Projected gradient descent under L-inf (Madry et al., ICLR 2018), as a pure function.
+"""Projected gradient descent (Madry et al., ICLR 2018) and FGSM in L-inf, L2 and L1, as pure functions.
 
 An attack takes a *forward function*, not a module, so the same code attacks a plain model,
 the fast weights of an adapted learner (``lambda x: functional_call(model, fast, x)``), and a
 task inside ``torch.func.vmap``. Randomness (the random start) is drawn by the caller with
-:meth:`LinfPGD.init_noise` outside any ``vmap``, from a ``torch.Generator``, and passed in
-as ``noise``; that keeps vmapped and looped executions bit-identical and runs reproducible.
+:meth:`PGD.init_noise` outside any ``vmap``, from a ``torch.Generator``, and passed in as
+``noise``; that keeps vmapped and looped executions bit-identical and runs reproducible.
 
 Inputs live in [0, 1]; the model normalises internally. The gradient is taken with
-``torch.func.grad`` so the step loop has no host synchronisation and works under ``vmap``.
+``torch.func.grad`` inside a ``torch.func`` transform (``vmap``) and with plain
+``torch.autograd.grad`` otherwise (same gradients, faster; see :func:`input_gradient`), so the
+step loop has no host synchronisation, works under ``vmap`` and inside ``torch.no_grad()``;
+per-sample decisions (early stopping, the best restart) are masks.
+The threat models (projections, step directions, random starts) are in
+:mod:`metarobust.attacks.threat`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from metarobust.attacks.losses import cross_entropy_sum
+from metarobust.attacks import threat
+from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _as_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in float32 when the model runs in half precision (AMP)."""
+    return logits.float() if logits.dtype in _LOW_PRECISION else logits
+
+
+def input_gradient(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+    """``d -> (d objective / d d, aux)`` for ``objective(d) -> (scalar, aux)``.
+
+    Inside a ``torch.func`` transform (``vmap``, ``grad``...) this is ``torch.func.grad``; with
+    none active it is plain ``torch.autograd.grad`` (under ``enable_grad``, so it also runs inside
+    ``torch.no_grad()``). Both give bit-identical gradients (same engine, same accumulation
+    order), but ``func.grad`` accumulates out of place through its tensor wrappers and measured
+    ~10 % slower on Conv-4 (``scripts/bench_attacks.py``, ``floor_func``). The check is made
+    once per attack call, not per step.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return torch.func.grad(objective, has_aux=True)
+
+    def gradient(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            d = d.detach().requires_grad_(True)
+            value, aux = objective(d)
+            (g,) = torch.autograd.grad(value, d)
+        return g, aux
+
+    return gradient
+
+
+def _is_labels(y: torch.Tensor) -> bool:
+    return y.dim() == 1 and not torch.is_floating_point(y) and not torch.is_complex(y)
 
 
 @dataclass(frozen=True)
-class LinfPGD:
-    """L-inf PGD with optional uniform random start; ``steps=1, step_size=1.25*eps`` is FGSM-RS.
+class PGD:
+    r"""PGD in the paper 'Towards Deep Learning Models Resistant to Adversarial Attacks'
+    [https://arxiv.org/abs/1706.06083], in L-inf, L2 and L1, with restarts and targeted mode.
 
-    Args:
-        eps: radius of the L-inf ball in [0, 1] pixel units (8/255 = 0.0314).
-        step_size: size of each signed-gradient step.
-        steps: number of steps.
-        random_start: start from a uniform point of the ball instead of the clean input.
+    Distance Measure : Linf, L2 or L1 (``norm``)
 
-    Call: ``attack(forward, x, y, loss=cross_entropy_sum, noise=None) -> x_adv``, with
-    ``x [B, C, H, W]`` in [0, 1], ``y`` the loss target (labels ``[B]`` or clean probabilities
-    ``[B, N]``), ``noise`` from :meth:`init_noise` (required when ``random_start``).
+    Each step moves ``delta`` by ``step_size`` along the steepest-ascent direction of the norm
+    (L-inf: ``sign(g)``; L2: ``g / ||g||_2``; L1: SLIDE's sparse step, Tramer & Boneh 2019) and
+    projects onto the eps-ball, then onto the box [0, 1] (:mod:`metarobust.attacks.threat`).
 
-    Example:
-        >>> attack = LinfPGD(eps=8/255, step_size=2/255, steps=10)
-        >>> noise = attack.init_noise(x, generator)
-        >>> x_adv = attack(model, x, y, noise=noise)
+    Arguments:
+        norm (str): threat model, ``"linf"``, ``"l2"`` or ``"l1"``.
+        eps (float or Tensor [B]): radius of the ball in [0, 1] pixel units, or one per sample
+            (L-inf 8/255; L2 0.5; L1 12 on CIFAR-sized inputs).
+        step_size (float or Tensor [B]): the norm of each step (L-inf 2/255; L2 ``2.5 eps / steps``;
+            L1 e.g. ``eps / 4``, spread over the top 1 % coordinates).
+        steps (int): number of steps (>= 1).
+        random_start (bool): start from a random point of the ball. (Default: True)
+        restarts (int): independent random starts; per sample the best is kept: one that
+            succeeds (misclassified, or target reached) if any does, else the highest loss
+            (judged per restart, so exact for models that treat samples independently).
+            (Default: 1)
+        loss (str): the per-sample objective from ``LOSSES`` (``"ce"``, ``"dlr"``, ``"cw"``),
+            used when the call gets no ``loss``. (Default: ``"ce"``)
+        targeted (bool): ``y`` are target classes and ``TARGETED_LOSSES[loss]`` is maximised
+            (CE: minus the cross-entropy to the target). (Default: False)
+        early_stop (bool): with the attack's own objective (no ``loss`` passed) and labels
+            ``y``, a sample stops moving once it succeeds, so its first successful point is
+            kept and more steps can never un-fool it. Sound only when each sample's logits
+            depend on that sample alone: with a batch-coupled model (MAML's transductive batch
+            norm, ``TaskBatchNorm2d``) a stopped sample is un-fooled again as the others move
+            (Conv-4 few-shot eval at eps 0.5: 9 % robust with it, < 5 % without), hence off by
+            default; turn it on for independent classifiers. A passed ``loss`` (training:
+            maximise the loss) never stops early. (Default: False)
+        l1_quantile (float): SLIDE's quantile ``q``: L1 steps move the top ``1 - q`` fraction of
+            coordinates by ``|g|``. (Default: 0.99)
+
+    Shape (call): ``attack(forward, x, y, loss=None, noise=None, *, eps=None, labels=None) -> x_adv``
+
+        - forward: ``x -> logits [B, N]`` (a module, or a function of fast weights).
+        - x: ``[B, C, H, W]`` (any ``[B, ...]``) in [0, 1].
+        - y: labels ``int64 [B]`` (untargeted), target classes ``[B]`` (targeted), or whatever
+          ``loss`` takes as its target (e.g. clean log-probabilities ``[B, N]`` for TRADES).
+        - loss: ``(logits, y) -> scalar``, summed over the batch (``cross_entropy_sum``,
+          ``kl_from_clean``); ``None``: the configured per-sample loss, summed.
+        - noise: from :meth:`init_noise` (required when ``random_start``).
+        - eps: overrides the radius for this call (float or ``[B]``).
+        - labels: the true classes in targeted mode (only the targeted DLR loss needs them;
+          default: the clean prediction).
+        - output: ``x_adv`` shaped like ``x``, in [0, 1] and in the eps-ball around ``x``.
+
+    Logits in float16/bfloat16 (autocast) are cast to float32 before the loss; the step loop
+    never calls ``.item()``.
+
+    Examples::
+        >>> attack = PGD("linf", eps=8/255, step_size=2/255, steps=10)
+        >>> x_adv = attack(model, x, y, noise=attack.init_noise(x, generator))
+        >>> attack = PGD("l2", eps=0.5, step_size=0.125, steps=10, restarts=5)
+        >>> x_adv = attack(model, x, y, noise=attack.init_noise(x, generator))
     """
 
-    eps: float
-    step_size: float
+    norm: str
+    eps: threat.Budget
+    step_size: threat.Budget
     steps: int
     random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+    targeted: bool = False
+    early_stop: bool = False
+    l1_quantile: float = 0.99
 
     def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ValueError(f"eps={self.eps} must be >= 0 (an L-inf radius in [0, 1] units)")
-        if self.step_size < 0 or self.steps < 1:
+        threat.check_norm(self.norm)
+        if _negative(self.eps):
+            raise ValueError(f"eps={self.eps} must be >= 0 (a {self.norm} radius in [0, 1] pixel units)")
+        if _negative(self.step_size) or self.steps < 1:
             raise ValueError(f"step_size={self.step_size} must be >= 0 and steps={self.steps} >= 1")
+        if self.restarts < 1:
+            raise ValueError(f"restarts={self.restarts} must be >= 1")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; expected one of {sorted(LOSSES)}")
+        if not 0.0 <= self.l1_quantile < 1.0:
+            raise ValueError(f"l1_quantile={self.l1_quantile} must be in [0, 1)")
+
+    @property
+    def _restarts(self) -> int:
+        return self.restarts if self.random_start else 1  # without noise every restart is the same
 
     def init_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """Uniform noise in ``[-eps, eps]`` shaped like ``x``, or ``None`` without random start."""
+        """Random-start noise for ``x`` (any leading dimensions, e.g. tasks ``[T, B, C, H, W]``),
+        or ``None`` without random start.
+
+        Shape ``x.shape``, or ``[*x.shape, restarts]`` with several restarts (last, so that
+        ``noise[t]`` is task ``t``'s noise and vmap runs along dim 0). The noise is raw (see
+        :func:`metarobust.attacks.threat.draw_noise`) and scaled by eps inside the call.
+        """
         if not self.random_start:
             return None
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (2 * u - 1) * self.eps
+        return threat.draw_noise(x, self.norm, generator, self._restarts)
 
     def __call__(
         self,
         forward: Forward,
         x: torch.Tensor,
         y: torch.Tensor,
-        loss: Loss = cross_entropy_sum,
+        loss: Loss | None = None,
         noise: torch.Tensor | None = None,
+        *,
+        eps: threat.Budget | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x.detach()
+        restarts = self._restarts
         if self.random_start:
             if noise is None:
                 raise ValueError("random_start=True needs noise=attack.init_noise(x, generator)")
-            delta = (x + noise).clamp(0, 1) - x
+            expected = tuple(x.shape) + ((restarts,) if restarts > 1 else ())
+            if tuple(noise.shape) != expected:
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected} "
+                                 f"(attack.init_noise(x) with {restarts} restart(s))")
+        budget = threat.per_sample(self.eps if eps is None else eps, x)
+        step = threat.per_sample(self.step_size, x)
+        losses = self._objective(forward, x, y, loss, labels)
+        stop_early = self.early_stop and loss is None and losses[2] is not None
+
+        if restarts == 1:
+            delta, _, _ = self._run(forward, x, budget, step, noise, losses, stop_early, score=False)
+            return (x + delta).clamp(0, 1)
+
+        best = best_loss = best_success = None
+        for r in range(restarts):
+            delta, value, won = self._run(forward, x, budget, step, noise[..., r], losses, stop_early,
+                                          score=True)
+            if best is None:
+                best, best_loss, best_success = delta, value, won
+                continue
+            better = (won & ~best_success) | ((won == best_success) & (value > best_loss))
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta, best)
+            best_loss = torch.where(better, value, best_loss)
+            best_success = best_success | won
+        return (x + best).clamp(0, 1)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _objective(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, loss: Loss | None,
+                   labels: torch.Tensor | None):
+        """``(batch_loss, per_sample_loss, success)``: the scalar the steps ascend, its value per
+        sample ``[B]`` (to pick the best restart) and ``success(logits) -> bool [B]`` (``None``
+        when ``y`` are not class labels)."""
+        if loss is not None:
+            def batch_loss(logits):
+                return loss(logits, y)
+
+            def per_sample_loss(logits):  # a batch-sum loss, read per sample
+                return torch.func.vmap(lambda z, t: loss(z.unsqueeze(0), t.unsqueeze(0)))(logits, y)
+        else:
+            if self.targeted:
+                targeted_fn = TARGETED_LOSSES[self.loss]
+                if labels is None and self.loss == "dlr":
+                    with torch.no_grad():
+                        labels = _as_float32(forward(x)).argmax(dim=-1).detach()
+                true = y if labels is None else labels
+
+                def per_sample_loss(logits):
+                    return targeted_fn(logits, true, y)
+            else:
+                fn = LOSSES[self.loss]
+
+                def per_sample_loss(logits):
+                    return fn(logits, y)
+
+            def batch_loss(logits):
+                return per_sample_loss(logits).sum()
+
+        if not _is_labels(y):
+            success = None
+        elif self.targeted:
+            def success(logits):
+                return logits.argmax(dim=-1) == y
+        else:
+            def success(logits):
+                return logits.argmax(dim=-1) != y
+        return batch_loss, per_sample_loss, success
+
+    def _run(self, forward, x, budget, step, noise, losses, stop_early, score):
+        """One restart: ``(delta, loss [B], success [B])`` (the last two only when ``score``)."""
+        batch_loss, per_sample_loss, success = losses
+        if self.random_start:
+            delta = threat.random_start(x, noise, self.norm, budget).detach()
         else:
             delta = torch.zeros_like(x)
 
-        def objective(d: torch.Tensor) -> torch.Tensor:
-            return loss(forward(x + d), y)
+        def objective(d: torch.Tensor):
+            logits = _as_float32(forward(x + d))
+            return batch_loss(logits), logits.detach()
 
-        gradient = torch.func.grad(objective)
+        gradient = input_gradient(objective)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        # L1: spread a step over at least ceil(step) coordinates, none moving more than 1.
+        min_coordinates = math.ceil(step) if isinstance(step, (int, float)) else 1
         for _ in range(self.steps):
-            delta = delta + self.step_size * gradient(delta).sign()
-            # Project onto the eps-ball, then onto the image box [0, 1].
-            delta = delta.clamp(-self.eps, self.eps)
-            delta = ((x + delta).clamp(0, 1) - x).detach()
-        return x + delta
+            g, logits = gradient(delta)
+            here = x + delta if self.norm == "l1" else None  # L1 skips coordinates the box blocks
+            direction = threat.step_direction(g, self.norm, here, self.l1_quantile, min_coordinates)
+            moved = delta + step * direction
+            moved = threat.project(moved, x, self.norm, budget)
+            if stop_early:  # keep a sample's first successful point
+                moved = torch.where(success(logits).view(shape), delta, moved)
+            delta = moved.detach()
+        if not score:
+            return delta, None, None
+        with torch.no_grad():
+            logits = _as_float32(forward(x + delta)).detach()
+            value = per_sample_loss(logits).detach()
+            won = success(logits) if success is not None else torch.zeros_like(value, dtype=torch.bool)
+        return delta, value, won
 
 
-@ATTACKS.register("pgd", "L-inf PGD (Madry et al. 2018), random start; steps=1 + step 1.25 eps is FGSM-RS")
-def _pgd(cfg: AttackConfig) -> LinfPGD:
-    return LinfPGD(cfg.eps, cfg.step_size, cfg.steps, cfg.random_start)
+def _negative(value: threat.Budget) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool((value < 0).any())  # once, at construction
+    return value < 0
 
 
-@ATTACKS.register("fgsm", "FGSM (Goodfellow et al. 2015): one signed step of size eps, no random start")
-def _fgsm(cfg: AttackConfig) -> LinfPGD:
-    return LinfPGD(cfg.eps, cfg.eps, 1, random_start=False)
+class LinfPGD(PGD):
+    """L-inf PGD with optional uniform random start: ``PGD("linf", ...)`` with the historical
+    signature ``LinfPGD(eps, step_size, steps, random_start=True, **more)``;
+    ``steps=1, step_size=1.25*eps`` is FGSM-RS.
+
+    Example:
+        >>> attack = LinfPGD(eps=8/255, step_size=2/255, steps=10)
+        >>> noise = attack.init_noise(x, generator)
+        >>> x_adv = attack(model, x, y, noise=noise)
+        >>> x_adv = attack(model, x, y, cross_entropy_sum, noise)  # training: a batch-sum loss
+    """
+
+    def __init__(self, eps: threat.Budget, step_size: threat.Budget, steps: int, random_start: bool = True,
+                 **more) -> None:
+        super().__init__("linf", eps, step_size, steps, random_start, **more)
+
+
+def fgsm(norm: str, eps: threat.Budget, loss: str = "ce", targeted: bool = False) -> PGD:
+    r"""FGSM in the paper 'Explaining and harnessing adversarial examples'
+    [https://arxiv.org/abs/1412.6572]: one step of size eps from the clean input.
+
+    Distance Measure : Linf (``sign(g)``), L2 (the fast gradient method ``g / ||g||``) or L1 (one
+    SLIDE step). Never stops early, so it equals ``torchattacks.FGSM`` in L-inf.
+
+    Examples::
+        >>> x_adv = fgsm("linf", 8/255)(model, x, y)
+    """
+    return PGD(norm, eps, eps, 1, random_start=False, loss=loss, targeted=targeted, early_stop=False)
+
+
+def fgsm_rs(norm: str, eps: threat.Budget, step_size: threat.Budget | None = None, loss: str = "ce",
+            targeted: bool = False) -> PGD:
+    r"""FGSM with random start in the paper 'Fast is better than free: Revisiting adversarial
+    training' [https://arxiv.org/abs/2001.03994] (Wong, Rice & Kolter, ICLR 2020): a uniform
+    random start in the ball, then one step of size ``1.25 eps`` (default), projected back.
+
+    Distance Measure : Linf (L2, L1 by the same recipe)
+
+    Examples::
+        >>> attack = fgsm_rs("linf", 8/255)
+        >>> x_adv = attack(model, x, y, noise=attack.init_noise(x, generator))
+    """
+    if step_size is None:
+        step_size = 1.25 * eps
+    return PGD(norm, eps, step_size, 1, random_start=True, loss=loss, targeted=targeted, early_stop=False)
+
+
+@ATTACKS.register("pgd", "PGD (Madry et al. 2018) in attack.norm (linf/l2/l1), random start, restarts, "
+                         "ce/dlr/cw loss, targeted")
+def _pgd(cfg: AttackConfig) -> PGD:
+    return PGD(cfg.norm, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start, cfg.restarts, cfg.loss,
+               cfg.targeted)
+
+
+@ATTACKS.register("fgsm", "FGSM (Goodfellow et al. 2015): one step of size eps in attack.norm, "
+                          "no random start")
+def _fgsm(cfg: AttackConfig) -> PGD:
+    return fgsm(cfg.norm, cfg.eps, cfg.loss, cfg.targeted)
+
+
+@ATTACKS.register("fgsm_rs", "FGSM-RS (Wong et al. 2020): random start, one step of 1.25 eps in attack.norm")
+def _fgsm_rs(cfg: AttackConfig) -> PGD:
+    return fgsm_rs(cfg.norm, cfg.eps, loss=cfg.loss, targeted=cfg.targeted)
+
+
+__all__ = ["PGD", "LinfPGD", "fgsm", "fgsm_rs"]
