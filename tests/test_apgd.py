@@ -185,6 +185,29 @@ def test_cascade_agrees_with_reference_autoattack_apgd_ce_then_apgd_t(trained):
     assert abs(mine - ref) <= TOL, f"ours {mine:.3f}, AutoAttack apgd-ce + apgd-t {ref:.3f}"
 
 
+def test_our_cascade_is_never_weaker_than_the_stronger_peer(trained):
+    """torchattacks' AutoAttack builds APGD/APGD-T with 10 iterations (the reference: 100), so it
+    overstates robustness; our 100-step cascade must be at most the stronger of the two peers
+    (plus one point of 128: the random starts differ)."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = trained
+    eps = EPS["linf"]
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=["apgd-ce", "apgd-t"], seed=0)
+    aa.apgd.n_restarts = 1
+    ref = acc(model, aa.run_standard_evaluation(x, y, batch_size=len(y))[0], y)
+    # torchattacks.AutoAttack(version="standard") without FAB and Square, as it builds the two APGDs
+    ta = torchattacks.MultiAttack([
+        torchattacks.APGD(model, norm="Linf", eps=eps, seed=0, loss="ce", n_restarts=1),
+        torchattacks.APGDT(model, norm="Linf", eps=eps, seed=0, n_classes=CLASSES, n_restarts=1)])
+    theirs = acc(model, ta(x, y), y)
+    ce = robust(model, ours(model, x, y, 1, norm="linf", eps=eps, steps=100), y)
+    t = robust(model, ours(model, x, y, 2, norm="linf", eps=eps, steps=100, targeted=True), y)
+    mine = (ce & t).float().mean().item()
+    print(f"cascade: ours {mine:.3f}, reference {ref:.3f}, torchattacks {theirs:.3f}")
+    assert mine <= min(ref, theirs) + 1 / len(y), f"ours {mine:.3f}, reference {ref:.3f}, torchattacks {theirs:.3f}"
+
+
 # -- properties ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_outputs_stay_in_the_eps_ball_and_the_unit_box(trained, norm):
