@@ -3,6 +3,7 @@
     metarobust quickstart                      robust vs plain MAML on the embedded glyphs
     metarobust train CONFIG [key=value ...] [--resume]
     metarobust eval RUN_OR_CHECKPOINT [key=value ...]
+    metarobust id RUN_OR_CHECKPOINT [key=value ...]      intrinsic dimension per layer
     metarobust data info DATASET [--root PATH]
     metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
     metarobust list recipes|models|datasets|attacks
@@ -27,6 +28,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
+    if summary is None:  # a non-zero torchrun rank: rank 0 reports
+        return
+    from metarobust.training.recipes import recipe_kind
+
+    if recipe_kind(cfg.recipe) == "standard":  # a plain classifier: the harness's summary
+        from metarobust.training.standard.evaluate import format_summary, headline
+
+        print(format_summary(summary))
+        print(json.dumps(headline(summary)))
+        return
     print(_table({cfg.recipe: summary}))
     print(json.dumps(summary))
 
@@ -43,6 +54,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from metarobust.training.engine import load_stores, resolve_device
 
     cfg, model, state = model_from_checkpoint(args.run, args.overrides)
+    from metarobust.training.recipes import recipe_kind
+
+    if state.get("kind") == "standard" and recipe_kind(cfg.recipe) == "standard":  # RFS: few-shot below
+        return _eval_standard(args, cfg, model, state)
     stores = load_stores(cfg, resolve_device(cfg.device))
     run_path = Path(args.run)
     run = None
@@ -69,6 +84,39 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     headline["after"] = report.after
     headline["checks_failed"] = [c.name for c in report.checks if not c.passed]
     print(json.dumps(headline))
+
+
+def _cmd_id(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from metarobust.analysis.run import analyse_run, id_headline, id_table
+
+    bar = None if args.quiet else (lambda it: tqdm(it, desc="id: episodes", dynamic_ncols=True))
+    _, report, paths = analyse_run(args.run, args.overrides, bar)
+    print(id_table(report))
+    print(f"json: {paths['json']}\nplot: {paths['plot']}")
+    print(json.dumps(id_headline(report)))
+
+
+def _eval_standard(args: argparse.Namespace, cfg, model, state: dict) -> None:
+    """``metarobust eval`` of a plain classifier: the harness on the test split (``eval.points``)."""
+    from tqdm.auto import tqdm
+
+    from metarobust.data.datasets import load_split
+    from metarobust.runs import RunDir
+    from metarobust.training.engine import resolve_device
+    from metarobust.training.standard.evaluate import evaluate_standard, format_summary, headline
+
+    test = load_split(cfg.data, "test").to(resolve_device(cfg.device))
+    run_path = Path(args.run)
+    run = None
+    if run_path.is_dir():
+        cfg.out_dir, cfg.name = str(run_path.parent), run_path.name
+        run = RunDir(cfg, resume=True, tensorboard=False)
+    bar = (lambda it: tqdm(it, desc="eval", dynamic_ncols=True)) if not args.quiet else None
+    summary, _ = evaluate_standard(cfg, model, test, run, bar, extra={"run": str(run_path), "step": int(state["step"])})
+    print(format_summary(summary))
+    print(json.dumps(headline(summary)))
 
 
 def _report_table(report) -> str:
@@ -194,12 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("id", help="intrinsic dimension (TwoNN, MLE, PCA) of clean and adversarial "
+                                  "features per layer of a trained run: table, id.json, id.png")
+    p.add_argument("run", help="a run folder (runs/<name>) or a checkpoint file")
+    p.add_argument("overrides", nargs="*", help=overrides_help + " (e.g. analysis.points=1000 "
+                                                                 "analysis.layers=[penultimate])")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_id)
+
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser("info", help="classes and images per split of a dataset")
     q.add_argument("dataset", help="a dataset name (metarobust list datasets)")
     q.add_argument("--root", default=None, help="where the dataset's files are")
-    q.add_argument("--image-size", type=int, default=28)
+    q.add_argument("--image-size", type=int, default=None,
+                   help="image side (default: the dataset's standard size)")
     q.add_argument("--rotations", action="store_true", help="Omniglot: rotations as new classes")
     q.set_defaults(func=_cmd_data_info)
 

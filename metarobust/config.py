@@ -40,8 +40,10 @@ class DataConfig:
     root: str | None = None
     """Where the files are (folder or zips); ``None``: ``$METAROBUST_DATA/<dataset>``, else
     ``~/.cache/metarobust/<dataset>``. The embedded ``glyphs`` set needs no files."""
-    image_size: int = 28
-    """Side length images are resized to (28 for Omniglot, as in Vinyals et al. and MAML)."""
+    image_size: int | None = None
+    """Side length images are resized to; ``None``: the dataset's standard size (28 for Omniglot,
+    glyphs and MNIST, as in Vinyals et al. and MAML; 32 for CIFAR, CIFAR-FS and FC100; 84 for
+    miniImageNet). Resolve it with ``metarobust.data.datasets.image_size_of``."""
     rotations: bool = False
     """Omniglot: add each character rotated by 90, 180, 270 degrees as three new classes."""
     download: bool = False
@@ -50,12 +52,27 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The network (``metarobust/models/``; docs/models.md)."""
+
     name: str = "conv4"
-    """Registry name (``metarobust list models``)."""
+    """Registry name (``metarobust list models``): ``conv4``, ``resnet12``, ``preact_resnet18``,
+    ``resnet18``, ``wrn34_10``, ``wrn28_10``, ``small_cnn``."""
     hidden: int = 64
-    """Filters per conv block (64: Vinyals et al., Finn et al.)."""
-    norm: str = "batch"
-    """``batch`` (per-forward batch statistics, as MAML) or ``none``."""
+    """Base width. 64 is every model's paper size (Conv-4: 64 filters per block, Vinyals et al.,
+    Finn et al.; ResNet-12: 64-160-320-640; WRN-34-10: 16-160-320-640); other values scale every
+    width by hidden/64."""
+    norm: str = "auto"
+    """BatchNorm: ``batch`` (per-forward batch statistics at training and test, as MAML),
+    ``running`` (standard BN with running statistics), ``none``, or ``auto``: ``batch`` for
+    ``conv4`` and ``resnet12`` (meta-learning), ``running`` for the adversarial-training models,
+    ``none`` for ``small_cnn``."""
+    normalize: str = "auto"
+    """Input statistics of the model's first layer: ``auto`` (the model's convention, else the
+    dataset's), ``none`` (raw [0, 1], TRADES/MART), ``half`` ((x - 0.5) / 0.5), ``cifar10``,
+    ``cifar100``, ``mini_imagenet``, ``imagenet``, ``mnist``, ``fashion_mnist``."""
+    drop_rate: float | None = None
+    """Dropout rate; ``null``: the model's paper default (``small_cnn`` 0.5 as TRADES, WRN 0,
+    ``resnet12`` 0; RFS and MetaOptNet pre-train ResNet-12 with 0.1 and DropBlock)."""
 
 
 @dataclass
@@ -81,6 +98,9 @@ class MetaConfig:
     """Adam learning rate of the meta-update."""
     execution: str = "auto"
     """``loop`` (one task at a time), ``vmap`` (all tasks at once), or ``auto`` (by device)."""
+    adapt: str = "all"
+    """Parameters the inner loop adapts: ``all`` (MAML) or ``head`` (ANIL, Raghu et al. 2020:
+    the classifier only; the recipe ``anil`` forces it)."""
 
 
 @dataclass
@@ -111,12 +131,46 @@ class AttackConfig:
 
 @dataclass
 class RobustConfig:
-    """The robustness regulariser of ``r_maml`` (placed in the meta-update only)."""
+    """The robustness regulariser of ``r_maml``, ``its_maml`` (and the weight of ``trades_maml``)."""
 
     form: str = "trades"
     """``trades``: KL(p_clean || p_adv); ``ce``: cross-entropy on the adversarial query."""
     weight: float = 5.0
     """lambda / beta of the regulariser (R-MAML-TRADES on Omniglot: 5)."""
+    placement: str = "out"
+    """``out``: in the meta-update only (R-MAML_out); ``in``: also in the inner loop, on the
+    support set attacked at every inner step (R-MAML_both)."""
+    inner_weight: float | None = None
+    """Weight of the inner-loop term with ``placement=in``; ``None``: ``weight``."""
+
+
+@dataclass
+class IDConfig:
+    """The intrinsic-dimension analysis (``metarobust id``; ``docs/intrinsic_dimension.md``).
+
+    Features of the query images are taken per layer after fine-tuning on each frozen test
+    episode's support set, clean and under the ``attack`` section's attack, and their intrinsic
+    dimension is estimated with error bars from sub-samples (Ansuini et al., NeurIPS 2019).
+    """
+
+    layers: list[str] = field(default_factory=list)
+    """Module names (as in ``model.named_modules()``) or ``penultimate`` (the head's input);
+    empty: each block of the encoder and the penultimate features."""
+    estimators: list[str] = field(default_factory=lambda: ["twonn", "mle", "pca"])
+    """Estimator names (``twonn``, ``mle``, ``pca``)."""
+    points: int = 2000
+    """Distinct query images pooled per condition (Ansuini et al.: ~2000). Keep it identical
+    across the runs you compare: TwoNN and MLE depend on the sample size."""
+    bootstrap: int = 20
+    """Sub-samples (without replacement) for the error bars (Ansuini et al.: 20); 0: none."""
+    fraction: float = 0.9
+    """Share of the points in each sub-sample (Ansuini et al.: 0.9)."""
+    twonn_discard: float = 0.1
+    """TwoNN: fraction of the largest ratios r2/r1 left out of the fit (Facco et al.: 0.1)."""
+    mle_neighbors: int = 20
+    """MLE: neighbours k of the Levina-Bickel estimate (MacKay-Ghahramani combination)."""
+    pca_variance: float = 0.9
+    """PCA: share of the variance the counted components must explain (Ansuini et al.: 0.9)."""
 
 
 def _fgsm_rs() -> AttackConfig:
@@ -152,6 +206,190 @@ class EvalConfig:
     """Query points (or test images) the checks and the eps sweep use."""
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     """Multiples of ``attack.eps`` for the robust-accuracy-vs-eps plot."""
+    points: int = 0
+    """Standard (plain-classifier) runs: test images evaluated, a fixed seeded random subset of the
+    test split (the same for every run; test splits are stored class by class); 0: all."""
+
+
+@dataclass
+class MATConfig:
+    """Mutual Adversarial Training (``recipe: mat``; Liu et al. 2021/2022). The loss is a
+    reconstruction ([R] in ``shared/methods/ADVERSARIAL_TRAINING.md`` 4.1): the paper's alpha,
+    temperature and input sets are unverified."""
+
+    peers: int = 2
+    """Models trained together when ``norms`` is empty (N = 2)."""
+    alpha: float = 0.5
+    """Weight of the mutual distillation term; ``1 - alpha`` weighs each model's own AT loss."""
+    temperature: float = 1.0
+    """Distillation temperature tau: ``tau^2 KL(p_j^tau || p_i^tau)`` over the pooled examples."""
+    base: str = "ce"
+    """Each model's own AT loss: ``ce`` (CE on its PGD examples) or ``trades`` (MAT-TRADES:
+    ``CE(x) + at.beta KL(p(x) || p(x'))`` with the KL attack)."""
+    norms: list[str] = field(default_factory=list)
+    """Multi-perturbation MAT: one specialist per norm (e.g. ``[linf, l2, l1]``), each attacked in
+    its own norm at ``eps[norm]``; empty: ``peers`` models attacked with ``train_attack``."""
+    eps: dict[str, float] = field(default_factory=lambda: {"linf": 0.03, "l2": 0.5, "l1": 12.0})
+    """Radii of the multi-perturbation threat models (Maini et al.'s CIFAR-10 defaults); each
+    attack takes ``train_attack.steps`` steps of ``2.5 eps / steps`` from a random start."""
+    generalist: bool = True
+    """Multi-perturbation: add a generalist peer attacked in every norm of ``norms``; it is the
+    deployed model."""
+    models: list[str] = field(default_factory=list)
+    """Architecture (``model.name``) of each peer, in order; empty: ``model.name`` for all."""
+
+
+@dataclass
+class LTDConfig:
+    """Low Temperature Distillation (``recipe: ltd``; Chen & Lee 2021). Temperatures are [R]."""
+
+    teacher: str | None = None
+    """Run folder or ``.pt`` checkpoint of the (adversarially trained) teacher; required. Its
+    architecture is read from the checkpoint's config (else ``model``)."""
+    teacher_temperature: float = 0.5
+    """tau_T of the soft labels ``softmax(f_T(x) / tau_T)`` ("relatively low")."""
+    student_temperature: float = 1.0
+    """tau_S: the student's fixed temperature, the same at training and test (folded into its
+    last layer in the deployed model)."""
+
+
+@dataclass
+class AdvPropConfig:
+    """AdvProp (``recipe: advprop``; Xie et al. 2020): the attack is ``train_attack``."""
+
+    targeted: bool = True
+    """Attack toward a random wrong class (the PyTorch port's default); false: away from ``y``."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Adversarial fine-tuning (``recipe: adversarial_finetune``; Hou et al. 2022), a
+    reconstruction [R]: start from ``at.init`` (a naturally trained model f_0)."""
+
+    distill_weight: float = 1.0
+    """lambda of ``KL(p_0(x) || p(x))`` on clean images, the frozen f_0 as teacher."""
+    eps_ramp: float = 0.5
+    """Fraction of fine-tuning over which the attack radius grows linearly from 0 to
+    ``train_attack.eps`` (0: the full radius from the start)."""
+    early_stop: bool = True
+    """Per sample, stop the attack once the sample is misclassified (FAT-style)."""
+    aux_bn: bool = False
+    """Route adversarial images through auxiliary BatchNorms (AdvProp-style disentangling)."""
+
+
+@dataclass
+class LocalBallsConfig:
+    """Local balls around weak adversaries plus a global term (``recipe: local_balls``; Lu &
+    Kumar 2021), a reconstruction [R]."""
+
+    radius: float = 0.25
+    """r of the local ball around each adversary, as a fraction of ``train_attack.eps``."""
+    steps: int = 1
+    """Steps of the second-stage attack inside B(x', r) (step size r, random start)."""
+    weight: float = 1.0
+    """lambda of the global term ``KL(p(x) || p(x'))``."""
+
+
+@dataclass
+class BATConfig:
+    """Balance Adversarial Training (``recipe: bat``; Sun et al. 2022); ``at.beta`` = 6."""
+
+    tau: int = 1
+    """Extra steps after the first misclassified iterate for the first-adversarial point."""
+    uniform_weight: float = 1.0
+    """Weight of each ``KL(p(x_b) || U)`` term (target-class fairness)."""
+
+
+@dataclass
+class FRLConfig:
+    """Fair Robust Learning (``recipe: frl``; Xu et al. 2021), reweight + remargin; needs
+    ``at.holdout`` validation images and, as the paper, a robust ``at.init``."""
+
+    tau_nat: float = 0.07
+    """Allowed excess of a class's clean error over the average (tau_0)."""
+    tau_bdy: float = 0.07
+    """Allowed excess of a class's boundary error over the average (tau_1)."""
+    rate: float = 0.05
+    """alpha_1, the step of the weight multipliers; halved every ``rate_halving`` epochs."""
+    rate_halving: int = 40
+    margin_rate: float = 0.2
+    """alpha_2, the step of the eps multipliers (remargin); 0: reweight only (``frlrw.py``)."""
+    limit: float = 0.5
+    """Each multiplier vector is rescaled to sum at most this (``lim``)."""
+    val_steps: int = 20
+    """PGD steps of the validation pass (CE, uniform start, eps ``train_attack.eps``)."""
+    val_step_size: float = STEP_2
+    compat_step: bool = False
+    """Reproduce the reference code's training step ``max_i eps_i / 4`` (one value per batch)
+    instead of ``train_attack.step_size`` scaled per sample like its eps."""
+
+
+@dataclass
+class StandardTrainingConfig:
+    """Standard (single-task) adversarial training: the ``at`` section, read when ``recipe`` is a
+    standard recipe (``natural``, ``pgd_at``, ``trades``, ...; ``metarobust list recipes``).
+
+    Defaults are Madry et al.'s CIFAR-10 PGD-AT settings (``MadryLab/cifar10_challenge``:
+    batch 128, SGD momentum 0.9, weight decay 2e-4, lr 0.1 decayed x0.1 at ~100 and ~150 of
+    ~200 epochs); each recipe's config under ``configs/at/`` sets its paper's values. The training
+    attack is the ``train_attack`` section. Schedules step every iteration (optimizer step).
+    """
+
+    batch_size: int = 128
+    epochs: int = 200
+    """Passes over the training images (Free AT: each batch is replayed ``replays`` times per pass)."""
+    lr: float = 0.1
+    """Peak learning rate of SGD (the cyclic schedule's maximum)."""
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    schedule: str = "piecewise"
+    """``piecewise`` (x ``gamma`` at each of ``milestones``), ``cosine``, ``cyclic`` (triangular
+    0 -> lr -> 0, the peak at ``cyclic_peak`` of training; Wong et al.'s fast AT) or ``constant``."""
+    milestones: list[float] = field(default_factory=lambda: [100.0, 150.0])
+    """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
+    gamma: float = 0.1
+    cyclic_peak: float = 0.4
+    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
+    amp: str = "none"
+    """Mixed precision: ``none``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler)."""
+    channels_last: bool = False
+    """Model and batches in channels-last memory format (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model (first steps pay the compilation)."""
+    attack_bn: str = "auto"
+    """BatchNorm mode while the training attack runs: ``train``, ``eval`` or ``auto`` (the
+    recipe's reference code: eval for TRADES/MART/Backward Smoothing, train for the others)."""
+    augment: str = "auto"
+    """Device-side augmentation: ``auto`` (random crop with 4-pixel padding + horizontal flip for
+    3-channel images of side >= 32, none otherwise), ``none``, or a name of
+    ``metarobust.data.augment.AUGMENTATIONS`` (``crop_flip``, ``flip``)."""
+    train_size: int = 0
+    """Train on the first ``train_size`` images of a seeded permutation (0: all); for tests and
+    CPU-sized runs."""
+    holdout: int = 0
+    """Images of the train split held out as a validation set (fast AT's early-stop check; 0: none,
+    the check then uses the epoch's first training batch as in Wong et al.)."""
+    beta: float = 6.0
+    """Weight of the robust KL term (TRADES, MART: 6; Backward Smoothing's README: 10)."""
+    replays: int = 8
+    """Free AT: replays of each mini-batch (m)."""
+    early_stop: bool = True
+    """Fast AT: stop and restore the previous epoch's weights when the PGD accuracy of the check
+    batch drops by more than ``early_stop_drop`` (catastrophic overfitting)."""
+    early_stop_drop: float = 0.2
+    smoothing_gamma: float = 1.0
+    """Backward Smoothing: scale of the uniform output-space noise (gamma)."""
+    init: str | None = None
+    """Fine-tune: a run folder or ``.pt`` checkpoint whose ``model`` weights initialise the
+    trained model (FRL's hot start, Hou et al.'s f_0); ``None``: random initialisation."""
+    mat: MATConfig = field(default_factory=MATConfig)
+    ltd: LTDConfig = field(default_factory=LTDConfig)
+    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    local_balls: LocalBallsConfig = field(default_factory=LocalBallsConfig)
+    bat: BATConfig = field(default_factory=BATConfig)
+    frl: FRLConfig = field(default_factory=FRLConfig)
 
 
 @dataclass
@@ -172,6 +410,10 @@ class ExperimentConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: IDConfig = field(default_factory=IDConfig)
+    """Intrinsic-dimension analysis (``metarobust id``)."""
+    at: StandardTrainingConfig = field(default_factory=StandardTrainingConfig)
+    """Standard adversarial training (single-task recipes); ignored by meta-learning recipes."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -256,9 +498,23 @@ def validate(cfg: ExperimentConfig) -> None:
     DATASETS.get(cfg.data.dataset, "data.dataset")
     _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
            "device", cfg.device, "auto, cpu, cuda or cuda:<index>")
-    _check(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8")
+    _check(cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size",
+           cfg.data.image_size, "an integer >= 8, or null for the dataset's standard size")
     _check(cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden, "a positive integer")
-    _check(cfg.model.norm in ("batch", "none"), "model.norm", cfg.model.norm, "batch or none")
+    _check(cfg.model.norm in ("auto", "batch", "running", "none"), "model.norm", cfg.model.norm,
+           "auto, batch (per-batch statistics), running (standard BN) or none")
+    from metarobust.models.options import NORMALIZE_CHOICES
+
+    _check(cfg.model.normalize in NORMALIZE_CHOICES, "model.normalize", cfg.model.normalize,
+           f"one of {list(NORMALIZE_CHOICES)}")
+    _check(cfg.model.drop_rate is None or 0 <= cfg.model.drop_rate < 1, "model.drop_rate",
+           cfg.model.drop_rate, "a rate in [0, 1), or null for the model's default")
+    from metarobust.data.datasets import image_size_of
+    from metarobust.models import MIN_IMAGE_SIZES
+
+    minimum = MIN_IMAGE_SIZES.get(cfg.model.name, 1)
+    size = image_size_of(cfg.data)  # null: the dataset's standard size (28, 32, 84...)
+    _check(size >= minimum, "data.image_size", size, f"at least {minimum} for model {cfg.model.name!r}")
     m = cfg.meta
     _check(m.ways >= 2, "meta.ways", m.ways, "an integer >= 2")
     for key in ("train_shots", "test_shots", "queries", "meta_batch_size"):
@@ -283,6 +539,14 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(a.steps >= 1, f"{section}.steps", a.steps, "an integer >= 1")
         _check(a.step_size >= 0, f"{section}.step_size", a.step_size, "a step size >= 0")
     _check(cfg.robust.form in ("trades", "ce"), "robust.form", cfg.robust.form, "trades or ce")
+    _check(cfg.robust.placement in ("out", "in"), "robust.placement", cfg.robust.placement,
+           "out (meta-update only, R-MAML_out) or in (inner loop too, R-MAML_both)")
+    _check(cfg.robust.inner_weight is None or cfg.robust.inner_weight >= 0, "robust.inner_weight",
+           cfg.robust.inner_weight, "a weight >= 0, or null for robust.weight")
+    _check(m.adapt in ("all", "head"), "meta.adapt", m.adapt, "all (MAML) or head (ANIL)")
+    recipe_check = getattr(RECIPES.get(cfg.recipe, "recipe"), "config_check", None)
+    if recipe_check is not None:
+        recipe_check(cfg)
     _check(cfg.robust.weight >= 0, "robust.weight", cfg.robust.weight, "a weight >= 0")
     t = cfg.train
     _check(t.iterations >= 1, "train.iterations", t.iterations, "an integer >= 1")
@@ -297,3 +561,89 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.eval.check_points >= 1, "eval.check_points", cfg.eval.check_points, "an integer >= 1")
     _check(all(m >= 0 for m in cfg.eval.eps_sweep), "eval.eps_sweep", cfg.eval.eps_sweep,
            "multiples of attack.eps, each >= 0")
+    _validate_analysis(cfg.analysis)
+    _check(cfg.eval.points >= 0, "eval.points", cfg.eval.points, "an integer >= 0 (0: the whole test split)")
+    _validate_standard(cfg.at)
+
+
+def _validate_standard(at: StandardTrainingConfig) -> None:
+    """The ``at`` section (checked for every recipe: a bad value fails before any work)."""
+    _check(at.batch_size >= 1, "at.batch_size", at.batch_size, "an integer >= 1")
+    _check(at.epochs >= 1, "at.epochs", at.epochs, "an integer >= 1")
+    _check(at.lr > 0, "at.lr", at.lr, "a learning rate > 0")
+    _check(0 <= at.momentum < 1, "at.momentum", at.momentum, "a momentum in [0, 1)")
+    _check(at.weight_decay >= 0, "at.weight_decay", at.weight_decay, "a weight decay >= 0")
+    _check(at.schedule in ("piecewise", "cosine", "cyclic", "constant"), "at.schedule", at.schedule,
+           "piecewise, cosine, cyclic or constant")
+    if at.schedule == "piecewise":
+        _check(list(at.milestones) == sorted(at.milestones) and all(0 < m <= at.epochs for m in at.milestones),
+               "at.milestones", list(at.milestones), f"increasing epochs in (0, at.epochs={at.epochs}]")
+    _check(0 < at.gamma <= 1, "at.gamma", at.gamma, "a decay factor in (0, 1]")
+    _check(0 < at.cyclic_peak < 1, "at.cyclic_peak", at.cyclic_peak, "a fraction of training in (0, 1)")
+    _check(at.amp in ("none", "bf16", "fp16"), "at.amp", at.amp, "none, bf16 or fp16")
+    _check(at.attack_bn in ("auto", "train", "eval"), "at.attack_bn", at.attack_bn, "auto, train or eval")
+    from metarobust.data.augment import AUGMENTATIONS
+
+    _check(at.augment in ("auto", "none", *AUGMENTATIONS.names()), "at.augment", at.augment,
+           f"auto, none or one of {AUGMENTATIONS.names()}")
+    if at.init is not None:
+        init = Path(at.init)
+        _check((init / "checkpoints" / "last.pt").is_file() if init.is_dir() else init.is_file(), "at.init", at.init,
+               "a run folder holding checkpoints/last.pt, or a .pt checkpoint file")
+    _check(at.train_size >= 0, "at.train_size", at.train_size, "an integer >= 0 (0: all images)")
+    _check(at.holdout >= 0, "at.holdout", at.holdout, "an integer >= 0 (0: no held-out images)")
+    _check(at.beta >= 0, "at.beta", at.beta, "a weight >= 0")
+    _check(at.replays >= 1, "at.replays", at.replays, "an integer >= 1 (Free AT's m, e.g. 8)")
+    _check(0 < at.early_stop_drop <= 1, "at.early_stop_drop", at.early_stop_drop,
+           "an accuracy drop in (0, 1], e.g. 0.2")
+    _check(at.smoothing_gamma >= 0, "at.smoothing_gamma", at.smoothing_gamma, "a noise scale >= 0")
+    _validate_at_methods(at)
+
+
+def _validate_at_methods(at: StandardTrainingConfig) -> None:
+    """The per-method sections of ``at`` (mat, ltd, finetune, local_balls, bat, frl)."""
+    mat = at.mat
+    _check(mat.peers >= 2, "at.mat.peers", mat.peers, "an integer >= 2 (models trained together)")
+    _check(0 <= mat.alpha <= 1, "at.mat.alpha", mat.alpha, "a weight in [0, 1]")
+    _check(mat.temperature > 0, "at.mat.temperature", mat.temperature, "a temperature > 0")
+    _check(mat.base in ("ce", "trades"), "at.mat.base", mat.base, "ce or trades")
+    _check(all(n in ("linf", "l2", "l1") for n in mat.norms) and len(set(mat.norms)) == len(mat.norms),
+           "at.mat.norms", list(mat.norms), "distinct norms among linf, l2, l1 (e.g. [linf, l2, l1]), or []")
+    for norm in mat.norms:
+        _check(norm in mat.eps and mat.eps[norm] > 0, f"at.mat.eps.{norm}", mat.eps.get(norm),
+               "a radius > 0 for every norm of at.mat.norms")
+    _check(all(n in ("linf", "l2", "l1") for n in mat.eps), "at.mat.eps", dict(mat.eps),
+           "norm -> eps with norms among linf, l2, l1")
+    ltd = at.ltd
+    for key in ("teacher_temperature", "student_temperature"):
+        _check(getattr(ltd, key) > 0, f"at.ltd.{key}", getattr(ltd, key), "a temperature > 0")
+    ft = at.finetune
+    _check(ft.distill_weight >= 0, "at.finetune.distill_weight", ft.distill_weight, "a weight >= 0")
+    _check(0 <= ft.eps_ramp <= 1, "at.finetune.eps_ramp", ft.eps_ramp, "a fraction of training in [0, 1]")
+    lb = at.local_balls
+    _check(lb.radius > 0, "at.local_balls.radius", lb.radius, "a fraction of train_attack.eps > 0, e.g. 0.25")
+    _check(lb.steps >= 1, "at.local_balls.steps", lb.steps, "an integer >= 1")
+    _check(lb.weight >= 0, "at.local_balls.weight", lb.weight, "a weight >= 0")
+    _check(at.bat.tau >= 0, "at.bat.tau", at.bat.tau, "an integer >= 0 (extra steps after the first flip)")
+    _check(at.bat.uniform_weight >= 0, "at.bat.uniform_weight", at.bat.uniform_weight, "a weight >= 0")
+    frl = at.frl
+    for key in ("tau_nat", "tau_bdy", "rate", "margin_rate", "limit", "val_step_size"):
+        _check(getattr(frl, key) >= 0, f"at.frl.{key}", getattr(frl, key), "a value >= 0")
+    _check(frl.rate_halving >= 1, "at.frl.rate_halving", frl.rate_halving, "a number of epochs >= 1")
+    _check(frl.val_steps >= 1, "at.frl.val_steps", frl.val_steps, "an integer >= 1")
+
+
+def _validate_analysis(a: IDConfig) -> None:
+    """The ``analysis`` section (``metarobust id``)."""
+    from metarobust.analysis.estimators import ESTIMATORS
+
+    _check(len(a.estimators) >= 1, "analysis.estimators", list(a.estimators),
+           f"a non-empty list of {ESTIMATORS.names()}")
+    for name in a.estimators:
+        ESTIMATORS.get(name, "analysis.estimators")
+    _check(a.points >= 3, "analysis.points", a.points, "an integer >= 3 (e.g. 2000, as Ansuini et al.)")
+    _check(a.bootstrap >= 0, "analysis.bootstrap", a.bootstrap, "an integer >= 0 (0: no error bars)")
+    _check(0 < a.fraction <= 1, "analysis.fraction", a.fraction, "a share of the points in (0, 1], e.g. 0.9")
+    _check(0 <= a.twonn_discard < 1, "analysis.twonn_discard", a.twonn_discard, "a fraction in [0, 1), e.g. 0.1")
+    _check(a.mle_neighbors >= 2, "analysis.mle_neighbors", a.mle_neighbors, "an integer >= 2, e.g. 20")
+    _check(0 < a.pca_variance <= 1, "analysis.pca_variance", a.pca_variance, "a share of variance in (0, 1]")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from metarobust.config import ExperimentConfig, config_from_dict
+from metarobust.data.datasets import image_size_of
 from metarobust.data.manifest import (
     Manifest,
     default_manifest_path,
@@ -61,7 +62,19 @@ def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, stores: Stores, run:
 
 def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
                        stores: Stores | None = None) -> dict[str, Any]:
-    """Meta-train ``cfg`` in its run folder, evaluate on the frozen test episodes, write the report."""
+    """Meta-train ``cfg`` in its run folder, evaluate on the frozen test episodes, write the report.
+    A standard recipe (``pgd_at``, ``trades``...) goes to
+    :func:`~metarobust.training.standard.experiment.train_and_evaluate_standard`."""
+    from metarobust.training.recipes import recipe_kind
+
+    if recipe_kind(cfg.recipe) == "standard":
+        from metarobust.training.standard.experiment import train_and_evaluate_standard
+
+        return train_and_evaluate_standard(cfg, resume=resume, progress=progress)
+    if recipe_kind(cfg.recipe) == "rfs":  # standard pre-training, few-shot evaluation
+        from metarobust.training.rfs import train_and_evaluate_rfs
+
+        return train_and_evaluate_rfs(cfg, resume=resume, progress=progress, stores=stores)
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     stores = stores or load_stores(cfg, device)  # every data check happens before any work
@@ -95,10 +108,14 @@ def model_from_checkpoint(path: str | Path, overrides: list[str] | None = None,
 
 
 def _model_for(cfg: ExperimentConfig, state: dict) -> torch.nn.Module:
+    if state.get("kind") == "standard":  # a plain classifier (metarobust.training.standard)
+        from metarobust.training.standard.experiment import standard_model_from_state
+
+        return standard_model_from_state(cfg, state)
     head = state["model"]["head.weight"]
     first = next(v for k, v in state["model"].items() if k.endswith("weight") and v.dim() == 4)
-    size = cfg.data.image_size
-    model = build_model(cfg.model, first.shape[1], head.shape[0], size)
+    size = image_size_of(cfg.data)
+    model = build_model(cfg.model, first.shape[1], head.shape[0], size, cfg.data.dataset)
     model.load_state_dict(state["model"])
     return model.to(resolve_device(cfg.device))
 
@@ -116,12 +133,19 @@ def render_report(cfg: ExperimentConfig, summary: dict[str, Any], last_metrics: 
         f"- training attack: {cfg.train_attack.name}-{cfg.train_attack.steps} eps {cfg.train_attack.eps:.4f}",
         f"- evaluation attack: {a.name}-{a.steps} eps {a.eps:.4f} step {a.step_size:.4f}",
         "",
+        *fewshot_metric_rows(summary),
+        f"| last training metrics | {last_metrics[0]} |",
+        "",
+    ])
+
+
+def fewshot_metric_rows(summary: dict[str, Any]) -> list[str]:
+    """The report's Markdown table of few-shot accuracies (all but its last rows)."""
+    return [
         "| metric | value |",
         "|---|---|",
         f"| clean accuracy | {100 * summary['clean_acc']:.2f} ± {100 * summary['clean_ci95']:.2f} % |",
         f"| robust accuracy | {100 * summary['robust_acc']:.2f} ± {100 * summary['robust_ci95']:.2f} % |",
         f"| test episodes | {summary['episodes']} |",
         f"| training time | {summary['train_seconds']} s |",
-        f"| last training metrics | {last_metrics[0]} |",
-        "",
-    ])
+    ]

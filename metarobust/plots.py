@@ -11,14 +11,18 @@ import matplotlib.pyplot as plt
 
 
 def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
-                         chance: float | None = None) -> Path:
+                         chance: float | None = None, robust_label: str = "robust (PGD)",
+                         ylabel: str = "accuracy on held-out classes (%)") -> Path:
     """Grouped bars of clean and robust accuracy (%) per method, with 95% intervals and an
-    optional dashed chance line (``chance`` in [0, 1])."""
+    optional dashed chance line (``chance`` in [0, 1]).
+
+    ``results[name]`` holds ``clean_acc``, ``clean_ci95``, ``robust_acc``, ``robust_ci95`` in [0, 1].
+    """
     names = list(results)
     fig, ax = plt.subplots(figsize=(2.4 + 1.6 * len(names), 3.8))
     width = 0.38
     for offset, (key, label, color) in enumerate([("clean", "clean", "#4C72B0"),
-                                                   ("robust", "robust (PGD)", "#C44E52")]):
+                                                   ("robust", robust_label, "#C44E52")]):
         xs = [i + (offset - 0.5) * width for i in range(len(names))]
         values = [100 * results[n][f"{key}_acc"] for n in names]
         errors = [100 * results[n][f"{key}_ci95"] for n in names]
@@ -27,7 +31,7 @@ def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
     if chance is not None:
         ax.axhline(100 * chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("accuracy on held-out classes (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)

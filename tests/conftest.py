@@ -24,3 +24,17 @@ def shared_data() -> Path:
         pytest.skip(f"staged datasets not found at {SHARED_DATA} (../shared/data beside the "
                     f"checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mnist16(shared_data):
+    """Real MNIST (``../shared/data/mnist``) resized to 16x16, for small standard-training tests:
+    ``(train store, test store, root)``, loaded once per session; skipped without the idx files."""
+    from metarobust.config import DataConfig
+    from metarobust.data.datasets import load_split
+
+    root = shared_data / "mnist"
+    if not (root / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST idx files not found in {root}")
+    cfg = DataConfig(dataset="mnist", root=str(root), image_size=16)
+    return load_split(cfg, "train"), load_split(cfg, "test"), str(root)

@@ -103,7 +103,8 @@ class PGD:
         l1_quantile (float): SLIDE's quantile ``q``: L1 steps move the top ``1 - q`` fraction of
             coordinates by ``|g|``. (Default: 0.99)
 
-    Shape (call): ``attack(forward, x, y, loss=None, noise=None, *, eps=None, labels=None) -> x_adv``
+    Shape (call): ``attack(forward, x, y, loss=None, noise=None, *, eps=None, labels=None,
+    step_size=None) -> x_adv``
 
         - forward: ``x -> logits [B, N]`` (a module, or a function of fast weights).
         - x: ``[B, C, H, W]`` (any ``[B, ...]``) in [0, 1].
@@ -113,6 +114,9 @@ class PGD:
           ``kl_from_clean``); ``None``: the configured per-sample loss, summed.
         - noise: from :meth:`init_noise` (required when ``random_start``).
         - eps: overrides the radius for this call (float or ``[B]``).
+        - step_size: overrides the step for this call (float, 0-dim or ``[B]``): per-sample
+          steps computed on the device each batch (FRL's per-class steps) without building a new
+          attack, whose constructor checks a tensor's sign on the host.
         - labels: the true classes in targeted mode (only the targeted DLR loss needs them;
           default: the clean prediction).
         - output: ``x_adv`` shaped like ``x``, in [0, 1] and in the eps-ball around ``x``.
@@ -177,6 +181,7 @@ class PGD:
         *,
         eps: threat.Budget | None = None,
         labels: torch.Tensor | None = None,
+        step_size: threat.Budget | None = None,
     ) -> torch.Tensor:
         x = x.detach()
         restarts = self._restarts
@@ -188,7 +193,7 @@ class PGD:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected} "
                                  f"(attack.init_noise(x) with {restarts} restart(s))")
         budget = threat.per_sample(self.eps if eps is None else eps, x)
-        step = threat.per_sample(self.step_size, x)
+        step = threat.per_sample(self.step_size if step_size is None else step_size, x)
         losses = self._objective(forward, x, y, loss, labels)
         stop_early = self.early_stop and loss is None and losses[2] is not None
 

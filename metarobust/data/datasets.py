@@ -51,6 +51,19 @@ def check_image_size(size: int) -> int:
     return size
 
 
+DEFAULT_IMAGE_SIZE: dict[str, int] = {}
+"""The standard image side of each dataset, used when ``data.image_size`` is ``None``; readers
+add their entry (a dataset without one gets 28, the Omniglot/MAML size)."""
+
+
+def image_size_of(cfg: DataConfig) -> int:
+    """The image side ``cfg`` asks for: ``cfg.image_size``, or the dataset's standard size
+    (:data:`DEFAULT_IMAGE_SIZE`) when it is ``None``; :class:`ConfigError` if not positive."""
+    if cfg.image_size is None:
+        return DEFAULT_IMAGE_SIZE.get(cfg.dataset, 28)
+    return check_image_size(cfg.image_size)
+
+
 def load_split(cfg: DataConfig, split: str) -> ImageStore:
     """The images of one split of ``cfg.dataset`` (uint8 ``[M, C, S, S]``, labels ``0..N-1``)."""
     check_split(split)
@@ -75,12 +88,20 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
     Returns:
         ``{"dataset", "source", "image_size", "rotations", "splits": {split: {"classes",
         "images", "images_per_class": [min, max], "image_shape": [C, H, W]}}}``; ``source`` is the
-        root folder, or ``"embedded"`` for datasets generated in-process.
+        root folder, or ``"embedded"`` for datasets generated in-process. A split that cannot be
+        loaded (:class:`DataError`) is reported as ``{"error": message}``; if none can, the
+        first error is raised.
     """
     source = "embedded" if cfg.dataset in EMBEDDED_DATASETS else str(dataset_root(cfg))
     splits: dict[str, Any] = {}
+    errors: list[DataError] = []
     for split in SPLITS:
-        store = load_split(cfg, split)
+        try:
+            store = load_split(cfg, split)
+        except DataError as err:  # e.g. CIFAR has no val split: report it, show the others
+            errors.append(err)
+            splits[split] = {"error": str(err)}
+            continue
         counts = store.counts()
         splits[split] = {
             "classes": store.num_classes,
@@ -88,10 +109,12 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
             "images_per_class": [int(counts.min()), int(counts.max())] if len(counts) else [0, 0],
             "image_shape": list(store.image_shape),
         }
+    if len(errors) == len(SPLITS):
+        raise errors[0]
     return {
         "dataset": cfg.dataset,
         "source": source,
-        "image_size": cfg.image_size,
+        "image_size": image_size_of(cfg),
         "rotations": cfg.rotations,
         "splits": splits,
     }
@@ -118,5 +141,9 @@ def read_split_file(dataset: str) -> dict[str, Any]:
 
 # The readers import DATASETS from this module, so they are imported last: by then every name
 # they need exists, whichever of the modules is imported first.
+import metarobust.data.cifar
+import metarobust.data.cifar_fs
 import metarobust.data.glyphs
+import metarobust.data.mini_imagenet
+import metarobust.data.mnist
 import metarobust.data.omniglot  # noqa: F401

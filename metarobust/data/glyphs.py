@@ -63,8 +63,8 @@ from metarobust.config import DataConfig
 from metarobust.data.datasets import (
     DATASETS,
     EMBEDDED_DATASETS,
-    check_image_size,
     check_split,
+    image_size_of,
     read_split_file,
     split_file_path,
 )
@@ -330,14 +330,14 @@ def load_glyphs(cfg: DataConfig, split: str) -> ImageStore:
     false: rotated characters collide with other classes (6/9, b/q, d/p, N/Z, u/n, arrows).
     """
     check_split(split)
-    check_image_size(cfg.image_size)
+    size = image_size_of(cfg)
     if cfg.rotations:
         raise ConfigError(
             f"data.rotations: the {NAME} dataset has no rotated classes (a rotated character is "
             f"often another class: 6/9, b/q, N/Z); set data.rotations=false"
         )
     names, everything = _split_classes(split)
-    images = render_classes(everything, cfg.image_size)
+    images = render_classes(everything, size)
     rows = torch.tensor([everything.index(n) for n in names], dtype=torch.long)
     chosen = images.index_select(0, rows)  # a copy: the cached tensor stays untouched
     n, k = chosen.shape[:2]

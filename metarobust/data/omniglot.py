@@ -67,9 +67,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from metarobust.config import DataConfig
 from metarobust.data.datasets import (
     DATASETS,
-    check_image_size,
     check_split,
     dataset_root,
+    image_size_of,
     read_split_file,
     split_file_path,
 )
@@ -316,7 +316,7 @@ def _rotate(images: torch.Tensor, labels: torch.Tensor, image_ids: torch.Tensor,
 def load_omniglot(cfg: DataConfig, split: str) -> ImageStore:
     """The ``split`` characters of Omniglot: images uint8 ``[M, 1, S, S]``, S = image_size."""
     check_split(split)
-    check_image_size(cfg.image_size)
+    size = image_size_of(cfg)
     root = dataset_root(cfg)
     where = "data.root" if cfg.root else "the dataset folder (data.root unset)"
     sources = find_sources(root)
@@ -338,7 +338,7 @@ def load_omniglot(cfg: DataConfig, split: str) -> ImageStore:
             f"{_expected_files()} or the folders they extract to (put them there, {fetch}"
         )
 
-    decoded = _read(sources, cfg.image_size)
+    decoded = _read(sources, size)
     present = {n.split("/")[0] for n in decoded.class_names}
     table_name, table = choose_table({s.stem for s in sources}, present)
     wanted = set(table[split])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from metarobust.data.augment import get_augmentation
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.store import ImageStore
 from metarobust.errors import DataError
@@ -97,43 +98,73 @@ class BatchSampler:
 
     Each pass over the store is a fresh permutation drawn on the device; the last incomplete
     batch of a pass is dropped (as ``drop_last=True``), so every batch has ``batch_size`` images.
+
+    Distributed training (``world_size`` > 1): every rank draws the same seeded permutation and
+    takes its own slice ``[rank * batch_size, (rank + 1) * batch_size)`` of each global batch of
+    ``world_size * batch_size`` images, so the ranks see disjoint images of every epoch.
+
+    ``augment`` names a device-side augmentation (:data:`~metarobust.data.augment.AUGMENTATIONS`,
+    e.g. ``"crop_flip"``: CIFAR's random crop with 4-pixel zero padding + horizontal flip) applied
+    to every batch on the uint8 images before they become float; ``None`` or ``"none"``: none.
+    Its randomness comes from a second generator (seeded from ``seed`` and ``rank``, so ranks
+    augment differently), checkpointed with the first.
     """
 
-    def __init__(self, store: ImageStore, batch_size: int, seed: int = 0) -> None:
-        if not 1 <= batch_size <= len(store):
-            raise DataError(f"batch_size={batch_size} must lie in 1..{len(store)} (images in {store.name})")
+    def __init__(self, store: ImageStore, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, augment: str | None = None) -> None:
+        if not 1 <= batch_size * world_size <= len(store):
+            raise DataError(f"batch_size={batch_size} x world_size={world_size} must lie in 1..{len(store)} "
+                            f"(images in {store.name})")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must lie in 0..{world_size - 1}")
         self.store, self.batch_size = store, batch_size
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator(device=store.device)
         self.generator.manual_seed(seed)
         self.position = len(store)  # forces a new permutation on the first call
         self.order = torch.empty(0, dtype=torch.long, device=store.device)
+        self.augment = get_augmentation(augment)
+        self.augment_generator = torch.Generator(device=store.device)
+        self.augment_generator.manual_seed(seed + 7919 * (rank + 1))  # a stream of its own per rank
 
     def sample(self) -> EpisodeBatch:
-        if self.position + self.batch_size > len(self.store):
+        stride = self.batch_size * self.world_size
+        if self.position + stride > len(self.store):
             self.order = torch.randperm(len(self.store), generator=self.generator, device=self.store.device)
             self.position = 0
-        index = self.order[self.position : self.position + self.batch_size].unsqueeze(0)
-        self.position += self.batch_size
+        start = self.position + self.rank * self.batch_size
+        index = self.order[start : start + self.batch_size].unsqueeze(0)
+        self.position += stride
         image_shape = self.store.image_shape
         empty = torch.empty((1, 0), dtype=torch.long, device=self.store.device)
         return EpisodeBatch(
             support_x=torch.empty((1, 0, *image_shape), device=self.store.device),
             support_y=empty,
-            query_x=to_float(self.store.images[index]),
+            query_x=to_float(self._images(index)),
             query_y=self.store.labels[index],
             classes=torch.arange(self.store.num_classes, device=self.store.device).unsqueeze(0),
             support_index=empty,
             query_index=index,
         )
 
+    def _images(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[1, B, C, H, W]`` of store ``index [1, B]``, augmented if asked."""
+        images = self.store.images[index]
+        if self.augment is None:
+            return images
+        return self.augment(images[0], self.augment_generator).unsqueeze(0)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), "order": self.order,
-                "position": torch.tensor(self.position)}
+                "position": torch.tensor(self.position),
+                "augment_generator": self.augment_generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self.order = state["order"].to(self.store.device)
         self.position = int(state["position"])
+        if "augment_generator" in state:  # absent in checkpoints written before augmentation
+            self.augment_generator.set_state(state["augment_generator"])
 
 
 def gather_episodes(store: ImageStore, classes: torch.Tensor, support: torch.Tensor,

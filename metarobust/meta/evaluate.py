@@ -2,9 +2,12 @@
 set clean and under attack; mean and 95% confidence interval over episodes.
 
 The protocol of R-MAML and AQ: ``meta.test_inner_steps`` clean SGD steps on the support set
-(first order: no meta-gradient is needed), then accuracy on the query set, clean and under the
-evaluation attack (PGD-10 with random start by default) run against the adapted weights with
-the model in eval mode. Episodes come from a manifest, so every method sees the same ones.
+(first order: no meta-gradient is needed; only the head with ``meta.adapt=head`` / ANIL), then
+accuracy on the query set, clean and under the evaluation attack (PGD-10 with random start by
+default) run against the adapted weights with the model in eval mode. RFS recipes (``rfs``,
+``rfs_adversarial``) fit a logistic regression on the support features instead
+(:class:`~metarobust.meta.logistic.LogisticProbe`) and the attack goes through the features and
+the fitted head. Episodes come from a manifest, so every method sees the same ones.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from metarobust.config import ExperimentConfig
 from metarobust.data.manifest import Manifest, manifest_batches
 from metarobust.data.store import ImageStore
 from metarobust.meta.execution import resolve_execution, run_tasks
-from metarobust.meta.functional import bind, detached, functional_forward, params_of
-from metarobust.meta.maml import MAML
+from metarobust.meta.functional import bind, detached, params_of
+from metarobust.meta.logistic import LogisticProbe, feature_extractor
 from metarobust.training.objectives import accuracy
 
 Z_95 = 1.959964
@@ -51,6 +54,18 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), Z_95 * float(values.std(unbiased=True)) / math.sqrt(values.numel())
 
 
+def evaluation_learner(cfg: ExperimentConfig, model: nn.Module, ways: int | None = None):
+    """The learner that fine-tunes ``model`` on a test episode's support set: a
+    :class:`~metarobust.meta.logistic.LogisticProbe` for RFS recipes (``ways`` classes, default
+    ``meta.ways``), else MAML/ANIL with ``meta.test_inner_steps`` first-order steps. Both have
+    ``adapt(params, support_x, support_y) -> fast`` and ``forward(fast, x) -> logits``."""
+    from metarobust.training.recipes import RECIPES, build_learner
+
+    if getattr(RECIPES.get(cfg.recipe, "recipe"), "fewshot_probe", False):
+        return LogisticProbe(feature_extractor(model), cfg.meta.ways if ways is None else ways)
+    return build_learner(cfg, model, steps=cfg.meta.test_inner_steps, first_order=True)
+
+
 def evaluate_fewshot(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig,
                      progress: bool = False) -> tuple[FewShotResult, torch.Tensor]:
     """Clean and robust accuracy of ``model`` on ``manifest``'s episodes drawn from ``store``.
@@ -60,8 +75,8 @@ def evaluate_fewshot(model: nn.Module, store: ImageStore, manifest: Manifest, cf
     device = store.device
     was_training = model.training
     model.eval()
-    forward = functional_forward(model)
-    learner = MAML(forward, cfg.meta.inner_lr, cfg.meta.test_inner_steps, first_order=True)
+    learner = evaluation_learner(cfg, model, manifest.ways)
+    forward = learner.forward
     attack = build_attack(cfg.attack)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
@@ -98,8 +113,8 @@ def fewshot_units(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: 
 
     model.eval()
     coupled = any(isinstance(m, TaskBatchNorm2d) for m in model.modules())
-    forward = functional_forward(model)
-    learner = MAML(forward, cfg.meta.inner_lr, cfg.meta.test_inner_steps, first_order=True)
+    learner = evaluation_learner(cfg, model, manifest.ways)
+    forward = learner.forward
     params = detached(params_of(model))
     for batch in manifest_batches(store, manifest, cfg.eval.batch_size):
         for t in range(batch.num_tasks):

@@ -4,7 +4,9 @@ A *task function* computes one task's outer loss from the shared initial paramet
 
     task_fn(params, support_x, support_y, query_x, query_y, noise) -> (loss, stats)
 
-with ``stats`` a dict of 0-dim tensors (accuracies...). ``meta_backward`` runs it over an
+with ``stats`` a dict of 0-dim tensors (accuracies...) and ``noise`` the task's random-start
+noise: ``None``, a tensor, or a dict of tensors (e.g. ``{"query": ..., "support": ...}``), each
+with the task dimension first. ``meta_backward`` runs it over an
 :class:`EpisodeBatch` and accumulates the meta-gradient of the mean task loss into
 ``param.grad``:
 
@@ -41,24 +43,39 @@ def resolve_execution(execution: str, device: torch.device) -> str:
     return execution
 
 
-def _task_inputs(batch: EpisodeBatch, noise: torch.Tensor | None) -> tuple:
+Noise = torch.Tensor | dict[str, torch.Tensor] | None
+
+
+def _task_inputs(batch: EpisodeBatch, noise: Noise) -> tuple:
     return (batch.support_x, batch.support_y, batch.query_x, batch.query_y, noise)
 
 
+def _slice(value: torch.Tensor | dict[str, torch.Tensor] | None, t: int):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: v[t] for k, v in value.items()}
+    return value[t]
+
+
+def _task(inputs: tuple, t: int) -> tuple:
+    """Task ``t``'s slice of every input (a dict of tensors is sliced tensor by tensor)."""
+    return tuple(_slice(v, t) for v in inputs)
+
+
 def run_tasks(task_fn: Callable[..., tuple], params: Params, batch: EpisodeBatch,
-              noise: torch.Tensor | None, execution: str) -> tuple:
+              noise: Noise, execution: str) -> tuple:
     """``task_fn`` over every task of ``batch``; each output stacked over tasks (dim 0)."""
     inputs = _task_inputs(batch, noise)
     if execution == "vmap":
         in_dims = (None, 0, 0, 0, 0, None if noise is None else 0)
         return vmap(task_fn, in_dims=in_dims)(params, *inputs)
-    outputs = [task_fn(params, *(None if v is None else v[t] for v in inputs))
-               for t in range(batch.num_tasks)]
+    outputs = [task_fn(params, *_task(inputs, t)) for t in range(batch.num_tasks)]
     return tuple(_stack([o[i] for o in outputs]) for i in range(len(outputs[0])))
 
 
 def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch,
-                  noise: torch.Tensor | None, execution: str) -> tuple[torch.Tensor, Stats]:
+                  noise: Noise, execution: str) -> tuple[torch.Tensor, Stats]:
     """Accumulate ``d mean_t loss_t / d params`` into ``.grad``; return the mean loss and stats.
 
     Both executions compute the same gradient (tested to float64 precision).
@@ -71,7 +88,7 @@ def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch,
     inputs = _task_inputs(batch, noise)
     total, sums = None, {}
     for t in range(tasks):
-        loss, stats = task_fn(params, *(None if v is None else v[t] for v in inputs))
+        loss, stats = task_fn(params, *_task(inputs, t))
         (loss / tasks).backward()  # frees this task's graph before the next is built
         total = loss.detach() if total is None else total + loss.detach()
         for k, v in stats.items():

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from metarobust.models.layers import Normalize, TaskBatchNorm2d
+from metarobust.models.layers import Normalize, norm2d
 
 
 def conv_block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1)]
-    if norm == "batch":
-        layers.append(TaskBatchNorm2d(out_channels))
+    if norm != "none":  # no placeholder, so that state_dict keys stay those of earlier runs
+        layers.append(norm2d(norm, out_channels))
     layers += [nn.ReLU(), nn.MaxPool2d(2)]
     return nn.Sequential(*layers)
 
@@ -28,7 +28,7 @@ class Conv4(nn.Module):
         num_classes: the head's outputs (N, the ways).
         image_size: input side length, to size the head.
         hidden: filters per block (64 in the papers).
-        norm: ``batch`` (:class:`TaskBatchNorm2d`) or ``none``.
+        norm: ``batch`` (:class:`TaskBatchNorm2d`), ``running`` (``nn.BatchNorm2d``) or ``none``.
         mean, std: input normalisation per channel.
 
     Shapes: ``[B, C, H, W]`` in [0, 1] ``-> [B, num_classes]`` logits; ``features(x)`` gives

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metarobust.errors import ConfigError
+
+NORMS = ("batch", "running", "none")
+"""BatchNorm kinds a model can be built with (``model.norm``)."""
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` as the model's first layer, so attacks work in [0, 1] pixel space.
@@ -51,3 +56,21 @@ class TaskBatchNorm2d(nn.Module):
         var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
         return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def norm2d(kind: str, channels: int) -> nn.Module:
+    """The BatchNorm of kind ``kind`` (``model.norm``) over ``channels`` channels.
+
+    - ``batch``: :class:`TaskBatchNorm2d`, statistics of the batch at hand at training and test
+      time alike (MAML's transductive convention; vmap- and second-order-safe).
+    - ``running``: :class:`torch.nn.BatchNorm2d` with running statistics used in eval mode (the
+      standard classifier convention: adversarial training, RFS pre-training).
+    - ``none``: no normalisation (identity).
+    """
+    if kind == "batch":
+        return TaskBatchNorm2d(channels)
+    if kind == "running":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"model.norm={kind!r} is invalid; expected one of {list(NORMS)}")

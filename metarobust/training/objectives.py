@@ -1,8 +1,16 @@
-"""Outer objectives: what a task is scored on after adaptation.
+"""Outer objectives and robust inner losses: what a task is scored on.
 
-Each returns ``(loss, stats)`` for one task's query set given the fast weights; ``stats`` are
-0-dim tensors (no host synchronisation). Attacks run on detached fast weights: the adversarial
-query is a constant of the meta-gradient, as in AQ and R-MAML.
+Each outer objective returns ``(loss, stats)`` for one task's query set given the fast weights;
+``stats`` are 0-dim tensors (no host synchronisation). Attacks run on detached fast weights: the
+adversarial input is a constant of the meta-gradient, as in the AQ, ADML and R-MAML code.
+
+The robust *inner* losses (:func:`adversarial_step_loss`, :func:`robust_step_loss`) are
+:data:`~metarobust.meta.maml.StepLoss` es: at every inner step they attack the support set
+against the current fast weights, then return the loss that step differentiates.
+
+Shapes (one task; ``vmap`` adds the task dimension): ``x [B, C, H, W]`` in [0, 1], ``y [B]``;
+``noise`` from ``attack.init_noise`` (``None`` without random start); per-step noise
+``[S, B, C, H, W]`` (``S`` inner steps).
 """
 
 from __future__ import annotations
@@ -10,15 +18,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metarobust.attacks import LinfPGD, cross_entropy_sum, kl_from_clean
+from metarobust.attacks import cross_entropy_sum, kl_from_clean
 from metarobust.attacks.losses import kl_divergence
 from metarobust.meta.functional import FunctionalForward, Params, bind, detached
+from metarobust.meta.maml import InnerLoss, StepLoss
 
 Stats = dict[str, torch.Tensor]
+ROBUST_FORMS = ("trades", "ce")
+
+
+def _full(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) logits in float32 before a loss; other dtypes unchanged."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == y).float().mean()
+
+
+def craft(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Tensor, attack,
+          noise: torch.Tensor | None, form: str = "ce", clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial ``x`` against the *detached* fast weights (a constant of the meta-gradient).
+
+    ``form="ce"``: the attack maximises the cross-entropy to ``y``; ``form="trades"``: it
+    maximises KL(p_clean || p_adv) (TRADES, Zhang et al. 2019, eq. 5), ``p_clean`` from
+    ``clean_logits`` when given (saves a forward pass), else computed here.
+    """
+    frozen = bind(forward, detached(fast))
+    if form == "trades":
+        if clean_logits is None:
+            clean_logits = frozen(x)
+        target = F.log_softmax(_full(clean_logits.detach()), dim=-1)
+        return attack(frozen, x, target, kl_from_clean, noise)
+    return attack(frozen, x, y, cross_entropy_sum, noise)
+
+
+def regulariser(clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor, form: str) -> torch.Tensor:
+    """R-MAML's robustness term R (Wang et al., ICLR 2021, eq. 3), averaged over the points:
+    ``trades``: KL(p_clean || p_adv), gradients through both distributions as in TRADES;
+    ``ce``: cross-entropy of the adversarial logits (the "AT" form)."""
+    if form == "trades":
+        return kl_divergence(F.log_softmax(_full(clean_logits), dim=-1),
+                             F.log_softmax(_full(adv_logits), dim=-1)).mean()
+    return F.cross_entropy(_full(adv_logits), y)
 
 
 def clean_ce(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -28,10 +70,10 @@ def clean_ce(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch
 
 
 def adversarial_ce(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Tensor,
-                   attack: LinfPGD, noise: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+                   attack, noise: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
     """Adversarial querying (Goldblum et al., NeurIPS 2020): CE on the query attacked through
     the adapted weights only; the clean query is not trained on."""
-    x_adv = attack(bind(forward, detached(fast)), x, y, cross_entropy_sum, noise)
+    x_adv = craft(forward, fast, x, y, attack, noise)
     adv_logits = forward(fast, x_adv)
     with torch.no_grad():
         clean_acc = accuracy(forward(detached(fast), x), y)
@@ -39,7 +81,7 @@ def adversarial_ce(forward: FunctionalForward, fast: Params, x: torch.Tensor, y:
 
 
 def robust_regularised(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Tensor,
-                       attack: LinfPGD, noise: torch.Tensor | None, form: str,
+                       attack, noise: torch.Tensor | None, form: str,
                        weight: float) -> tuple[torch.Tensor, Stats]:
     """R-MAML's meta-objective (Wang et al., ICLR 2021, eq. 3): clean CE + weight * R.
 
@@ -48,16 +90,75 @@ def robust_regularised(forward: FunctionalForward, fast: Params, x: torch.Tensor
     ``form="ce"``: R = CE on the adversarial query (the "AT" regulariser).
     """
     clean_logits = forward(fast, x)
-    clean = F.cross_entropy(clean_logits, y)
-    frozen = bind(forward, detached(fast))
-    if form == "trades":
-        x_adv = attack(frozen, x, F.log_softmax(clean_logits.detach(), dim=-1), kl_from_clean, noise)
-        adv_logits = forward(fast, x_adv)
-        reg = kl_divergence(F.log_softmax(clean_logits, dim=-1), F.log_softmax(adv_logits, dim=-1)).mean()
-    else:
-        x_adv = attack(frozen, x, y, cross_entropy_sum, noise)
-        adv_logits = forward(fast, x_adv)
-        reg = F.cross_entropy(adv_logits, y)
+    x_adv = craft(forward, fast, x, y, attack, noise, form, clean_logits)
+    adv_logits = forward(fast, x_adv)
+    reg = regulariser(clean_logits, adv_logits, y, form)
     stats = {"clean_acc": accuracy(clean_logits.detach(), y), "adv_acc": accuracy(adv_logits.detach(), y),
              "robust_term": reg.detach()}
-    return clean + weight * reg, stats
+    return F.cross_entropy(clean_logits, y) + weight * reg, stats
+
+
+def trades_support_query(forward: FunctionalForward, fast: Params, sx: torch.Tensor, sy: torch.Tensor,
+                         qx: torch.Tensor, qy: torch.Tensor, attack, noise: torch.Tensor | None,
+                         weight: float) -> tuple[torch.Tensor, Stats]:
+    """TRADES-regularised MAML as R-MAML's TRADES code writes it (META.md 2.3): clean query CE
+    + ``weight`` x KL(p_clean || p_adv) over the support *and* query points at the adapted weights.
+
+    The KL batch is ``cat(support, query)`` in one forward pass (its batch-norm statistics are
+    those of the union; the code's exact batching is a reconstruction [?]); ``noise`` is
+    shaped like that batch.
+    """
+    query_logits = forward(fast, qx)
+    both_x, both_y = torch.cat([sx, qx]), torch.cat([sy, qy])
+    both_logits = forward(fast, both_x)
+    x_adv = craft(forward, fast, both_x, both_y, attack, noise, "trades", both_logits)
+    adv_logits = forward(fast, x_adv)
+    reg = regulariser(both_logits, adv_logits, both_y, "trades")
+    stats = {"clean_acc": accuracy(query_logits.detach(), qy),
+             "adv_acc": accuracy(adv_logits[sx.shape[0]:].detach(), qy), "robust_term": reg.detach()}
+    return F.cross_entropy(query_logits, qy) + weight * reg, stats
+
+
+def adml_cross(forward: FunctionalForward, clean_fast: Params, adv_fast: Params, x: torch.Tensor,
+               y: torch.Tensor, attack, noise: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+    """ADML's meta-loss (Yin et al. 2018, as re-implemented in the AQ code; META.md 2.1):
+    ``1/2 [CE(f_adv_fast(x), y) + CE(f_clean_fast(x_adv), y)]``: the weights adapted on the
+    adversarial support are scored on the clean query, the clean-adapted weights on the query
+    attacked through them."""
+    x_adv = craft(forward, clean_fast, x, y, attack, noise)
+    adv_logits = forward(clean_fast, x_adv)
+    cross_logits = forward(adv_fast, x)
+    with torch.no_grad():
+        clean_acc = accuracy(forward(detached(clean_fast), x), y)
+    loss = 0.5 * (F.cross_entropy(cross_logits, y) + F.cross_entropy(adv_logits, y))
+    return loss, {"clean_acc": clean_acc, "adv_acc": accuracy(adv_logits.detach(), y),
+                  "adv_adapted_clean_acc": accuracy(cross_logits.detach(), y)}
+
+
+def adversarial_step_loss(forward: FunctionalForward, x: torch.Tensor, y: torch.Tensor, attack,
+                          noise: torch.Tensor | None) -> StepLoss:
+    """ADML's adversarial inner trajectory: at every step the support is attacked again against
+    the current fast weights (``noise [S, ...]``: one random start per step), then the step
+    descends the cross-entropy of the adversarial support."""
+    def step_loss(step: int, fast: Params) -> InnerLoss:
+        x_adv = craft(forward, fast, x, y, attack, None if noise is None else noise[step])
+        return lambda p: F.cross_entropy(forward(p, x_adv), y)
+
+    return step_loss
+
+
+def robust_step_loss(forward: FunctionalForward, x: torch.Tensor, y: torch.Tensor, attack,
+                     noise: torch.Tensor | None, form: str, weight: float) -> StepLoss:
+    """R-MAML with the regulariser in the inner loop too (R-MAML_both, Wang et al. 2021): each
+    inner step descends ``CE(support) + weight * R(support)``, the support attacked against the
+    current fast weights (``noise [S, ...]``)."""
+    def step_loss(step: int, fast: Params) -> InnerLoss:
+        x_adv = craft(forward, fast, x, y, attack, None if noise is None else noise[step], form)
+
+        def loss(p: Params) -> torch.Tensor:
+            clean = forward(p, x)
+            return F.cross_entropy(clean, y) + weight * regulariser(clean, forward(p, x_adv), y, form)
+
+        return loss
+
+    return step_loss

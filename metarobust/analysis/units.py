@@ -1,0 +1,65 @@
+"""What the intrinsic-dimension analysis feeds forward: *feature units*.
+
+A unit is a forward function plus the points it sees, as in the robust-evaluation harness
+(:mod:`metarobust.attacks.harness`): for a few-shot learner one frozen test episode, with
+``forward`` at the weights fine-tuned on its support set and the query set as the points; for a
+plain classifier a batch of test images with the model itself. Each unit also carries the
+points' image ids (store indices), so an image that appears in several episodes is pooled once:
+the same image under two episodes' fast weights gives two nearly coincident feature vectors,
+and nearest-neighbour estimators would then measure the spread of the fast weights, not the
+geometry of the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metarobust.config import ExperimentConfig
+from metarobust.data.manifest import Manifest, manifest_batches
+from metarobust.data.store import ImageStore
+
+
+@dataclass
+class FeatureUnit:
+    """``forward`` (inputs -> logits) on points ``x [B, C, H, W]`` in [0, 1] with labels ``y [B]``;
+    ``ids [B]`` (int64) identify the images (``None``: every point is distinct)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor | None = None
+
+
+def fewshot_feature_units(model: nn.Module, store: ImageStore, manifest: Manifest,
+                          cfg: ExperimentConfig) -> Iterator[FeatureUnit]:
+    """One unit per frozen episode, in manifest order, as few-shot evaluation scores it
+    (:func:`metarobust.meta.evaluate.fewshot_units`): ``meta.test_inner_steps`` clean SGD steps
+    (lr ``meta.inner_lr``) on the support set, model in eval mode; points = the query set.
+    Adaptation runs lazily, so stopping early costs nothing for the remaining episodes."""
+    from metarobust.meta.functional import bind, detached, functional_forward, params_of
+    from metarobust.meta.maml import MAML
+
+    model.eval()
+    forward = functional_forward(model)
+    learner = MAML(forward, cfg.meta.inner_lr, cfg.meta.test_inner_steps, first_order=True)
+    params = detached(params_of(model))
+    for batch in manifest_batches(store, manifest, cfg.eval.batch_size):
+        for t in range(batch.num_tasks):
+            episode = batch.task(t)
+            fast = detached(learner.adapt(params, episode.support_x, episode.support_y))
+            yield FeatureUnit(bind(forward, fast), episode.query_x, episode.query_y, batch.query_index[t])
+
+
+def classifier_feature_units(model: nn.Module, store: ImageStore, batch_size: int = 256
+                             ) -> Iterator[FeatureUnit]:
+    """Units for a plain classifier (standard adversarial training): consecutive batches of the
+    store's images (uint8 -> [0, 1]) with the model itself, in eval mode."""
+    model.eval()
+    for start in range(0, len(store), batch_size):
+        x = store.images[start : start + batch_size].float().div(255)
+        y = store.labels[start : start + batch_size]
+        yield FeatureUnit(model, x, y, torch.arange(start, start + len(y), device=y.device))

@@ -1,0 +1,71 @@
+"""Local balls around weak adversaries plus a global term (Lu & Kumar, "Improving Local
+Effectiveness for Global Robust Training", arXiv 2110.14030; ICLR 2021 submission, OpenReview
+k9GoaycDeio).
+
+No code was released and only the abstract could be read: the loss below is a reconstruction,
+[R] in ``shared/methods/ADVERSARIAL_TRAINING.md`` 4.4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metarobust.attacks.pgd import PGD
+from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
+    register_standard
+from metarobust.training.standard.trades import trades_kl
+
+
+@register_standard("local_balls", "Local balls + global term (Lu & Kumar 2021) [R]: CE in a small ball "
+                                  "around a weak adversary + lambda KL(p(x)||p(x'))")
+class LocalBalls(StandardRecipe):
+    """Train with a *weak*, cheap adversary and make the model robust in a small ball around
+    each adversarial point, tied back to the clean point by a global term:
+
+    ``L = (1/B) sum_i CE(f(x''_i), y_i) + lambda (1/B) sum_i KL(p(x_i) || p(x'_i))``
+
+    - ``x' = attack(x)``: the weak adversary, ``train_attack`` (FGSM with random start, one step
+      of 1.25 eps, in ``configs/at/cifar10_local_balls.yaml``);
+    - ``x''``: a second-stage attack *seeded at* ``x'``: ``at.local_balls.steps`` (1) steps of size
+      ``r`` from a random point of ``B(x', r)``, projected onto ``B(x', r)`` and the image box,
+      with ``r = at.local_balls.radius * train_attack.eps`` (a quarter); so ``x''`` may lie up to
+      ``eps + r`` from ``x``. This is ``L_local``: robustness inside the local ball;
+    - ``L_global = KL(p(x) || p(x'))`` (TRADES' form, both arguments differentiated) links the
+      local balls back to the clean point, ``lambda = at.local_balls.weight`` (1).
+
+    What is reconstructed: the forms of L_local and L_global, r, lambda and the weak attack's
+    settings (the paper's exact terms are unknown). BatchNorm in eval mode for both attacks.
+
+    Example:
+        >>> cfg = load_config("configs/at/cifar10_local_balls.yaml", ["at.local_balls.radius=0.5"])
+        >>> model = train_standard(cfg)
+    """
+
+    attack_bn = "eval"
+
+    def local_attack(self) -> PGD:
+        """The second-stage attack inside ``B(x', r)`` (centred at its input)."""
+        a, lb = self.cfg.train_attack, self.at.local_balls
+        r = lb.radius * a.eps
+        return PGD(a.norm, r, r, lb.steps, random_start=True)
+
+    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+        x, y = batch.x, batch.y
+        raw = models.raw["model"]
+        weak = self.train_attack()
+        x_adv = self.attack(raw, weak, x, y, noise=weak.init_noise(x, ctx.generator))
+        local = self.local_attack()
+        x_local = self.attack(raw, local, x_adv, y, noise=local.init_noise(x_adv, ctx.generator))
+        model = models["model"]
+        clean = model(x).float()
+        adv = model(x_adv).float()
+        in_ball = model(x_local).float()
+        local_ce = F.cross_entropy(in_ball, y)
+        global_kl = trades_kl(clean, adv)
+        return local_ce + self.at.local_balls.weight * global_kl, {
+            "clean_acc": accuracy(clean, y), "adv_acc": accuracy(adv, y), "local_acc": accuracy(in_ball, y),
+            "local_ce": local_ce.detach(), "global_kl": global_kl.detach()}
+
+
+__all__ = ["LocalBalls"]

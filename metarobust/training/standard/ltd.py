@@ -1,0 +1,142 @@
+"""Low Temperature Distillation (Chen & Lee, "LTD: Low Temperature Distillation for Robust
+Adversarial Training", arXiv 2111.02331; v4 retitled "...for Gradient Masking-free Adversarial
+Training"). The authors' repository (``CNOCycle/robust_model``) holds models and AutoAttack logs,
+no training code; the temperatures and which terms take soft labels are [R]
+(``shared/methods/ADVERSARIAL_TRAINING.md`` 4.2)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarobust.attacks.losses import kl_from_clean
+from metarobust.config import ExperimentConfig, ModelConfig
+from metarobust.errors import ConfigError
+from metarobust.runs import load_checkpoint
+from metarobust.training.standard.base import Batch, Models, Role, StandardRecipe, Stats, StepContext, \
+    accuracy, bn_mode, gaussian_start, register_standard
+from metarobust.training.standard.distill import Tempered, soft_cross_entropy
+from metarobust.training.standard.trades import TRADES_START_SIGMA, trades_kl
+
+
+def checkpoint_model_config(path: str, default: ModelConfig) -> ModelConfig:
+    """The architecture a checkpoint was trained with (its saved ``config.model``), else
+    ``default``; a :class:`ConfigError` naming ``at.ltd.teacher`` when nothing is there."""
+    try:
+        state = load_checkpoint(path, "cpu")
+    except ConfigError as exc:
+        raise ConfigError(f"at.ltd.teacher={path!r}: {exc}; train a robust teacher first, e.g. "
+                          f"metarobust train configs/at/cifar10_trades.yaml") from None
+    saved = (state.get("config") or {}).get("model")
+    if not saved:
+        return default
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:
+    """A copy of ``model`` whose logits are divided by ``temperature``, folded into its last
+    linear layer ``model.head`` (weights and bias / tau): the deployed model computes exactly the
+    tempered logits it was trained with, with no wrapper to save."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"at.ltd.student_temperature={temperature}: the model has no linear `head` to fold "
+                          f"the temperature into; use a registered model or at.ltd.student_temperature=1")
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        folded.head.weight.div_(temperature)
+        folded.head.bias.div_(temperature)
+    return folded
+
+
+@register_standard("ltd", "LTD (Chen & Lee 2021) [R]: TRADES with the one-hot CE replaced by soft labels "
+                          "of a frozen teacher at a low temperature; fixed student temperature")
+class LTD(StandardRecipe):
+    """TRADES with soft labels from a frozen, adversarially trained teacher ``f_T``
+    (``at.ltd.teacher``, a run folder or checkpoint; eval mode, ``requires_grad=False``):
+
+    ``L = H(q(x), p_S(x)) + beta (1/B) sum_i KL(p_S(x_i) || p_S(x'_i))``, with
+    ``q(x) = softmax(f_T(x) / tau_T)`` and ``p_S = softmax(f_S / tau_S)``.
+
+    The teacher's temperature ``tau_T`` (``at.ltd.teacher_temperature``, 0.5) is "relatively low"
+    (defensive distillation used ~100); the student's ``tau_S`` (``student_temperature``, 1) is
+    fixed and identical at training and test: every use of the student (soft CE, KL, the KL-PGD
+    attack) sees ``f_S / tau_S``, and the deployed model has ``1 / tau_S`` folded into its last
+    layer, so evaluation attacks the same logits training did (scaling only at test time is how
+    defensive distillation masked gradients). Soft labels are computed on the clean images and
+    replace the one-hot CE only; the KL term and the attack are TRADES' ([R]: which terms the paper
+    softens is unverified). Attack: TRADES' KL-PGD (eval mode, start ``x + 0.001 N(0, I)``).
+    ``at.beta`` = 6.
+
+    Not included: AWP (the released LTD models were trained inside a TRADES-AWP codebase); this is
+    LTD on plain TRADES. The teacher's architecture is read from its checkpoint's config.
+
+    Example:
+        >>> cfg = load_config("configs/at/cifar10_ltd.yaml", ["at.ltd.teacher=runs/cifar10_trades"])
+        >>> model = train_standard(cfg)
+    """
+
+    attack_bn = "eval"
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        ltd = cfg.at.ltd
+        if not ltd.teacher:  # checked here, not at config load, so that shipped configs load without it
+            raise ConfigError("at.ltd.teacher is not set; ltd distils from a frozen robust teacher: give its "
+                              "run folder or checkpoint, e.g. at.ltd.teacher=runs/cifar10_trades")
+        self._roles: list[Role] | None = None
+        self.tau_t, self.tau_s = ltd.teacher_temperature, ltd.student_temperature
+
+    @classmethod
+    def config_check(cls, cfg: ExperimentConfig) -> None:
+        teacher = cfg.at.ltd.teacher
+        if teacher:
+            path = Path(teacher)
+            if not ((path / "checkpoints" / "last.pt").is_file() if path.is_dir() else path.is_file()):
+                raise ConfigError(f"at.ltd.teacher={teacher!r} is not a run folder holding "
+                                  f"checkpoints/last.pt nor a .pt checkpoint; train a robust teacher first, "
+                                  f"e.g. metarobust train configs/at/cifar10_trades.yaml")
+
+    def roles(self) -> list[Role]:
+        if self._roles is None:  # the teacher's architecture is read from its checkpoint, once
+            teacher = checkpoint_model_config(self.at.ltd.teacher, self.cfg.model)
+            self._roles = [Role("model", checkpoint=self.at.init),
+                           Role("teacher", trainable=False, model=teacher, checkpoint=self.at.ltd.teacher)]
+        return self._roles
+
+    def soft_labels(self, models: Models, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's tempered soft labels ``q = softmax(f_T(x) / tau_T)`` ``[B, K]``."""
+        teacher = models.raw["teacher"]
+        with bn_mode(teacher, "eval"), torch.no_grad():
+            return F.softmax(teacher(x).float() / self.tau_t, dim=-1)
+
+    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+        x, y = batch.x, batch.y
+        q = self.soft_labels(models, x)
+        raw = Tempered(models.raw["model"], self.tau_s)
+        with bn_mode(raw, self.bn), torch.no_grad():
+            target = F.log_softmax(raw(x).float(), dim=-1)
+        attack = self.train_attack()
+        noise = gaussian_start(x, TRADES_START_SIGMA, self.cfg.train_attack.eps, ctx.generator)
+        x_adv = self.attack(raw, attack, x, target, kl_from_clean, noise)
+        student = models["model"]
+        clean = student(x).float() / self.tau_s
+        adv = student(x_adv).float() / self.tau_s
+        soft = soft_cross_entropy(q, clean)
+        robust = trades_kl(clean, adv)
+        return soft + self.at.beta * robust, {
+            "clean_acc": accuracy(clean, y), "adv_acc": accuracy(adv, y), "soft_ce": soft.detach(),
+            "kl": robust.detach(), "teacher_acc": accuracy(q, y)}
+
+    def deployed(self, models: Models) -> nn.Module:
+        """The student with ``1 / tau_S`` folded into its last layer (itself when ``tau_S = 1``)."""
+        student = models.modules["model"]
+        return student if self.tau_s == 1 else fold_temperature(student, self.tau_s)
+
+
+__all__ = ["LTD", "checkpoint_model_config", "fold_temperature"]

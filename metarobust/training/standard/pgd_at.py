@@ -1,0 +1,34 @@
+"""PGD adversarial training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+Attacks", ICLR 2018, arXiv 1706.06083)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
+    register_standard
+
+
+@register_standard("pgd_at", "PGD-AT (Madry et al. 2018): CE on PGD examples (train_attack: PGD-10, 2/255, 8/255)")
+class PGDAT(StandardRecipe):
+    """``min_theta E max_{x' in B(x, eps)} CE(f(x'), y)``, the inner max by PGD from a uniform
+    random start (``train_attack``: L-inf eps 8/255, step 2/255, 10 steps in
+    ``configs/at/cifar10_pgd_at.yaml``; Madry's code: 7 steps in the paper, 10 in its config).
+
+    The attack runs with BatchNorm in train mode, as Madry's TF code and Rice et al.'s PyTorch code
+    (``at.attack_bn=eval`` changes it). Only the adversarial batch is trained on.
+
+    Example:
+        >>> cfg = load_config("configs/at/cifar10_pgd_at.yaml")
+        >>> model = train_standard(cfg)
+    """
+
+    attack_bn = "train"
+
+    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+        attack = self.train_attack()
+        x_adv = self.attack(models.raw["model"], attack, batch.x, batch.y,
+                            noise=attack.init_noise(batch.x, ctx.generator))
+        logits = models["model"](x_adv)
+        return F.cross_entropy(logits, batch.y), {"adv_acc": accuracy(logits, batch.y)}

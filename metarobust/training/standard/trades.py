@@ -1,0 +1,66 @@
+"""TRADES (Zhang, Yu, Jiao, Xing, El Ghaoui & Jordan, "Theoretically Principled Trade-off between
+Robustness and Accuracy", ICML 2019, arXiv 1901.08573; code ``yaodongyu/TRADES`` @6e8e11b)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metarobust.attacks.losses import kl_divergence, kl_from_clean
+from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
+    bn_mode, full_precision, gaussian_start, register_standard
+
+TRADES_START_SIGMA = 0.001
+"""TRADES' attack starts at ``x + 0.001 N(0, I)`` (its code), not at a uniform point of the ball."""
+
+
+def trades_attack_target(model: torch.nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``log p(x) [B, K]`` of the clean batch, detached, in BatchNorm ``mode``: the fixed
+    distribution the KL attack moves away from."""
+    with bn_mode(model, mode), torch.no_grad():
+        return F.log_softmax(full_precision(model(x)), dim=-1)
+
+
+def trades_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """``(1/B) sum_i KL(p(x_i) || p(x'_i))`` (sum over classes, mean over the batch, as TRADES'
+    ``KLDivLoss(size_average=False) / B``); gradients flow through both arguments."""
+    return kl_divergence(F.log_softmax(full_precision(clean_logits), dim=-1),
+                         F.log_softmax(full_precision(adv_logits), dim=-1)).mean()
+
+
+@register_standard("trades", "TRADES (Zhang et al. 2019): CE(x) + beta KL(p(x)||p(x')), KL-PGD attack in eval "
+                             "mode, beta 6")
+class TRADES(StandardRecipe):
+    """``L = CE(f(x), y) + beta (1/B) sum_i KL(p(x_i) || p(x'_i))`` (eq. 5) with
+    ``x' = argmax_{x' in B(x, eps)} KL(p(x) || p(x'))``.
+
+    Attack (TRADES' code): start at ``x + 0.001 N(0, I)``, ``train_attack.steps`` (10) sign steps of
+    ``train_attack.step_size`` (0.007) on the summed KL, eps 0.031, model in eval mode. Loss: model
+    in train mode, clean and adversarial batches through separate forwards (separate BatchNorm
+    statistics), the clean branch not detached. ``at.beta`` = 6 (the paper's CIFAR-10 value; the
+    README recommends 1..10).
+
+    Example:
+        >>> cfg = load_config("configs/at/cifar10_trades.yaml", ["at.beta=1"])
+        >>> model = train_standard(cfg)
+    """
+
+    attack_bn = "eval"
+
+    def adversarial(self, models: Models, batch: Batch, ctx: StepContext) -> torch.Tensor:
+        raw = models.raw["model"]
+        attack = self.train_attack()
+        target = trades_attack_target(raw, batch.x, self.bn)
+        noise = gaussian_start(batch.x, TRADES_START_SIGMA, self.cfg.train_attack.eps, ctx.generator)
+        return self.attack(raw, attack, batch.x, target, kl_from_clean, noise)
+
+    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+        x_adv = self.adversarial(models, batch, ctx)
+        model = models["model"]
+        clean_logits = model(batch.x)
+        adv_logits = model(x_adv)
+        natural = F.cross_entropy(clean_logits, batch.y)
+        robust = trades_kl(clean_logits, adv_logits)
+        return natural + self.at.beta * robust, {
+            "clean_acc": accuracy(clean_logits, batch.y), "adv_acc": accuracy(adv_logits, batch.y),
+            "kl": robust.detach()}
