@@ -52,15 +52,15 @@ class Study:
     name: str = "shots_study"
     recipes: list[str] = field(default_factory=lambda: ["its_maml", "maml"])
     """The robust recipe and its non-robust baseline (each run over the whole grid)."""
-    train_shots: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
-    inner_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
+    train_shots: list[int] = field(default_factory=lambda: [1, 3, 5])
+    inner_steps: list[int] = field(default_factory=lambda: [1, 5])
     """Inner SGD steps at meta-training (test-time fine-tuning keeps ``meta.test_inner_steps``)."""
     test_shots: int = 1
-    iterations: int = 1000
+    iterations: int = 300
     """Meta-updates per learner."""
     episodes: int = 200
     """Frozen test episodes per learner (the same episodes for every learner)."""
-    points: int = 1000
+    points: int = 800
     """Distinct query images pooled for the intrinsic dimension (identical for every learner)."""
     layers: list[str] = field(default_factory=lambda: ["penultimate"])
     bootstrap: int = 10

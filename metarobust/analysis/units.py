@@ -37,15 +37,17 @@ class FeatureUnit:
 def fewshot_feature_units(model: nn.Module, store: ImageStore, manifest: Manifest,
                           cfg: ExperimentConfig) -> Iterator[FeatureUnit]:
     """One unit per frozen episode, in manifest order, as few-shot evaluation scores it
-    (:func:`metarobust.meta.evaluate.fewshot_units`): ``meta.test_inner_steps`` clean SGD steps
-    (lr ``meta.inner_lr``) on the support set, model in eval mode; points = the query set.
+    (:func:`metarobust.meta.evaluate.fewshot_units`): the recipe's evaluation learner on the
+    support set (``meta.test_inner_steps`` clean SGD steps of MAML/ANIL, or RFS's logistic
+    regression), model in eval mode; points = the query set.
     Adaptation runs lazily, so stopping early costs nothing for the remaining episodes."""
-    from metarobust.meta.functional import bind, detached, functional_forward, params_of
-    from metarobust.meta.maml import MAML
+    from metarobust.meta.evaluate import evaluation_learner
+    from metarobust.meta.functional import bind, detached, params_of
 
     model.eval()
-    forward = functional_forward(model)
-    learner = MAML(forward, cfg.meta.inner_lr, cfg.meta.test_inner_steps, first_order=True)
+    # The learner evaluation fine-tunes with: MAML, ANIL (head only) or RFS's logistic probe.
+    learner = evaluation_learner(cfg, model, manifest.ways)
+    forward = learner.forward
     params = detached(params_of(model))
     for batch in manifest_batches(store, manifest, cfg.eval.batch_size):
         for t in range(batch.num_tasks):

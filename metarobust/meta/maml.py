@@ -75,35 +75,16 @@ class MAML:
         for step in range(steps):
             loss = step_loss(step, params)
             if self.adapted is None:
-                grads = inner_gradient(loss, params, create_graph=not first_order)
+                grads = torch.func.grad(loss)(params)
             else:
                 fixed = {k: v for k, v in params.items() if k not in self.adapted}
                 moving = {k: v for k, v in params.items() if k in self.adapted}
-                grads = inner_gradient(lambda m, fixed=fixed, loss=loss: loss({**fixed, **m}), moving,
-                                       create_graph=not first_order)
+                grads = torch.func.grad(lambda m, fixed=fixed, loss=loss: loss({**fixed, **m}))(moving)
             params = {
                 k: p - self.inner_lr * (grads[k].detach() if first_order else grads[k]) if k in grads else p
                 for k, p in params.items()
             }
         return params
-
-
-def inner_gradient(loss: InnerLoss, params: Params, create_graph: bool) -> Params:
-    """``d loss / d params`` as a dict, differentiable (second order) when ``create_graph``.
-
-    Inside a ``torch.func`` transform (``vmap`` over tasks) this is ``torch.func.grad``. With
-    none active (the per-task loop, evaluation) it is plain ``torch.autograd.grad``: the same
-    gradient (tested), but ``func.grad``'s tensor wrappers measured ~20 % slower per meta-step
-    on Conv-4 (``scripts/bench_maml.py``). Parameters that do not require grad (evaluation's
-    detached weights, ``torch.no_grad``) are differentiated through fresh leaves.
-    """
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return torch.func.grad(loss)(params)
-    with torch.enable_grad():
-        leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
-        grads = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=create_graph,
-                                    allow_unused=True, materialize_grads=True)  # unused: 0, as func.grad
-    return dict(zip(leaves, grads))
 
 
 def head_names(model: nn.Module, head: str = "head") -> frozenset[str]:
