@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from metarobust.config import ExperimentConfig
-from metarobust.data.manifest import Manifest, manifest_batches
+from metarobust.data.manifest import Manifest
 from metarobust.data.store import ImageStore
 
 
@@ -41,19 +41,10 @@ def fewshot_feature_units(model: nn.Module, store: ImageStore, manifest: Manifes
     support set (``meta.test_inner_steps`` clean SGD steps of MAML/ANIL, or RFS's logistic
     regression), model in eval mode; points = the query set.
     Adaptation runs lazily, so stopping early costs nothing for the remaining episodes."""
-    from metarobust.meta.evaluate import evaluation_learner
-    from metarobust.meta.functional import bind, detached, params_of
+    from metarobust.meta.evaluate import adapted_episodes
 
-    model.eval()
-    # The learner evaluation fine-tunes with: MAML, ANIL (head only) or RFS's logistic probe.
-    learner = evaluation_learner(cfg, model, manifest.ways)
-    forward = learner.forward
-    params = detached(params_of(model))
-    for batch in manifest_batches(store, manifest, cfg.eval.batch_size):
-        for t in range(batch.num_tasks):
-            episode = batch.task(t)
-            fast = detached(learner.adapt(params, episode.support_x, episode.support_y))
-            yield FeatureUnit(bind(forward, fast), episode.query_x, episode.query_y, batch.query_index[t])
+    for forward, episode, query_index in adapted_episodes(model, store, manifest, cfg):
+        yield FeatureUnit(forward, episode.query_x, episode.query_y, query_index)
 
 
 def classifier_feature_units(model: nn.Module, store: ImageStore, batch_size: int = 256

@@ -104,15 +104,16 @@ def evaluate_fewshot(model: nn.Module, store: ImageStore, manifest: Manifest, cf
     return FewShotResult(clean_mean, clean_ci, robust_mean, robust_ci, len(scores), cfg.attack.eps, name), scores
 
 
-def fewshot_units(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig):
-    """Harness units for a few-shot learner: one per frozen episode, ``forward`` at the weights
-    fine-tuned (``meta.test_inner_steps`` clean steps) on that episode's support set, points =
-    its query set, classes = the store's class ids (for per-class accuracies)."""
-    from metarobust.attacks.harness import Unit
-    from metarobust.models.layers import TaskBatchNorm2d
+def adapted_episodes(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig):
+    """Each frozen episode of ``manifest`` with the model fine-tuned on its support set, lazily.
 
+    Yields ``(forward, episode, query_index)``: ``forward(x) -> logits`` at the weights the
+    recipe's evaluation learner (:func:`evaluation_learner`) fitted on the episode's support set,
+    the :class:`~metarobust.data.episode.Episode`, and the store indices of its query images.
+    The model is put in eval mode. Shared by the robustness harness and the ID analysis, so both
+    see exactly what evaluation scores.
+    """
     model.eval()
-    coupled = any(isinstance(m, TaskBatchNorm2d) for m in model.modules())
     learner = evaluation_learner(cfg, model, manifest.ways)
     forward = learner.forward
     params = detached(params_of(model))
@@ -120,5 +121,16 @@ def fewshot_units(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: 
         for t in range(batch.num_tasks):
             episode = batch.task(t)
             fast = detached(learner.adapt(params, episode.support_x, episode.support_y))
-            yield Unit(bind(forward, fast), episode.query_x, episode.query_y,
-                       episode.classes[episode.query_y], coupled)
+            yield bind(forward, fast), episode, batch.query_index[t]
+
+
+def fewshot_units(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig):
+    """Harness units for a few-shot learner: one per frozen episode, ``forward`` at the weights
+    fine-tuned (``meta.test_inner_steps`` clean steps) on that episode's support set, points =
+    its query set, classes = the store's class ids (for per-class accuracies)."""
+    from metarobust.attacks.harness import Unit
+    from metarobust.models.layers import TaskBatchNorm2d
+
+    coupled = any(isinstance(m, TaskBatchNorm2d) for m in model.modules())
+    for forward, episode, _ in adapted_episodes(model, store, manifest, cfg):
+        yield Unit(forward, episode.query_x, episode.query_y, episode.classes[episode.query_y], coupled)
