@@ -49,10 +49,15 @@ def fewshot_feature_units(model: nn.Module, store: ImageStore, manifest: Manifes
 
 def classifier_feature_units(model: nn.Module, store: ImageStore, batch_size: int = 256
                              ) -> Iterator[FeatureUnit]:
-    """Units for a plain classifier (standard adversarial training): consecutive batches of the
-    store's images (uint8 -> [0, 1]) with the model itself, in eval mode."""
+    """Units for a plain classifier (standard adversarial training): batches of the store's
+    images (uint8 -> [0, 1]) in the fixed seeded order of
+    :func:`~metarobust.data.store.evaluation_order` (splits are stored class by class, so the
+    first ``analysis.points`` images in store order would be one class), with the model itself,
+    in eval mode."""
+    from metarobust.data.store import evaluation_order
+
     model.eval()
+    order = evaluation_order(len(store)).to(store.images.device)
     for start in range(0, len(store), batch_size):
-        x = store.images[start : start + batch_size].float().div(255)
-        y = store.labels[start : start + batch_size]
-        yield FeatureUnit(model, x, y, torch.arange(start, start + len(y), device=y.device))
+        index = order[start : start + batch_size]
+        yield FeatureUnit(model, store.images[index].float().div(255), store.labels[index], index)

@@ -130,3 +130,30 @@ def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty_like(labels)
     ranks[order] = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
     return ranks
+
+
+SUBSET_SEED = 0
+"""Seed of :func:`evaluation_subset`: the same test images for every run, method and machine."""
+
+
+def evaluation_subset(size: int, points: int) -> torch.Tensor:
+    """Indices of the ``points`` images of a split scored when an evaluation is limited to them.
+
+    Splits are stored class by class, so the first ``points`` images would all be one class;
+    instead a fixed permutation (seed :data:`SUBSET_SEED`, drawn on the CPU so it is the same on
+    every device) is cut. A smaller ``points`` gives a prefix of a larger one's images (an
+    AutoAttack run on 500 images scores a subset of a PGD run's 1,000). ``points >= size``: all
+    images, in order.
+
+    Example:
+        >>> evaluation_subset(10_000, 1000).shape
+        torch.Size([1000])
+    """
+    if points >= size:
+        return torch.arange(size)
+    return evaluation_order(size)[:points]
+
+
+def evaluation_order(size: int) -> torch.Tensor:
+    """The fixed seeded permutation of ``size`` images that :func:`evaluation_subset` cuts."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(SUBSET_SEED))

@@ -5,7 +5,8 @@ eval mode: clean accuracy, the attack suite of ``eval.suite`` (``single``: the `
 section; ``autoattack``: APGD-CE then targeted APGD-DLR on the survivors) in every threat model
 of ``eval.union``, per-class accuracies, the gradient-masking checks and the robust accuracy vs
 eps sweep on the first ``eval.check_points`` images. ``eval.points`` limits the test images
-(0: all, e.g. the 10,000 of CIFAR-10) to a fixed, seeded random subset (:func:`evaluation_subset`).
+(0: all, e.g. the 10,000 of CIFAR-10) to a fixed, seeded random subset
+(:func:`~metarobust.data.store.evaluation_subset`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from metarobust.attacks.harness import RobustnessReport, classifier_units, evaluate_units
 from metarobust.config import ExperimentConfig
-from metarobust.data.store import ImageStore
+from metarobust.data.store import ImageStore, evaluation_subset
 from metarobust.plots import plot_robustness_curve
 from metarobust.runs import RunDir
 
@@ -25,28 +26,11 @@ EVAL_BATCH = 256
 """Test images per harness unit (eval mode: the batch size changes no prediction)."""
 
 
-SUBSET_SEED = 0
-"""Seed of the evaluation subset: the same test images for every run, method and machine."""
-
-
-def evaluation_subset(size: int, points: int) -> torch.Tensor:
-    """Indices of the ``points`` test images scored when ``eval.points`` limits them.
-
-    Test splits are stored class by class, so the first ``points`` images would all be one
-    class; instead a fixed permutation (seed :data:`SUBSET_SEED`, on the CPU so it is the same on
-    every device) is cut. A smaller ``points`` gives a prefix of a larger one's images, so an
-    AutoAttack run on 500 images scores a subset of a PGD run's 1,000. All images: in order.
-    """
-    if points >= size:
-        return torch.arange(size)
-    return torch.randperm(size, generator=torch.Generator().manual_seed(SUBSET_SEED))[:points]
-
-
 def evaluate_standard(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore,
                       run: RunDir | None = None, progress: Callable[[Iterable], Iterable] | None = None,
                       extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], RobustnessReport]:
     """Clean and robust accuracy of ``model`` on ``eval.points`` images of ``test`` (a fixed
-    random subset, :func:`evaluation_subset`; all of them when 0).
+    random subset, :func:`~metarobust.data.store.evaluation_subset`; all of them when 0).
 
     Returns ``(summary, report)``: ``summary`` is the JSON-able dict written to the run's
     ``eval.json`` (``extra`` merged in first; the eps plot's path under ``plot`` when the sweep ran).
