@@ -10,6 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (120 dpi), close it; return the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
                          chance: float | None = None, robust_label: str = "robust (PGD)",
                          ylabel: str = "accuracy on held-out classes (%)") -> Path:
@@ -35,11 +44,7 @@ def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_robustness_curve(sweep: list[dict[str, float]], path: str | Path, title: str) -> Path:
@@ -51,8 +56,4 @@ def plot_robustness_curve(sweep: list[dict[str, float]], path: str | Path, title
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -183,9 +183,8 @@ def markdown_table(rows: list[dict], layer: str, estimator: str) -> str:
 
 
 def plot_all(rows: list[dict], out: Path, title: str, layer: str, estimator: str) -> dict[str, Path]:
-    import matplotlib
+    from metarobust.plots import save_figure  # first: it selects the headless backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
@@ -211,10 +210,7 @@ def plot_all(rows: list[dict], out: Path, title: str, layer: str, estimator: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{title}\naccuracy-robustness trade-off (K = training shots)", fontsize=9)
-    fig.tight_layout()
-    paths["tradeoff"] = out / "tradeoff.png"
-    fig.savefig(paths["tradeoff"], dpi=120)
-    plt.close(fig)
+    paths["tradeoff"] = save_figure(fig, out / "tradeoff.png")
 
     def against_shots(ax, value, error, keep) -> None:
         """One line per (recipe, inner steps): ``value(row)`` +- ``error(row)`` vs training shots."""
@@ -239,10 +235,7 @@ def plot_all(rows: list[dict], out: Path, title: str, layer: str, estimator: str
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{title}: {suptitle}", fontsize=9)
-        fig.tight_layout()
-        paths[name] = out / f"{name}.png"
-        fig.savefig(paths[name], dpi=120)
-        plt.close(fig)
+        paths[name] = save_figure(fig, out / f"{name}.png")
 
     def everything(r):
         return True

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from metarobust.analysis.report import IDReport
+from metarobust.plots import save_figure
 
 _STYLE = {"clean": ("#4C72B0", "-", "o"), "adversarial": ("#C44E52", "--", "s")}
 _NAMES = {"twonn": "TwoNN", "mle": "MLE (MacKay-Ghahramani)", "pca": "PCA (90% variance)"}
@@ -36,8 +37,4 @@ def plot_id_per_layer(report: IDReport, path: str | Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
