@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from metarobust.config import load_config  # noqa: E402
+from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.plots import plot_clean_vs_robust  # noqa: E402
 from metarobust.runs import load_checkpoint  # noqa: E402
 from metarobust.training.standard.evaluate import evaluate_standard  # noqa: E402
@@ -52,7 +53,6 @@ from metarobust.training.standard.experiment import (  # noqa: E402
     standard_model_from_state,
     train_and_evaluate_standard,
 )
-from metarobust.training.standard.trainer import load_standard_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGED = ROOT.parent / "shared" / "data" / "cifar10-jpg" / "cifar10_jpg.tar.gz"
@@ -128,7 +128,7 @@ def main() -> None:
                                                 "eval.checks=false"])
         state = load_checkpoint(Path(summary["run"]) / "checkpoints" / "last.pt")
         model = standard_model_from_state(aa_cfg, state)
-        test = load_standard_data(aa_cfg, next(model.parameters()).device).test
+        test = load_split(aa_cfg.data, "test").to(next(model.parameters()).device)
         aa, _ = evaluate_standard(aa_cfg, model, test)
         failed = [c["name"] for c in summary.get("checks", []) if not c["passed"]]
         results[method] = {
