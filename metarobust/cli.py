@@ -30,9 +30,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
     if summary is None:  # a non-zero torchrun rank: rank 0 reports
         return
-    from metarobust.training.recipes import recipe_kind
+    from metarobust.training.recipes import RECIPES
 
-    if recipe_kind(cfg.recipe) == "standard":  # a plain classifier: the harness's summary
+    if RECIPES.get(cfg.recipe).evaluation == "classifier":  # a plain classifier: the harness's summary
         from metarobust.training.standard.evaluate import format_summary, headline
 
         print(format_summary(summary))
@@ -51,14 +51,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from metarobust.meta.evaluate import fewshot_units
     from metarobust.plots import plot_robustness_curve
     from metarobust.runs import RunDir
-    from metarobust.training.engine import load_stores, resolve_device
+    from metarobust.training.data import load_training_data, resolve_device
+    from metarobust.training.recipes import build_recipe
 
     cfg, model, state = model_from_checkpoint(args.run, args.overrides)
-    from metarobust.training.recipes import recipe_kind
-
-    if state.get("kind") == "standard" and recipe_kind(cfg.recipe) == "standard":  # RFS: few-shot below
+    recipe = build_recipe(cfg)
+    if recipe.evaluation == "classifier":
         return _eval_standard(args, cfg, model, state)
-    stores = load_stores(cfg, resolve_device(cfg.device))
+    stores = load_training_data(cfg, recipe, resolve_device(cfg.device))
     run_path = Path(args.run)
     run = None
     if run_path.is_dir():
@@ -104,7 +104,7 @@ def _eval_standard(args: argparse.Namespace, cfg, model, state: dict) -> None:
 
     from metarobust.data.datasets import load_split
     from metarobust.runs import RunDir
-    from metarobust.training.engine import resolve_device
+    from metarobust.training.data import resolve_device
     from metarobust.training.standard.evaluate import evaluate_standard, format_summary, headline
 
     test = load_split(cfg.data, "test").to(resolve_device(cfg.device))
@@ -138,7 +138,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     from metarobust.config import load_config
     from metarobust.experiment import train_and_evaluate
     from metarobust.plots import plot_clean_vs_robust
-    from metarobust.training.engine import load_stores, resolve_device
+    from metarobust.training.data import load_training_data, resolve_device
+    from metarobust.training.recipes import build_recipe
 
     start = time.perf_counter()
     base = Path(args.out_dir)
@@ -148,15 +149,15 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
         suffix += 1
         out = base / f"quickstart-{suffix}"
     results = {}
-    stores = None
+    data = None
     for recipe in ("r_maml", "maml"):
         cfg = load_config(CONFIGS / "quickstart.yaml",
                           [f"recipe={recipe}", f"name={recipe}", f"out_dir={out}", *args.overrides])
-        stores = stores or load_stores(cfg, resolve_device(cfg.device))
+        data = data or load_training_data(cfg, build_recipe(cfg), resolve_device(cfg.device))
         print(f"== meta-training {recipe} ({cfg.train.iterations} meta-updates, "
               f"{cfg.meta.ways}-way, {cfg.meta.train_shots}-shot training, "
               f"{cfg.meta.test_shots}-shot test) ==", flush=True)
-        results[recipe] = train_and_evaluate(cfg, progress=not args.quiet, stores=stores)
+        results[recipe] = train_and_evaluate(cfg, progress=not args.quiet, data=data)
     chance = 1 / cfg.meta.ways
     title = (f"{cfg.data.dataset}: {cfg.meta.ways}-way {cfg.meta.test_shots}-shot, held-out classes\n"
              f"robust = PGD-{cfg.attack.steps}, eps {cfg.attack.eps:.3g}")

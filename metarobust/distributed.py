@@ -6,7 +6,7 @@ Launch one process per GPU (or CPU worker); each reads ``RANK``, ``WORLD_SIZE`` 
     torchrun --nproc_per_node=2 -m metarobust.cli train configs/at/cifar10_pgd_at.yaml
     torchrun --nnodes=2 --node_rank=0 --master_addr=host0 --nproc_per_node=8 -m metarobust.cli train ...
 
-What each rank does (:class:`metarobust.training.standard.trainer.StandardTrainer`): the same
+What each rank does (:class:`metarobust.training.engine.Trainer`): the same
 seeded model initialisation (DDP also broadcasts rank 0's weights), the same epoch permutation
 of the training images of which it takes a disjoint slice of every global batch (``at.batch_size``
 images per rank, so the global batch is ``world_size x at.batch_size``), its own attack noise,
@@ -98,6 +98,22 @@ def all_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return all_sum(tensor, info) / info.world_size if info.distributed else tensor
 
 
+def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
+    """Average ``.grad`` of ``params`` over the ranks in place, as one flattened all-reduce (the
+    meta-gradient of a meta-batch whose tasks are split across ranks; DDP does this for plain
+    training). Parameters without a gradient take part as zeros."""
+    if not info.distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 def gather_objects(obj: object, info: DistInfo) -> list[object]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (small picklable objects only)."""
     if not info.distributed:
@@ -128,5 +144,5 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistInfo", "all_mean", "all_sum", "barrier", "cleanup", "gather_objects", "init_from_env",
+__all__ = ["DistInfo", "all_mean", "average_gradients", "all_sum", "barrier", "cleanup", "gather_objects", "init_from_env",
            "launched_by_torchrun", "single", "wrap"]

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from metarobust import distributed
 from metarobust.config import ExperimentConfig, config_from_dict
 from metarobust.data.datasets import image_size_of
 from metarobust.data.manifest import (
@@ -22,7 +24,10 @@ from metarobust.data.store import ImageStore
 from metarobust.meta.evaluate import FewShotResult, evaluate_fewshot
 from metarobust.models import build_model
 from metarobust.runs import RunDir, load_checkpoint
-from metarobust.training.engine import Stores, Trainer, load_stores, resolve_device
+from metarobust.training.data import TrainingData, load_training_data, resolve_device
+from metarobust.training.engine import Trainer
+from metarobust.training.recipes import build_recipe
+from metarobust.training.standard.evaluate import evaluate_standard, render_standard_report
 
 
 def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | None = None) -> Manifest:
@@ -51,50 +56,68 @@ def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | Non
     return manifest
 
 
-def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, stores: Stores, run: RunDir | None = None,
+def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore, run: RunDir | None = None,
              progress: bool = True) -> FewShotResult:
-    manifest = resolve_manifest(cfg, stores.test, run)
-    result, _ = evaluate_fewshot(model, stores.test, manifest, cfg, progress=progress)
+    manifest = resolve_manifest(cfg, test, run)
+    result, _ = evaluate_fewshot(model, test, manifest, cfg, progress=progress)
     if run is not None:
         run.write_json("eval.json", {"config_name": cfg.name, "recipe": cfg.recipe, **result.as_dict()})
     return result
 
 
 def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
-                       stores: Stores | None = None) -> dict[str, Any]:
-    """Meta-train ``cfg`` in its run folder, evaluate on the frozen test episodes, write the report.
-    A standard recipe (``pgd_at``, ``trades``...) goes to
-    :func:`~metarobust.training.standard.experiment.train_and_evaluate_standard`."""
-    from metarobust.training.recipes import recipe_kind
+                       data: TrainingData | None = None) -> dict[str, Any] | None:
+    """Train ``cfg`` in its run folder (one process or a ``torchrun`` group), evaluate the deployed
+    model, write ``eval.json`` and ``report.md``; returns the summary.
 
-    if recipe_kind(cfg.recipe) == "standard":
-        from metarobust.training.standard.experiment import train_and_evaluate_standard
+    Every recipe takes this one path. Few-shot recipes (meta-learning, RFS) are scored on the
+    frozen test episodes, plain classifiers on the test split through the robustness harness.
+    Under ``torchrun`` every rank trains; rank 0 alone writes files, evaluates and returns the
+    summary (other ranks return ``None``). ``data``: pre-loaded images (else from ``cfg.data``).
 
-        return train_and_evaluate_standard(cfg, resume=resume, progress=progress)
-    if recipe_kind(cfg.recipe) == "rfs":  # standard pre-training, few-shot evaluation
-        from metarobust.training.rfs import train_and_evaluate_rfs
-
-        return train_and_evaluate_rfs(cfg, resume=resume, progress=progress, stores=stores)
-    start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    stores = stores or load_stores(cfg, device)  # every data check happens before any work
-    run = RunDir(cfg, resume=resume)
+    Example:
+        >>> summary = train_and_evaluate(load_config("configs/quickstart.yaml"))
+        >>> summary["clean_acc"], summary["robust_acc"]
+    """
+    info = distributed.init_from_env(cfg.device)
+    run = None
     try:
-        trainer = Trainer(cfg, run, resume=resume, stores=stores, progress=progress)
-        model = trainer.fit()
-        train_seconds = time.perf_counter() - start
-        result = evaluate(cfg, model, stores, run, progress=progress)
-        summary = {"run": str(run.path), "recipe": cfg.recipe, "train_seconds": round(train_seconds, 1),
+        start = time.perf_counter()
+        recipe = build_recipe(cfg)  # the recipe's own checks (a teacher, a starting checkpoint) first
+        data = data or load_training_data(cfg, recipe, info.device)  # every data check before any work
+        run = RunDir(cfg, resume=resume) if info.is_main else None
+        trainer = Trainer(cfg, run, resume=resume, data=data, progress=progress and info.is_main, dist=info,
+                          recipe=recipe)
+        model = trainer.fit().eval()
+        if not info.is_main:
+            return None
+        train_seconds = round(time.perf_counter() - start, 1)
+        last = run.metrics()[-1] if run.metrics() else {}
+        if recipe.evaluation == "classifier":
+            extra = {"run": str(run.path), "train_seconds": train_seconds, "steps": trainer.step_count,
+                     "stopped": trainer.stopped}
+            bar = (lambda it: tqdm(it, desc="eval", dynamic_ncols=True)) if progress else None
+            summary, _ = evaluate_standard(cfg, model, data.test, run, bar, extra=extra)
+            run.write_report(render_standard_report(cfg, summary, last))
+            return summary
+        result = evaluate(cfg, model, data.test, run, progress=progress)
+        summary = {"run": str(run.path), "recipe": cfg.recipe, "train_seconds": train_seconds,
                    **result.as_dict()}
-        run.write_report(render_report(cfg, summary, run.metrics()[-1:] or [{}]))
+        if not recipe.episodic:
+            summary["pretrain_classes"] = data.train.num_classes
+        report = render_rfs_report(cfg, summary) if not recipe.episodic else render_report(cfg, summary, [last])
+        run.write_report(report)
         return summary
     finally:
-        run.close()
+        if run is not None:
+            run.close()
+        distributed.cleanup(info)
 
 
 def model_from_checkpoint(path: str | Path, overrides: list[str] | None = None,
                           device: str | None = None) -> tuple[ExperimentConfig, torch.nn.Module, dict]:
-    """Rebuild the config (with ``overrides`` applied) and the trained model of a run."""
+    """Rebuild the config (with ``overrides`` applied) and the trained (deployed) model of a run,
+    on ``cfg.device`` in eval mode."""
     from omegaconf import OmegaConf
 
     state = load_checkpoint(path)
@@ -104,20 +127,42 @@ def model_from_checkpoint(path: str | Path, overrides: list[str] | None = None,
     if device:
         values["device"] = device
     cfg = config_from_dict(values)
-    return cfg, _model_for(cfg, state), state
+    return cfg, model_from_state(cfg, state), state
 
 
-def _model_for(cfg: ExperimentConfig, state: dict) -> torch.nn.Module:
-    if state.get("kind") == "standard":  # a plain classifier (metarobust.training.standard)
-        from metarobust.training.standard.experiment import standard_model_from_state
-
-        return standard_model_from_state(cfg, state)
-    head = state["model"]["head.weight"]
-    first = next(v for k, v in state["model"].items() if k.endswith("weight") and v.dim() == 4)
-    size = image_size_of(cfg.data)
-    model = build_model(cfg.model, first.shape[1], head.shape[0], size, cfg.data.dataset)
+def model_from_state(cfg: ExperimentConfig, state: dict[str, Any]) -> torch.nn.Module:
+    """The deployed model of a checkpoint's ``state``, on ``cfg.device``, in eval mode."""
+    shape = state.get("data") or _shape_from_weights(cfg, state["model"])
+    model = build_model(cfg.model, shape["in_channels"], shape["num_classes"], shape["image_size"], cfg.data.dataset)
     model.load_state_dict(state["model"])
-    return model.to(resolve_device(cfg.device))
+    return model.to(resolve_device(cfg.device)).eval()
+
+
+def _shape_from_weights(cfg: ExperimentConfig, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The model shape of a checkpoint written before 0.2 (meta runs stored no ``data`` entry)."""
+    first = next(v for k, v in weights.items() if k.endswith("weight") and v.dim() == 4)
+    return {"in_channels": first.shape[1], "num_classes": weights["head.weight"].shape[0],
+            "image_size": image_size_of(cfg.data)}
+
+
+def render_rfs_report(cfg: ExperimentConfig, summary: dict[str, Any]) -> str:
+    at, m, a = cfg.at, cfg.meta, cfg.attack
+    pretrain = "clean images" if cfg.recipe == "rfs" else (
+        f"PGD-AT ({cfg.train_attack.name}-{cfg.train_attack.steps}, eps {cfg.train_attack.eps:.4f})")
+    return "\n".join([
+        f"# {cfg.name}: {cfg.recipe} on {cfg.data.dataset}",
+        "",
+        f"- pre-training: {summary['pretrain_classes']}-way classifier on {pretrain}; SGD lr {at.lr}, "
+        f"momentum {at.momentum}, weight decay {at.weight_decay}, batch {at.batch_size}, {at.epochs} epochs "
+        f"({at.schedule}, milestones {list(at.milestones)})",
+        f"- evaluation: {m.ways}-way {m.test_shots}-shot, {m.queries} queries; logistic regression (C = 1) on "
+        f"L2-normalised {cfg.model.name} features per episode",
+        f"- evaluation attack: {a.name}-{a.steps} eps {a.eps:.4f} step {a.step_size:.4f}, through features "
+        f"and the fitted head",
+        "",
+        *fewshot_metric_rows(summary),
+        "",
+    ])
 
 
 def render_report(cfg: ExperimentConfig, summary: dict[str, Any], last_metrics: list[dict]) -> str:

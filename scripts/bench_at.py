@@ -3,12 +3,12 @@ PGD-AT loop on the same model and data, and against natural training, in one run
 
 Variants, each ``--iters`` SGD steps on mini-batches of ``--batch`` real training images:
 
-- ``ours``: ``metarobust.training.standard.StandardTrainer`` with recipe ``pgd_at`` (the device
+- ``ours``: ``metarobust.training.engine.Trainer`` with recipe ``pgd_at`` (the device
   sampler, the recipe's PGD, schedule per step, metrics synced every ``train.log_every`` steps).
 - ``plain``: the loop people write (Rice et al.'s ``attack_pgd`` shape): a shuffled index per
   epoch, gather the batch, ``steps`` x (forward, ``torch.autograd.grad`` of the CE w.r.t. delta,
   sign step, clamp to the eps-ball and the image box), then forward, backward, SGD step.
-- ``natural``: ``StandardTrainer`` with recipe ``natural`` (clean CE, no attack).
+- ``natural``: ``Trainer`` with recipe ``natural`` (clean CE, no attack).
 
 Same initial weights, same attack (L-inf PGD, uniform random start, ``--steps`` steps of
 ``--alpha`` within ``--eps``), BatchNorm in train mode during the attack for both PGD-AT
@@ -39,10 +39,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_attacks import cpu_name, time_interleaved  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from metarobust.training.data import TrainingData, take  # noqa: E402
+from metarobust.training.engine import Trainer  # noqa: E402
+
 from metarobust.config import DataConfig, load_config  # noqa: E402
 from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.models import build_model  # noqa: E402
-from metarobust.training.standard.trainer import StandardData, StandardTrainer, take  # noqa: E402
 
 
 def plain_pgd_at(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, args, device) -> None:
@@ -98,7 +100,7 @@ def main() -> None:
     count = args.iters * args.batch
     train = load_split(DataConfig(dataset=args.dataset, root=root), "train")
     train = take(train, torch.arange(count), train.name).to(device)
-    data = StandardData(train, None, None)
+    data = TrainingData(train, None, None)
 
     overrides = [f"data.dataset={args.dataset}", f"data.root={root}", f"model.name={args.model}",
                  f"model.hidden={args.hidden}", f"device={args.device}", f"at.batch_size={args.batch}", "at.epochs=1",
@@ -113,7 +115,7 @@ def main() -> None:
     shape = train.image_shape
 
     def run_ours(recipe: str) -> None:  # building the trainer (model, sampler) is timed too: ~ms
-        StandardTrainer(cfgs[recipe], data=data, progress=False).fit()
+        Trainer(cfgs[recipe], data=data, progress=False).fit()
 
     def run_plain() -> None:
         torch.manual_seed(0)

@@ -8,7 +8,7 @@ Recipes (``--recipes``): ``maml``, and the robust ones with the attack inside ea
 of an FGSM-RS query attack in the meta-update), ``adml`` (a second inner trajectory on the
 support re-attacked at every step, crossed query losses). The training attack is the default
 ``train_attack`` (FGSM-RS, eps 8/255, step 10/255) and its random starts come from the same
-seeded generator (``draw_noise``) in every variant.
+seeded generator (``MetaRecipe.draw_noise``) in every variant.
 
 Peers: a per-task loop with ``higher`` (Grefenstette et al.) for every recipe, running the same
 attack code on the same noise against its functional model's detached fast weights; for
@@ -165,21 +165,20 @@ def run_variant(name: str, args) -> dict:
     recipe = args.child_recipe
     cfg = bench_config(args, recipe)
     from metarobust.attacks import build_attack
-    from metarobust.training.recipes import draw_noise
+    from metarobust.training.recipes import build_recipe
 
     attack = build_attack(cfg.train_attack)
     gen = torch.Generator(device=device).manual_seed(1)
+    meta_recipe = build_recipe(cfg)
 
     def draw(batch):
-        return draw_noise(cfg, batch, attack, gen)
+        return meta_recipe.draw_noise(batch, gen)
 
     if name.startswith("metarobust"):
         from metarobust.meta.execution import meta_backward
         from metarobust.meta.functional import params_of
-        from metarobust.training.recipes import build_learner, build_task_fn
-
         execution = name.split("_")[1]
-        task_fn = build_task_fn(cfg, build_learner(cfg, model), attack)
+        task_fn = meta_recipe.task(meta_recipe.learner(model), attack)
         params = params_of(model)
 
         def step(batch):

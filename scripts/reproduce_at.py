@@ -44,15 +44,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from metarobust.experiment import (  # noqa: E402
+    model_from_state,
+    train_and_evaluate,
+)
+
 from metarobust.config import load_config  # noqa: E402
 from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.plots import plot_clean_vs_robust  # noqa: E402
 from metarobust.runs import load_checkpoint  # noqa: E402
 from metarobust.training.standard.evaluate import evaluate_standard  # noqa: E402
-from metarobust.training.standard.experiment import (  # noqa: E402
-    standard_model_from_state,
-    train_and_evaluate_standard,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGED = ROOT.parent / "shared" / "data" / "cifar10-jpg" / "cifar10_jpg.tar.gz"
@@ -121,13 +122,13 @@ def main() -> None:
         cfg = load_config(path, overrides)
         print(f"== {method}: {path.name} {' '.join(overrides)}", flush=True)
         start = time.perf_counter()
-        summary = train_and_evaluate_standard(cfg, progress=True)
+        summary = train_and_evaluate(cfg, progress=True)
         seconds = time.perf_counter() - start
         # The AutoAttack-style cascade on the first --aa-points test images.
         aa_cfg = load_config(path, overrides + ["eval.suite=autoattack", f"eval.points={args.aa_points}",
                                                 "eval.checks=false"])
         state = load_checkpoint(Path(summary["run"]) / "checkpoints" / "last.pt")
-        model = standard_model_from_state(aa_cfg, state)
+        model = model_from_state(aa_cfg, state)
         test = load_split(aa_cfg.data, "test").to(next(model.parameters()).device)
         aa, _ = evaluate_standard(aa_cfg, model, test)
         failed = [c["name"] for c in summary.get("checks", []) if not c["passed"]]

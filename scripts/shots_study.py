@@ -99,11 +99,11 @@ def load_study(path: Path, args: argparse.Namespace) -> tuple[Study, dict[str, A
 def check_study(study: Study, base_cfg, stores) -> None:
     """Every grid point must be drawable from the data (a clear error before any training)."""
     from metarobust.errors import ConfigError
-    from metarobust.training.recipes import RECIPES, recipe_kind
+    from metarobust.training.recipes import RECIPES
 
     for recipe in study.recipes:
         RECIPES.get(recipe, "study.recipes")
-        if recipe_kind(recipe) != "meta":
+        if not RECIPES.get(recipe).episodic:
             raise ConfigError(f"study.recipes: {recipe!r} is not a meta-learning recipe (the study varies "
                               f"meta.train_shots and meta.inner_steps); use e.g. its_maml, r_maml, maml")
     if not study.train_shots or min(study.train_shots) < 1:
@@ -150,7 +150,7 @@ def train_or_reuse(cfg, stores, progress: bool) -> tuple[dict, bool]:
     if (folder / "eval.json").is_file():
         return json.loads((folder / "eval.json").read_text()), True
     resume = (folder / "checkpoints" / "last.pt").is_file()
-    return train_and_evaluate(cfg, resume=resume, progress=progress, stores=stores), False
+    return train_and_evaluate(cfg, resume=resume, progress=progress, data=stores), False
 
 
 def intrinsic_dimension(cfg, stores, manifest_obj) -> dict:
@@ -183,9 +183,9 @@ def markdown_table(rows: list[dict], layer: str, estimator: str) -> str:
 
 
 def plot_all(rows: list[dict], out: Path, title: str, layer: str, estimator: str) -> dict[str, Path]:
-    from metarobust.plots import save_figure  # first: it selects the headless backend
-
     import matplotlib.pyplot as plt
+
+    from metarobust.plots import save_figure  # first: it selects the headless backend
 
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     steps_all = sorted({r["inner_steps"] for r in rows})
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from metarobust.data.manifest import freeze_episodes, load_manifest, save_manifest
     from metarobust.errors import MetarobustError
-    from metarobust.training.engine import load_stores, resolve_device
+    from metarobust.training.data import load_training_data, resolve_device
+    from metarobust.training.recipes import build_recipe
 
     start = time.perf_counter()
     try:
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         # The shared test episodes: frozen once for the whole study, every learner scored on them.
         first = run_config(study, base, study.recipes[0], study.test_shots, study.inner_steps[0], out,
                            out / "episodes.json", args.overrides)
-        stores = load_stores(first, resolve_device(first.device))
+        stores = load_training_data(first, build_recipe(first), resolve_device(first.device))
         check_study(study, first, stores)
         manifest_path = out / "episodes.json"
         if not manifest_path.is_file():

@@ -17,17 +17,19 @@ import torch.nn.functional as F
 from metarobust.attacks import threat
 from metarobust.attacks.pgd import PGD
 from metarobust.config import load_config, to_dict
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
+from metarobust.experiment import model_from_state
 from metarobust.models import build_model
 from metarobust.models.dual_bn import DualBatchNorm, bn_route, dual_bn_layers
 from metarobust.runs import RunDir, load_checkpoint
-from metarobust.training.standard.adversarial_finetune import ramped_eps
-from metarobust.training.standard.base import Batch, StepContext, bn_mode, standard_recipe
-from metarobust.training.standard.bat import boundary_points
+from metarobust.training.data import TrainingData, take
+from metarobust.training.engine import Trainer
+from metarobust.training.recipes import StepContext, bn_mode, build_recipe
+from metarobust.training.recipes.adversarial_finetune import ramped_eps
+from metarobust.training.recipes.bat import boundary_points
+from metarobust.training.recipes.frl import class_weights, normalize_multipliers
 from metarobust.training.standard.evaluate import evaluate_standard
-from metarobust.training.standard.experiment import standard_model_from_state
-from metarobust.training.standard.frl import class_weights, normalize_multipliers
-from metarobust.training.standard.trainer import StandardData, StandardTrainer, take
 
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=16",
         "model.drop_rate=0", "at.batch_size=32", "at.schedule=constant", "at.lr=0.05", "device=cpu",
@@ -43,26 +45,26 @@ def mnist(mnist16):
     return mnist16
 
 
-def data_of(mnist, count: int, holdout: int = 0) -> StandardData:
+def data_of(mnist, count: int, holdout: int = 0) -> TrainingData:
     train = mnist[0]
     held = take(train, torch.arange(count, count + holdout), "mnist/holdout") if holdout else None
-    return StandardData(take(train, torch.arange(count), "mnist/train"), held, None)
+    return TrainingData(take(train, torch.arange(count), "mnist/train"), held, None)
 
 
 def config(mnist, tmp_path, *extra):
     return load_config(None, [*BASE, f"data.root={mnist[2]}", f"out_dir={tmp_path}", *extra])
 
 
-def trainer_of(cfg, data) -> StandardTrainer:
-    return StandardTrainer(cfg, None, data=data, progress=False)
+def trainer_of(cfg, data) -> Trainer:
+    return Trainer(cfg, None, data=data, progress=False)
 
 
-def fixed_batch(data: StandardData, n: int = 32) -> Batch:
+def fixed_batch(data: TrainingData, n: int = 32) -> EpisodeBatch:
     x = data.train.images[:n].float() / 255
-    return Batch(x, data.train.labels[:n], torch.arange(n))
+    return EpisodeBatch.plain(x, data.train.labels[:n], torch.arange(n))
 
 
-def objective(trainer: StandardTrainer, batch: Batch, progress: float = 1.0) -> dict[str, float]:
+def objective(trainer: Trainer, batch: EpisodeBatch, progress: float = 1.0) -> dict[str, float]:
     """The recipe's loss and statistics on ``batch`` with a fixed attack seed (no update)."""
     generator = torch.Generator().manual_seed(1234)
     ctx = StepContext(0, 0, progress, 0, generator, trainer.num_classes)
@@ -83,7 +85,7 @@ def natural_checkpoint(mnist, tmp_path_factory):
     return path
 
 
-def recording_attacks(trainer: StandardTrainer) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def recording_attacks(trainer: Trainer) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Wrap the recipe's attack: record ``(role attacked, input, output)`` of every call."""
     log = []
     names = {id(m): name for name, m in trainer.models.raw.items()}
@@ -172,7 +174,7 @@ def test_ltd_student_targets_are_the_frozen_teachers_tempered_soft_labels(mnist,
     trainer = trainer_of(cfg, data)
     teacher = trainer.models.modules["teacher"]
     saved = load_checkpoint(natural_checkpoint)
-    reference = standard_model_from_state(load_config(None, [*BASE, f"data.root={mnist[2]}"]),
+    reference = model_from_state(load_config(None, [*BASE, f"data.root={mnist[2]}"]),
                                           {**saved, "data": SHAPE})
     assert sum(p.numel() for p in teacher.parameters()) == sum(p.numel() for p in reference.parameters())
     trainer.fit()  # two steps
@@ -201,7 +203,7 @@ def test_ltd_needs_a_teacher_that_exists(mnist, tmp_path):
         config(mnist, tmp_path, "recipe=ltd", f"at.ltd.teacher={tmp_path / 'nope.pt'}")
     cfg = config(mnist, tmp_path, "recipe=ltd")  # loads (shipped configs name no teacher) ...
     with pytest.raises(ConfigError, match="at.ltd.teacher is not set"):
-        standard_recipe(cfg)  # ... but fails before any work: metarobust train builds the recipe first
+        build_recipe(cfg)  # ... but fails before any work: metarobust train builds the recipe first
 
 
 # -- AdvProp -----------------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def test_adversarial_finetune_starts_at_f0_ramps_eps_and_distils(mnist, tmp_path
 
 def test_adversarial_finetune_needs_f0(mnist, tmp_path):
     with pytest.raises(ConfigError, match="at.init is not set"):
-        standard_recipe(config(mnist, tmp_path, "recipe=adversarial_finetune"))
+        build_recipe(config(mnist, tmp_path, "recipe=adversarial_finetune"))
     with pytest.raises(ConfigError, match="at.finetune.aux_bn"):
         config(mnist, tmp_path, "recipe=adversarial_finetune", "at.finetune.aux_bn=true")  # no BN to double
 
@@ -305,7 +307,7 @@ def test_local_balls_attacks_around_the_weak_adversary_and_learns(mnist, tmp_pat
 
 def test_bat_boundary_points_bracket_the_decision_boundary(mnist, natural_checkpoint):
     cfg = load_config(None, [*BASE, f"data.root={mnist[2]}"])
-    model = standard_model_from_state(cfg, {**load_checkpoint(natural_checkpoint), "data": SHAPE})
+    model = model_from_state(cfg, {**load_checkpoint(natural_checkpoint), "data": SHAPE})
     x = mnist[1].images[:64].float() / 255
     y = mnist[1].labels[:64]
     with torch.no_grad():
@@ -422,7 +424,7 @@ def test_killed_frl_run_resumes_to_the_same_parameters_and_multipliers(mnist, tm
               "at.frl.val_steps=2", "at.frl.tau_nat=0", "at.frl.tau_bdy=0"]
     data = data_of(mnist, 64, holdout=64)  # 2 steps per epoch
     cfg = config(mnist, tmp_path, *common, "name=whole")
-    whole = StandardTrainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)
+    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)
     whole.fit()
     cfg_b = config(mnist, tmp_path, *common, "name=killed")
 
@@ -432,8 +434,8 @@ def test_killed_frl_run_resumes_to_the_same_parameters_and_multipliers(mnist, tm
 
     run = RunDir(cfg_b, tensorboard=False)
     with pytest.raises(Killed):
-        StandardTrainer(cfg_b, run, data=data, progress=False, callbacks=(kill,)).fit()
-    resumed = StandardTrainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data,
+        Trainer(cfg_b, run, data=data, progress=False, callbacks=(kill,)).fit()
+    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data,
                               progress=False)
     assert resumed.step_count == 3
     resumed.fit()

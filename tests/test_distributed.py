@@ -22,7 +22,8 @@ from metarobust.data.datasets import load_split
 from metarobust.data.sampler import BatchSampler
 from metarobust.data.store import ImageStore
 from metarobust.distributed import DistInfo
-from metarobust.training.standard.trainer import StandardData, StandardTrainer, take
+from metarobust.training.data import TrainingData, take
+from metarobust.training.engine import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=8", "model.drop_rate=0",
@@ -49,11 +50,11 @@ def mnist_store(root: str, count: int) -> ImageStore:
     return take(train, torch.arange(count), "mnist/train")
 
 
-def first(store: ImageStore, count: int) -> StandardData:
-    return StandardData(take(store, torch.arange(count), store.name), None, None)
+def first(store: ImageStore, count: int) -> TrainingData:
+    return TrainingData(take(store, torch.arange(count), store.name), None, None)
 
 
-def params_of(trainer: StandardTrainer) -> dict[str, torch.Tensor]:
+def params_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -66,10 +67,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         info = DistInfo(rank, world, rank, torch.device("cpu"))
         saved = torch.load(Path(out) / "images.pt", weights_only=True)
         store = ImageStore(saved["images"], saved["labels"], saved["class_names"], "mnist/train")
-        natural = StandardTrainer(load_config(None, [*BASE, "recipe=natural", "at.epochs=1"]),
+        natural = Trainer(load_config(None, [*BASE, "recipe=natural", "at.epochs=1"]),
                                   data=first(store, 64), progress=False, dist=info)
         natural.fit()
-        trades = StandardTrainer(load_config(None, [*BASE, "recipe=trades", "at.epochs=1"]),
+        trades = Trainer(load_config(None, [*BASE, "recipe=trades", "at.epochs=1"]),
                                  data=first(store, 256), progress=False, dist=info)
         seen = []
         sample = trades.sampler.sample
@@ -113,7 +114,7 @@ def test_two_gloo_processes_match_each_other_and_one_process_with_the_full_batch
         assert not set(a.tolist()) & set(b.tolist())
     # One process with the global batch (64) takes the same first SGD step: the mean of the two
     # ranks' gradients is the full-batch gradient.
-    single = StandardTrainer(load_config(None, [*BASE, "recipe=natural", "at.epochs=1", "at.batch_size=64"]),
+    single = Trainer(load_config(None, [*BASE, "recipe=natural", "at.epochs=1", "at.batch_size=64"]),
                              data=first(store, 64), progress=False)
     before = params_of(single)
     single.fit()

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarobust.attacks.harness import Unit, cascade, evaluate_units, robust_accuracy
 from metarobust.attacks import build_attack
+from metarobust.attacks.harness import Unit, cascade, evaluate_units, robust_accuracy
 from metarobust.config import AttackConfig, ExperimentConfig
 
 

@@ -266,14 +266,16 @@ def test_plain_classifier_units_pool_distinct_images_clean_and_adversarial():
 
 def test_cli_id_writes_json_plot_and_a_headline(tmp_path, capsys):
     from metarobust.runs import RunDir
-    from metarobust.training.engine import Trainer, load_stores
+    from metarobust.training.data import load_training_data
+    from metarobust.training.engine import Trainer
+    from metarobust.training.recipes import build_recipe
 
     small = ["recipe=maml", "meta.first_order=true", "model.hidden=8", "meta.meta_batch_size=2",
              "meta.queries=4", "meta.inner_steps=1", "meta.inner_lr=0.4", "meta.test_inner_steps=2",
              "train.iterations=2", "train.log_every=1", "eval.episodes=12", "eval.batch_size=6",
              f"out_dir={tmp_path}", "name=tiny"]
     cfg = load_config(CONFIGS / "quickstart.yaml", small)
-    Trainer(cfg, RunDir(cfg, tensorboard=False), stores=load_stores(cfg, torch.device("cpu")),
+    Trainer(cfg, RunDir(cfg, tensorboard=False), data=load_training_data(cfg, build_recipe(cfg), torch.device("cpu")),
             progress=False).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no frozen manifest for this tiny episode shape

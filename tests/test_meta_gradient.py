@@ -72,7 +72,7 @@ def our_meta_gradient(model, batch, lr, steps, first_order, execution, recipe="m
     model.zero_grad(set_to_none=True)
     learner = MAML(functional_forward(model), lr, steps, first_order)
     attack = LinfPGD(8 / 255, 10 / 255, 2)
-    task_fn = RECIPES.get(recipe)(ExperimentConfig(), learner, attack)
+    task_fn = RECIPES.get(recipe)(ExperimentConfig(recipe=recipe)).task(learner, attack)
     loss, _ = meta_backward(task_fn, params_of(model), batch, noise, execution)
     return loss, [p.grad.clone() for p in model.parameters()]
 
@@ -156,10 +156,11 @@ def recipe_config(case: str, **more) -> ExperimentConfig:
 
 def recipe_meta_gradient(cfg, model, batch, execution, noise):
     from metarobust.attacks import build_attack
-    from metarobust.training.recipes import build_learner, build_task_fn
+    from metarobust.training.recipes import build_recipe
 
     model.zero_grad(set_to_none=True)
-    task_fn = build_task_fn(cfg, build_learner(cfg, model), build_attack(cfg.train_attack))
+    recipe = build_recipe(cfg)
+    task_fn = recipe.task(recipe.learner(model), build_attack(cfg.train_attack))
     loss, stats = meta_backward(task_fn, params_of(model), batch, noise, execution)
     return loss, stats, [p.grad.clone() for p in model.parameters()]
 
@@ -167,11 +168,10 @@ def recipe_meta_gradient(cfg, model, batch, execution, noise):
 @pytest.mark.parametrize("case", sorted(RECIPE_CASES))
 def test_every_recipe_gives_the_same_meta_gradient_in_both_executions(case):
     """Loop and vmap agree to float64 precision for each recipe, attacks included (fixed noise)."""
-    from metarobust.attacks import build_attack
-    from metarobust.training.recipes import draw_noise
+    from metarobust.training.recipes import build_recipe
 
     cfg, model, batch = recipe_config(case), make_model(), make_batch(1)
-    noise = draw_noise(cfg, batch, build_attack(cfg.train_attack), torch.Generator().manual_seed(3))
+    noise = build_recipe(cfg).draw_noise(batch, torch.Generator().manual_seed(3))
     loss_loop, stats_loop, loop = recipe_meta_gradient(cfg, model, batch, "loop", noise)
     loss_vmap, stats_vmap, vmapped = recipe_meta_gradient(cfg, model, batch, "vmap", noise)
     assert torch.isfinite(loss_loop)
@@ -220,13 +220,12 @@ def test_adml_and_r_maml_in_meta_gradients_match_autograd_reference():
     """ADML (two trajectories, the adversarial one re-attacked every step, crossed query losses)
     and R-MAML_both (CE + weight x adversarial CE in the inner loop and the meta-update), written
     out with plain autograd on an independent Conv-4."""
-    from metarobust.attacks import build_attack
-    from metarobust.training.recipes import draw_noise
+    from metarobust.training.recipes import build_recipe
 
     model, batch = make_model(), make_batch(3)
     for case in ("adml", "r_maml_in"):
         cfg = recipe_config(case, **({"robust.form": "ce"} if case == "r_maml_in" else {}))
-        noise = draw_noise(cfg, batch, build_attack(cfg.train_attack), torch.Generator().manual_seed(5))
+        noise = build_recipe(cfg).draw_noise(batch, torch.Generator().manual_seed(5))
         init = [p.detach().clone().requires_grad_() for p in model.parameters()]
         total = 0
         for t in range(batch.num_tasks):

@@ -21,8 +21,9 @@ from metarobust.meta.logistic import LogisticProbe, fit_logistic_regression
 from metarobust.meta.maml import MAML
 from metarobust.models.conv4 import Conv4
 from metarobust.training import objectives
-from metarobust.training.engine import Trainer, load_stores
-from metarobust.training.recipes import RECIPES, build_learner, build_task_fn, draw_noise, recipe_kind
+from metarobust.training.data import load_training_data
+from metarobust.training.engine import Trainer
+from metarobust.training.recipes import RECIPES, build_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.hidden=8", "meta.meta_batch_size=2", "meta.queries=2", "meta.inner_steps=1", "meta.inner_lr=0.4",
@@ -32,7 +33,8 @@ META_RECIPES = ["maml", "anil", "adversarial_querying", "adml", "r_maml", "trade
 
 @pytest.fixture(scope="module")
 def stores():
-    return load_stores(load_config(CONFIGS / "meta" / "glyphs_maml.yaml", TINY), torch.device("cpu"))
+    cfg = load_config(CONFIGS / "meta" / "glyphs_maml.yaml", TINY)
+    return load_training_data(cfg, build_recipe(cfg), torch.device("cpu"))
 
 
 def tiny_cfg(*extra: str):
@@ -44,8 +46,9 @@ def tiny_cfg(*extra: str):
                          ids=[*META_RECIPES, "r_maml_in"])
 def test_every_meta_recipe_trains_on_glyphs_with_sensible_statistics(recipe, extra, stores):
     shots = ["meta.train_shots=2"] if recipe == "its_maml" else []
-    trainer = Trainer(tiny_cfg(f"recipe={recipe}", *shots, *extra), stores=stores, progress=False)
-    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    trainer = Trainer(tiny_cfg(f"recipe={recipe}", *shots, *extra), data=stores, progress=False)
+    params = dict(trainer.model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
     loss, stats = trainer.train_step()
     assert torch.isfinite(loss), recipe
     for key in ("clean_acc", "adv_acc", "adv_adapted_clean_acc"):
@@ -55,21 +58,20 @@ def test_every_meta_recipe_trains_on_glyphs_with_sensible_statistics(recipe, ext
     assert ("adv_acc" in stats) == attacking, stats.keys()
     if "robust_term" in stats:
         assert float(stats["robust_term"]) >= 0  # a KL or a cross-entropy
-    moved = max(float((trainer.params[k].detach() - before[k]).abs().max()) for k in before)
+    moved = max(float((params[k].detach() - before[k]).abs().max()) for k in before)
     assert moved > 0, "the meta-update changed nothing"
 
 
 def test_adversarial_recipes_draw_their_noise_with_the_right_shapes(stores):
     cfg = tiny_cfg("recipe=adml", "meta.inner_steps=3")
-    batch = Trainer(cfg, stores=stores, progress=False).sampler.sample()
-    noise = draw_noise(cfg, batch, build_attack(cfg.train_attack), torch.Generator().manual_seed(0))
+    batch = Trainer(cfg, data=stores, progress=False).sampler.sample()
+    noise = build_recipe(cfg).draw_noise(batch, torch.Generator().manual_seed(0))
     assert noise["query"].shape == batch.query_x.shape
     assert noise["support_steps"].shape == (batch.num_tasks, 3, *batch.support_x.shape[1:])
-    assert draw_noise(tiny_cfg("recipe=maml"), batch, build_attack(cfg.train_attack), torch.Generator()) is None
-    out = draw_noise(tiny_cfg("recipe=r_maml"), batch, build_attack(cfg.train_attack), torch.Generator())
+    assert build_recipe(tiny_cfg("recipe=maml")).draw_noise(batch, torch.Generator()) is None
+    out = build_recipe(tiny_cfg("recipe=r_maml")).draw_noise(batch, torch.Generator())
     assert set(out) == {"query"}
-    both = draw_noise(tiny_cfg("recipe=r_maml", "robust.placement=in"), batch, build_attack(cfg.train_attack),
-                      torch.Generator())
+    both = build_recipe(tiny_cfg("recipe=r_maml", "robust.placement=in")).draw_noise(batch, torch.Generator())
     assert set(both) == {"query", "support_steps"}
 
 
@@ -95,9 +97,10 @@ def _one_task(cfg, stores, eps=None):
     attack_cfg = cfg.train_attack if eps is None else replace(cfg.train_attack, eps=eps)
     attack = build_attack(attack_cfg)
     learner = RecordingMAML(functional_forward(model), cfg.meta.inner_lr, cfg.meta.inner_steps)
-    batch = Trainer(cfg, stores=stores, progress=False).sampler.sample()
-    noise = draw_noise(cfg, batch, attack, torch.Generator().manual_seed(1))
-    task = build_task_fn(cfg, learner, attack)
+    batch = Trainer(cfg, data=stores, progress=False).sampler.sample()
+    recipe = build_recipe(replace(cfg, train_attack=attack_cfg))
+    noise = recipe.draw_noise(batch, torch.Generator().manual_seed(1))
+    task = recipe.task(learner, attack)
     t = 0
     task_noise = None if noise is None else {k: v[t] for k, v in noise.items()}
     loss, _ = task(params, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t], task_noise)
@@ -137,16 +140,16 @@ def test_anil_adapts_only_the_head_in_training_and_at_test(stores):
     torch.manual_seed(0)
     model = Conv4(1, 5, 28, hidden=8)
     params = params_of(model)
-    batch = Trainer(tiny_cfg("recipe=anil"), stores=stores, progress=False).sampler.sample()
-    for learner in (build_learner(tiny_cfg("recipe=anil"), model),
-                    build_learner(tiny_cfg("recipe=maml", "meta.adapt=head"), model, steps=3, first_order=True)):
+    batch = Trainer(tiny_cfg("recipe=anil"), data=stores, progress=False).sampler.sample()
+    for learner in (build_recipe(tiny_cfg("recipe=anil")).learner(model),
+                    build_recipe(tiny_cfg("recipe=maml", "meta.adapt=head")).learner(model, steps=3, first_order=True)):
         fast = learner.adapt(params, batch.support_x[0], batch.support_y[0])
         for name, value in fast.items():
             if name.startswith("head."):
                 assert not torch.equal(value, params[name]), name
             else:
                 assert value is params[name], name  # the body's fast weights are the initial tensors
-    full = build_learner(tiny_cfg("recipe=maml"), model).adapt(params, batch.support_x[0], batch.support_y[0])
+    full = build_recipe(tiny_cfg("recipe=maml")).learner(model).adapt(params, batch.support_x[0], batch.support_y[0])
     assert not torch.equal(full["encoder.0.0.weight"], params["encoder.0.0.weight"])
     from metarobust.meta.evaluate import evaluation_learner
 
@@ -158,7 +161,7 @@ def test_its_maml_trains_with_more_shots_than_it_tests(stores):
         tiny_cfg("recipe=its_maml")
     cfg = load_config(CONFIGS / "meta" / "glyphs_its_maml.yaml", ["meta.queries=5"])
     assert cfg.meta.train_shots > cfg.meta.test_shots and cfg.meta.inner_steps < cfg.meta.test_inner_steps
-    trainer = Trainer(replace(cfg, model=replace(cfg.model, hidden=8)), stores=stores, progress=False)
+    trainer = Trainer(replace(cfg, model=replace(cfg.model, hidden=8)), data=stores, progress=False)
     batch = trainer.sampler.sample()
     assert batch.support_x.shape[1] == cfg.meta.ways * cfg.meta.train_shots
     from metarobust.data.manifest import freeze_episodes
@@ -174,11 +177,11 @@ def test_every_shipped_meta_config_loads_and_names_a_registered_recipe():
             continue
         cfg = load_config(path)
         assert cfg.name == path.stem, path
-        assert recipe_kind(cfg.recipe) in ("meta", "rfs")
+        assert RECIPES.get(cfg.recipe).evaluation == "fewshot"
         names.add(cfg.recipe)
     assert names >= {"maml", "anil", "adversarial_querying", "adml", "r_maml", "trades_maml", "its_maml", "rfs",
                      "rfs_adversarial"}
-    assert {n for n in RECIPES.names() if recipe_kind(n) in ("meta", "rfs")} <= names
+    assert {n for n in RECIPES.names() if RECIPES.get(n).evaluation == "fewshot"} <= names
 
 
 # -- RFS ------------------------------------------------------------------------------------------
@@ -226,6 +229,8 @@ def test_rfs_probe_is_attacked_through_features_and_the_fitted_head():
 
 
 def test_rfs_recipes_pretrain_on_all_train_classes_and_score_episodes(tmp_path, stores):
+    """RFS is a plain recipe of the one engine (mini-batches of every training class), scored per
+    frozen episode with the logistic probe."""
     from metarobust.experiment import train_and_evaluate
 
     assert objectives.accuracy(torch.eye(3), torch.arange(3)) == 1  # (the objective helpers import)
@@ -233,7 +238,7 @@ def test_rfs_recipes_pretrain_on_all_train_classes_and_score_episodes(tmp_path, 
         f"out_dir={tmp_path}", "model.hidden=8", "at.epochs=1", "at.train_size=128", "at.batch_size=64",
         "at.milestones=[1]", "train_attack.steps=1", "train_attack.eps=0.1", "train_attack.step_size=0.05",
         "meta.queries=3", "eval.episodes=4", "eval.batch_size=4", "train.log_every=2"])
-    summary = train_and_evaluate(cfg, progress=False, stores=stores)
+    summary = train_and_evaluate(cfg, progress=False)
     assert summary["pretrain_classes"] == stores.train.num_classes
     assert summary["episodes"] == 4 and 0 <= summary["robust_acc"] <= summary["clean_acc"] <= 1
     assert (Path(summary["run"]) / "report.md").read_text().startswith("# glyphs_rfs_adversarial")

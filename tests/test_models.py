@@ -17,8 +17,15 @@ from metarobust.errors import ConfigError
 from metarobust.meta.execution import meta_backward
 from metarobust.meta.functional import functional_forward, params_of
 from metarobust.meta.maml import MAML
-from metarobust.models import (MODELS, DualBatchNorm, ResNet12, bn_route, build_model,
-                               convert_dual_bn, strip_aux_bn)
+from metarobust.models import (
+    MODELS,
+    DualBatchNorm,
+    ResNet12,
+    bn_route,
+    build_model,
+    convert_dual_bn,
+    strip_aux_bn,
+)
 from metarobust.models.layers import TaskBatchNorm2d
 from metarobust.models.options import INPUT_STATS
 from metarobust.models.resnet12 import DropBlock

@@ -18,15 +18,16 @@ from torch import nn
 from metarobust.cli import main
 from metarobust.config import DataConfig, StandardTrainingConfig, load_config
 from metarobust.data.datasets import load_split
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError, DataError, TrainingDiverged
 from metarobust.runs import RunDir, load_checkpoint
-from metarobust.training.recipes import RECIPES, recipe_kind
-from metarobust.training.standard.base import Batch, Models, StepContext, bn_mode, standard_recipe
+from metarobust.training.data import TrainingData, take
+from metarobust.training.engine import Trainer
+from metarobust.training.objectives import trades_kl
+from metarobust.training.optim import lr_at
+from metarobust.training.recipes import RECIPES, Models, StepContext, bn_mode, build_recipe
+from metarobust.training.recipes.mart import boosted_ce, weighted_kl
 from metarobust.training.standard.evaluate import evaluate_standard
-from metarobust.training.standard.mart import boosted_ce, weighted_kl
-from metarobust.training.standard.schedules import lr_at
-from metarobust.training.standard.trainer import StandardData, StandardTrainer, take
-from metarobust.training.standard.trades import trades_kl
 
 MINE = ["natural", "pgd_at", "trades", "mart", "free_at", "fast_at", "backward_smoothing"]
 
@@ -45,9 +46,9 @@ def mnist(shared_data):
     return load_split(cfg, "train"), load_split(cfg, "test"), str(root)
 
 
-def data_of(mnist, start: int, count: int, test: int = 0) -> StandardData:
+def data_of(mnist, start: int, count: int, test: int = 0) -> TrainingData:
     train, test_store, _ = mnist
-    return StandardData(take(train, torch.arange(start, start + count), "mnist/train"), None,
+    return TrainingData(take(train, torch.arange(start, start + count), "mnist/train"), None,
                         take(test_store, torch.arange(test), "mnist/test") if test else None)
 
 
@@ -57,7 +58,7 @@ def config(mnist, tmp_path, *extra):
 
 def train_logged(cfg, data, run=None, **kw):
     losses = []
-    trainer = StandardTrainer(cfg, run, data=data, progress=False,
+    trainer = Trainer(cfg, run, data=data, progress=False,
                               callbacks=(lambda s, m: losses.append(m["loss"]) if "loss" in m else None,), **kw)
     trainer.fit()
     return trainer, losses
@@ -79,8 +80,8 @@ def test_standard_recipes_are_registered_with_their_kind(capsys):
     assert main(["list", "recipes"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert set(MINE) <= listed
-    assert all(recipe_kind(r) == "standard" for r in MINE)
-    assert recipe_kind("maml") == "meta" and recipe_kind("r_maml") == "meta"
+    assert all(RECIPES.get(r).evaluation == "classifier" and not RECIPES.get(r).episodic for r in MINE)
+    assert RECIPES.get("maml").episodic and RECIPES.get("r_maml").evaluation == "fewshot"
     assert getattr(RECIPES.get("pgd_at"), "attack_bn") == "train"
     assert {r: RECIPES.get(r).attack_bn for r in ("trades", "mart", "backward_smoothing")} == \
         {"trades": "eval", "mart": "eval", "backward_smoothing": "eval"}
@@ -114,7 +115,7 @@ def test_pgd_at_is_more_robust_than_natural_training_under_pgd(mnist, natural_ru
 def test_free_at_replays_each_batch_m_times_with_a_persistent_perturbation(mnist, tmp_path):
     cfg = config(mnist, tmp_path, "recipe=free_at", "at.replays=3", "at.epochs=1", "train.log_every=1",
                  "at.schedule=cyclic", "at.lr=0.1")
-    trainer = StandardTrainer(cfg, data=data_of(mnist, 0, 128), progress=False)  # 2 batches
+    trainer = Trainer(cfg, data=data_of(mnist, 0, 128), progress=False)  # 2 batches
     seen, deltas, lrs = [], [], []
     loss_fn = trainer.recipe.loss
 
@@ -142,7 +143,7 @@ def test_fast_at_early_stop_restores_the_previous_epoch_on_a_collapse(mnist, tmp
     """A fabricated catastrophic overfitting: the check's PGD accuracy goes 0.5, 0.6, then 0.1
     (a drop > 0.2) after epoch 3: training stops and the weights of epoch 2 come back."""
     cfg = config(mnist, tmp_path, "recipe=fast_at", "at.epochs=5", "train.log_every=2", "at.holdout=0")
-    trainer = StandardTrainer(cfg, data=data_of(mnist, 0, 128), progress=False)  # 2 steps per epoch
+    trainer = Trainer(cfg, data=data_of(mnist, 0, 128), progress=False)  # 2 steps per epoch
     accuracies = iter([0.5, 0.6, 0.1, 0.9, 0.9])
     trainer.recipe.check_accuracy = lambda t: next(accuracies)
     weights = {}
@@ -163,8 +164,8 @@ def test_fast_at_check_measures_pgd_accuracy_on_the_holdout(mnist, natural_run, 
     cfg = config(mnist, tmp_path, "recipe=fast_at", "at.epochs=1", "at.holdout=64", "at.lr=0.001",
                  f"at.init={natural_run[1]}")
     train, _, _ = mnist
-    data = StandardData(take(train, torch.arange(64), "t"), take(train, torch.arange(3000, 3064), "h"), None)
-    trainer = StandardTrainer(cfg, data=data, progress=False)
+    data = TrainingData(take(train, torch.arange(64), "t"), take(train, torch.arange(3000, 3064), "h"), None)
+    trainer = Trainer(cfg, data=data, progress=False)
     batch = trainer.check_batch()
     assert batch.x.shape == (64, 1, 16, 16) and torch.equal(batch.y, data.holdout.labels)
     trainer.fit()  # one epoch: a real check, logged
@@ -199,7 +200,7 @@ def test_killed_standard_run_resumes_to_the_same_parameters(mnist, tmp_path):
               "at.holdout=0"]
     data = data_of(mnist, 0, 256)  # 4 steps per epoch
     cfg = config(mnist, tmp_path, *common, "name=whole")
-    whole = StandardTrainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)
+    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)
     whole.fit()
 
     cfg_b = config(mnist, tmp_path, *common, "name=killed")
@@ -210,9 +211,9 @@ def test_killed_standard_run_resumes_to_the_same_parameters(mnist, tmp_path):
 
     run = RunDir(cfg_b, tensorboard=False)
     with pytest.raises(Killed):
-        StandardTrainer(cfg_b, run, data=data, progress=False, callbacks=(kill,)).fit()
+        Trainer(cfg_b, run, data=data, progress=False, callbacks=(kill,)).fit()
     assert load_checkpoint(run.path)["step"] == 3
-    resumed = StandardTrainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data,
+    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data,
                               progress=False)
     assert resumed.step_count == 3
     resumed.fit()
@@ -225,7 +226,7 @@ def test_nan_stops_standard_training_and_keeps_the_last_good_checkpoint(mnist, t
     cfg = config(mnist, tmp_path, "recipe=pgd_at", "at.epochs=1", "train.log_every=1", "train.checkpoint_every=2",
                  "name=nan")
     run = RunDir(cfg, tensorboard=False)
-    trainer = StandardTrainer(cfg, run, data=data_of(mnist, 0, 384), progress=False)
+    trainer = Trainer(cfg, run, data=data_of(mnist, 0, 384), progress=False)
 
     def poison(step, metrics):
         if step == 3:
@@ -236,7 +237,7 @@ def test_nan_stops_standard_training_and_keeps_the_last_good_checkpoint(mnist, t
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         trainer.fit()
     state = load_checkpoint(run.path)
-    assert state["step"] == 2 and state["kind"] == "standard"
+    assert state["step"] == 2 and state["recipe_name"] == "pgd_at"
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -264,20 +265,21 @@ def test_bad_standard_settings_fail_before_any_work(mnist, tmp_path, monkeypatch
         config(mnist, tmp_path, "recipe=pgd_at", "at.schedule=piecewise", "at.epochs=10", "at.milestones=[20]")
     with pytest.raises(ConfigError, match="at.init"):
         config(mnist, tmp_path, "recipe=pgd_at", f"at.init={tmp_path / 'missing'}")
-    with pytest.raises(ConfigError, match="meta-learning recipe"):
-        StandardTrainer(config(mnist, tmp_path, "recipe=maml"), data=data_of(mnist, 0, 64), progress=False)
+    with pytest.raises(ConfigError, match="GradScaler"):  # meta-gradients are accumulated task by task
+        config(mnist, tmp_path, "recipe=maml", "at.amp=fp16")
     with pytest.raises(ConfigError, match="at.batch_size"):
-        StandardTrainer(config(mnist, tmp_path, "recipe=natural", "at.batch_size=128"), data=data_of(mnist, 0, 64),
+        Trainer(config(mnist, tmp_path, "recipe=natural", "at.batch_size=128"), data=data_of(mnist, 0, 64),
                         progress=False)
     # A few-shot class split (glyphs, Omniglot: other classes at test) cannot train a classifier.
-    from metarobust.training.standard import trainer as trainer_module
+    from metarobust.training import data as data_module
 
     train, test, _ = mnist
     other = take(test, torch.arange(8), "other/test")
     other.class_names = [f"other{i}" for i in range(10)]
-    monkeypatch.setattr(trainer_module, "load_split", lambda cfg, split: train if split == "train" else other)
+    monkeypatch.setattr(data_module, "load_split", lambda cfg, split: train if split == "train" else other)
+    cfg = config(mnist, tmp_path, "recipe=natural")
     with pytest.raises(DataError, match="different classes"):
-        trainer_module.load_standard_data(config(mnist, tmp_path, "recipe=natural"), torch.device("cpu"))
+        data_module.load_training_data(cfg, build_recipe(cfg), torch.device("cpu"))
 
 
 def test_lr_schedules_follow_the_papers():
@@ -333,7 +335,7 @@ def test_trades_loss_equals_the_reference_code():
     y = torch.randint(0, 5, (16,))
     cfg = load_config(None, ["recipe=trades", "train_attack.eps=0.031", "train_attack.step_size=0.007",
                              "train_attack.steps=3", "at.beta=6"])
-    recipe = standard_recipe(cfg)
+    recipe = build_recipe(cfg)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -342,7 +344,7 @@ def test_trades_loss_equals_the_reference_code():
     model.train()
     models = Models({"model": model}, {"model": model}, {"model": model}, ["model"])
     ctx = StepContext(0, 0, 0.0, 0, torch.Generator().manual_seed(1), 5)
-    got, stats = recipe.loss(models, Batch(x, y, torch.arange(16)), ctx)
+    got, stats = recipe.loss(models, EpisodeBatch.plain(x, y, torch.arange(16)), ctx)
     assert got.item() == pytest.approx(expected.item(), rel=1e-9)
     assert set(stats) == {"clean_acc", "adv_acc", "kl"}
 
@@ -376,12 +378,12 @@ def test_attacks_run_in_the_recipes_batchnorm_mode_and_restore_train_mode():
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 5, (8,))
     for recipe, expected in (("trades", False), ("pgd_at", True)):
         modes.clear()
-        r = standard_recipe(load_config(None, [f"recipe={recipe}", "train_attack.steps=2"]))
+        r = build_recipe(load_config(None, [f"recipe={recipe}", "train_attack.steps=2"]))
         attack = r.train_attack()
         r.attack(model, attack, x, y, noise=attack.init_noise(x, torch.Generator().manual_seed(0)))
         assert modes and all(m is expected for m in modes), recipe
         assert model.training
-    r = standard_recipe(load_config(None, ["recipe=trades", "at.attack_bn=train"]))
+    r = build_recipe(load_config(None, ["recipe=trades", "at.attack_bn=train"]))
     assert r.bn == "train"
     with bn_mode(model, "eval"):
         assert not model.training

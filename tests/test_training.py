@@ -14,7 +14,9 @@ from metarobust.config import load_config
 from metarobust.errors import ConfigError, TrainingDiverged
 from metarobust.experiment import train_and_evaluate
 from metarobust.runs import RunDir, load_checkpoint
-from metarobust.training.engine import Trainer, load_stores
+from metarobust.training.data import load_training_data
+from metarobust.training.engine import Trainer
+from metarobust.training.recipes import build_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,7 +28,7 @@ SMALL = ["model.hidden=8", "meta.meta_batch_size=2", "meta.queries=2", "meta.inn
 @pytest.fixture(scope="module")
 def stores():
     cfg = load_config(CONFIGS / "quickstart.yaml", SMALL)
-    return load_stores(cfg, torch.device("cpu"))
+    return load_training_data(cfg, build_recipe(cfg), torch.device("cpu"))
 
 
 def small_cfg(tmp_path, *extra):
@@ -39,7 +41,7 @@ class Killed(Exception):
 
 def test_killed_run_resumes_to_the_same_parameters_and_metrics(tmp_path, stores):
     cfg = small_cfg(tmp_path, "name=whole", "recipe=r_maml")
-    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), stores=stores, progress=False)
+    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=stores, progress=False)
     whole.fit()
 
     cfg_b = small_cfg(tmp_path, "name=killed", "recipe=r_maml")
@@ -50,9 +52,9 @@ def test_killed_run_resumes_to_the_same_parameters_and_metrics(tmp_path, stores)
 
     run = RunDir(cfg_b, tensorboard=False)
     with pytest.raises(Killed):
-        Trainer(cfg_b, run, stores=stores, callbacks=(kill_at_three,), progress=False).fit()
+        Trainer(cfg_b, run, data=stores, callbacks=(kill_at_three,), progress=False).fit()
     assert load_checkpoint(run.path)["step"] == 2  # step 3 was never checkpointed
-    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, stores=stores,
+    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=stores,
                       progress=False)
     assert resumed.step_count == 2
     resumed.fit()
@@ -64,7 +66,7 @@ def test_killed_run_resumes_to_the_same_parameters_and_metrics(tmp_path, stores)
 
 def test_run_folder_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path, stores):
     cfg = small_cfg(tmp_path, "name=once", "train.iterations=2")
-    Trainer(cfg, RunDir(cfg, tensorboard=False), stores=stores, progress=False).fit()
+    Trainer(cfg, RunDir(cfg, tensorboard=False), data=stores, progress=False).fit()
     with pytest.raises(ConfigError, match="--resume"):
         RunDir(cfg)
     with pytest.raises(ConfigError, match="no checkpoint"):
@@ -74,7 +76,7 @@ def test_run_folder_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path,
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, stores):
     cfg = small_cfg(tmp_path, "name=diverge", "recipe=maml")
     run = RunDir(cfg, tensorboard=False)
-    trainer = Trainer(cfg, run, stores=stores, progress=False)
+    trainer = Trainer(cfg, run, data=stores, progress=False)
 
     def poison(step, metrics):
         if step == 3:  # after the checkpoint of step 2
@@ -106,7 +108,7 @@ def test_short_real_training_run_beats_chance_by_a_margin(tmp_path):
 
 def test_cli_eval_rescores_a_run_with_overrides(tmp_path, capsys, stores):
     cfg = small_cfg(tmp_path, "name=cli", "train.iterations=2")
-    Trainer(cfg, RunDir(cfg, tensorboard=False), stores=stores, progress=False).fit()
+    Trainer(cfg, RunDir(cfg, tensorboard=False), data=stores, progress=False).fit()
     assert main(["eval", str(tmp_path / "cli"), "attack.eps=0.0", "eval.episodes=10", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["eps"] == 0.0 and out["robust_acc"] == pytest.approx(out["clean_acc"])

@@ -46,7 +46,7 @@ def fewshot_intrinsic_dimension(cfg: ExperimentConfig, model: nn.Module, store: 
     Args:
         cfg: the run's config (``meta``, ``attack``, ``analysis``, ``seed``, ``eval.batch_size``).
         model: the trained learner (its meta-learned initial weights), on the store's device.
-        store: the test split (``load_stores(cfg, device).test``).
+        store: the test split (``load_training_data(cfg, recipe, device).test``).
         manifest: the frozen test episodes (``resolve_manifest(cfg, store)``).
         progress: optional wrapper of the episode iterator (e.g. ``tqdm``).
 
@@ -56,7 +56,7 @@ def fewshot_intrinsic_dimension(cfg: ExperimentConfig, model: nn.Module, store: 
 
     Example:
         >>> cfg, model, _ = model_from_checkpoint("runs/its_maml_k5")
-        >>> stores = load_stores(cfg, resolve_device(cfg.device))
+        >>> stores = load_training_data(cfg, build_recipe(cfg), resolve_device(cfg.device))
         >>> ids = fewshot_intrinsic_dimension(cfg, model, stores.test, resolve_manifest(cfg, stores.test))
         >>> ids["penultimate"]["clean"]["twonn"]
         (11.3..., 0.4...)

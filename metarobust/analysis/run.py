@@ -14,13 +14,6 @@ from metarobust.config import ExperimentConfig
 from metarobust.runs import atomic_write_text
 
 
-def recipe_is_standard(recipe: str) -> bool:
-    """Plain-classifier recipes (standard adversarial training) carry ``kind = "standard"``."""
-    from metarobust.training.recipes import RECIPES
-
-    return getattr(RECIPES.get(recipe, "recipe"), "kind", "meta") == "standard"
-
-
 def analyse_run(path: str | Path, overrides: list[str] | None = None,
                 progress: Callable[[Iterable], Iterable] | None = None
                 ) -> tuple[ExperimentConfig, IDReport, dict[str, Path]]:
@@ -31,11 +24,13 @@ def analyse_run(path: str | Path, overrides: list[str] | None = None,
     Returns the config, the report and ``{"json": ..., "plot": ...}`` paths.
     """
     from metarobust.experiment import model_from_checkpoint, resolve_manifest
-    from metarobust.training.engine import load_stores, resolve_device
+    from metarobust.training.data import load_training_data, resolve_device
+    from metarobust.training.recipes import build_recipe
 
     cfg, model, state = model_from_checkpoint(path, overrides)
-    stores = load_stores(cfg, resolve_device(cfg.device))
-    if recipe_is_standard(cfg.recipe):
+    recipe = build_recipe(cfg)
+    stores = load_training_data(cfg, recipe, resolve_device(cfg.device))
+    if recipe.evaluation == "classifier":
         batch = getattr(getattr(cfg, "at", None), "batch_size", 256)
         units = classifier_feature_units(model, stores.test, batch)
         report = intrinsic_dimension_of_units(units, model, cfg.analysis, cfg.attack, cfg.seed, progress)

@@ -8,8 +8,8 @@ same call runs in a per-task loop and under ``torch.func.vmap``.
 from __future__ import annotations
 
 from metarobust.attacks import apgd, pgd  # noqa: F401  (each registers its attacks)
-from metarobust.attacks.losses import cross_entropy_sum, kl_from_clean
 from metarobust.attacks.apgd import APGD
+from metarobust.attacks.losses import cross_entropy_sum, kl_from_clean
 from metarobust.attacks.pgd import PGD, LinfPGD, fgsm, fgsm_rs
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig

@@ -42,7 +42,8 @@ class EpisodeBatch:
 
     ``support_index`` / ``query_index`` (``int64 [T, N*K]`` / ``[T, N*Q]``) are the images'
     positions in the store, so tests and manifests can check exactly what was drawn.
-    A single-task mini-batch has ``T = 1`` and ``N*K = 0``.
+    A plain mini-batch (:meth:`plain`) has ``T = 1`` and ``N*K = 0``; its images, labels and
+    store positions read as :attr:`x`, :attr:`y` and :attr:`index`.
     """
 
     support_x: torch.Tensor
@@ -59,6 +60,35 @@ class EpisodeBatch:
 
     def __len__(self) -> int:
         return self.num_tasks
+
+    @classmethod
+    def plain(cls, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> EpisodeBatch:
+        """The degenerate episode of a mini-batch: ``x [B, C, H, W]``, global labels ``y [B]``,
+        store positions ``index [B]``; one task, no support set, ``classes`` empty."""
+        empty = x.new_empty((1, 0, *x.shape[1:]))
+        return cls(empty, y.new_empty((1, 0)), x.unsqueeze(0), y.unsqueeze(0), y.new_empty((1, 0)),
+                   index.new_empty((1, 0)), index.unsqueeze(0))
+
+    def _single(self, value: torch.Tensor) -> torch.Tensor:
+        if self.num_tasks != 1 or self.support_x.shape[1] != 0:
+            raise ValueError(f"x, y and index belong to a plain mini-batch (one task, no support set); this "
+                             f"batch has {self.num_tasks} tasks with {self.support_x.shape[1]} support images")
+        return value[0]
+
+    @property
+    def x(self) -> torch.Tensor:
+        """A plain batch's images ``[B, C, H, W]`` (its one task's query set)."""
+        return self._single(self.query_x)
+
+    @property
+    def y(self) -> torch.Tensor:
+        """A plain batch's global labels ``[B]``."""
+        return self._single(self.query_y)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """A plain batch's store positions ``[B]``."""
+        return self._single(self.query_index)
 
     def task(self, t: int) -> Episode:
         return Episode(self.support_x[t], self.support_y[t], self.query_x[t], self.query_y[t],

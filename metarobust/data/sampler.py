@@ -53,8 +53,11 @@ class EpisodicSampler:
         shots: K, support images per class (``meta.train_shots`` at training,
             ``meta.test_shots`` at evaluation: they are independent).
         queries: Q, query images per class.
-        tasks: T, episodes per batch (the meta-batch size).
+        tasks: T, episodes per batch (the meta-batch size) of this rank.
         seed: seeds the sampler's own generator.
+        rank, world_size: distributed meta-training: every rank draws the same global meta-batch
+            of ``world_size * tasks`` episodes and keeps tasks ``[rank * T, (rank + 1) * T)``, so
+            the ranks together see exactly what one process sees with the whole meta-batch.
 
     ``sample()`` returns an :class:`EpisodeBatch` with support ``[T, N*K, C, H, W]`` and query
     ``[T, N*Q, C, H, W]`` as float in [0, 1], labels remapped to ``0..N-1``. Support and query
@@ -66,16 +69,19 @@ class EpisodicSampler:
     """
 
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, tasks: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         check_episode_shape(store, ways, shots, queries)
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must lie in 0..{world_size - 1}")
         self.store, self.ways, self.shots, self.queries, self.tasks = store, ways, shots, queries, tasks
+        self.rank, self.world_size = rank, world_size
         self.table, self.counts = store.class_table()
         self.eligible = self.counts >= shots + queries
         self.generator = torch.Generator(device=store.device)
         self.generator.manual_seed(seed)
 
     def sample(self) -> EpisodeBatch:
-        n, k, q, t = self.ways, self.shots, self.queries, self.tasks
+        n, k, q, t = self.ways, self.shots, self.queries, self.tasks * self.world_size
         device = self.store.device
         classes = sample_classes(t, self.store.num_classes, n, self.generator, device, self.eligible)
         width = self.table.shape[1]
@@ -84,6 +90,9 @@ class EpisodicSampler:
         keys = keys.masked_fill(slots >= self.counts[classes].unsqueeze(-1), 2.0)
         picks = keys.argsort(dim=-1)[..., : k + q]  # [T, N, K+Q] distinct images per class
         index = torch.gather(self.table[classes], 2, picks)
+        if self.world_size > 1:  # this rank's tasks of the global meta-batch
+            mine = slice(self.rank * self.tasks, (self.rank + 1) * self.tasks)
+            classes, index = classes[mine], index[mine]
         return gather_episodes(self.store, classes, index[..., :k], index[..., k:])
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ from metarobust.data.manifest import Manifest, manifest_batches
 from metarobust.data.store import ImageStore
 from metarobust.meta.execution import resolve_execution, run_tasks
 from metarobust.meta.functional import bind, detached, params_of
-from metarobust.meta.logistic import LogisticProbe, feature_extractor
 from metarobust.training.objectives import accuracy
 
 Z_95 = 1.959964
@@ -59,11 +58,9 @@ def evaluation_learner(cfg: ExperimentConfig, model: nn.Module, ways: int | None
     :class:`~metarobust.meta.logistic.LogisticProbe` for RFS recipes (``ways`` classes, default
     ``meta.ways``), else MAML/ANIL with ``meta.test_inner_steps`` first-order steps. Both have
     ``adapt(params, support_x, support_y) -> fast`` and ``forward(fast, x) -> logits``."""
-    from metarobust.training.recipes import RECIPES, build_learner
+    from metarobust.training.recipes import RECIPES
 
-    if getattr(RECIPES.get(cfg.recipe, "recipe"), "fewshot_probe", False):
-        return LogisticProbe(feature_extractor(model), cfg.meta.ways if ways is None else ways)
-    return build_learner(cfg, model, steps=cfg.meta.test_inner_steps, first_order=True)
+    return RECIPES.get(cfg.recipe, "recipe")(cfg).evaluation_learner(model, cfg.meta.ways if ways is None else ways)
 
 
 def evaluate_fewshot(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig,

@@ -20,6 +20,7 @@ with the task dimension first. ``meta_backward`` runs it over an
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -74,26 +75,35 @@ def run_tasks(task_fn: Callable[..., tuple], params: Params, batch: EpisodeBatch
     return tuple(_stack([o[i] for o in outputs]) for i in range(len(outputs[0])))
 
 
-def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch,
-                  noise: Noise, execution: str) -> tuple[torch.Tensor, Stats]:
+def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, noise: Noise, execution: str,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  ) -> tuple[torch.Tensor, Stats]:
     """Accumulate ``d mean_t loss_t / d params`` into ``.grad``; return the mean loss and stats.
 
-    Both executions compute the same gradient (tested to float64 precision).
+    Both executions compute the same gradient (tested to float64 precision). ``autocast``: the
+    mixed-precision context the task functions run under (backward runs outside it).
     """
     tasks = batch.num_tasks
     if execution == "vmap":
-        losses, stats = run_tasks(task_fn, params, batch, noise, "vmap")
-        losses.mean().backward()
+        with autocast():
+            losses, stats = run_tasks(task_fn, params, batch, noise, "vmap")
+        _full(losses).mean().backward()
         return losses.detach().mean(), {k: v.detach().mean() for k, v in stats.items()}
     inputs = _task_inputs(batch, noise)
     total, sums = None, {}
     for t in range(tasks):
-        loss, stats = task_fn(params, *_task(inputs, t))
-        (loss / tasks).backward()  # frees this task's graph before the next is built
+        with autocast():
+            loss, stats = task_fn(params, *_task(inputs, t))
+        (_full(loss) / tasks).backward()  # frees this task's graph before the next is built
         total = loss.detach() if total is None else total + loss.detach()
         for k, v in stats.items():
             sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
-    return total / tasks, {k: v / tasks for k, v in sums.items()}
+    return _full(total) / tasks, {k: v / tasks for k, v in sums.items()}
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A half-precision (autocast) loss in float32 before backward; float32/float64 unchanged."""
+    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
 
 
 def _stack(values: list) -> object:

@@ -8,8 +8,7 @@ from metarobust.config import ModelConfig
 from metarobust.models import preact_resnet, resnet, resnet12, small_cnn, wide_resnet
 from metarobust.models.conv4 import Conv4
 from metarobust.models.dual_bn import DualBatchNorm, bn_route, convert_dual_bn, strip_aux_bn
-from metarobust.models.options import (input_stats, require_image_size, require_no_dropout,
-                                       resolve_norm)
+from metarobust.models.options import input_stats, require_image_size, require_no_dropout, resolve_norm
 from metarobust.models.preact_resnet import PreActResNet
 from metarobust.models.resnet import ResNet
 from metarobust.models.resnet12 import ResNet12

@@ -19,8 +19,13 @@ from torch import nn
 
 from metarobust.config import ModelConfig
 from metarobust.models.layers import Normalize, norm2d
-from metarobust.models.options import (input_stats, require_image_size, require_no_dropout,
-                                       resolve_norm, scale_width)
+from metarobust.models.options import (
+    input_stats,
+    require_image_size,
+    require_no_dropout,
+    resolve_norm,
+    scale_width,
+)
 
 MIN_IMAGE_SIZE = 8
 """Three stride-2 stages: 8x8 inputs end at 1x1."""

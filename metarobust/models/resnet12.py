@@ -37,8 +37,13 @@ from torch import nn
 
 from metarobust.config import ModelConfig
 from metarobust.models.layers import Normalize, norm2d
-from metarobust.models.options import (input_stats, require_image_size, resolve_drop_rate,
-                                       resolve_norm, scale_width)
+from metarobust.models.options import (
+    input_stats,
+    require_image_size,
+    resolve_drop_rate,
+    resolve_norm,
+    scale_width,
+)
 
 MIN_IMAGE_SIZE = 16
 """Four 2x2 max-pools: 16x16 inputs end at 1x1."""

@@ -21,8 +21,7 @@ from torch import nn
 from metarobust.config import ModelConfig
 from metarobust.errors import ConfigError
 from metarobust.models.layers import Normalize
-from metarobust.models.options import (input_stats, require_image_size, resolve_drop_rate,
-                                       scale_width)
+from metarobust.models.options import input_stats, require_image_size, resolve_drop_rate, scale_width
 
 MIN_IMAGE_SIZE = 16
 """Four unpadded 3x3 convolutions and two 2x2 max-pools: 16x16 inputs end at 1x1."""

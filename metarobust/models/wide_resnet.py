@@ -33,8 +33,13 @@ from torch import nn
 from metarobust.config import ModelConfig
 from metarobust.errors import ConfigError
 from metarobust.models.layers import Normalize, norm2d
-from metarobust.models.options import (input_stats, require_image_size, resolve_drop_rate,
-                                       resolve_norm, scale_width)
+from metarobust.models.options import (
+    input_stats,
+    require_image_size,
+    resolve_drop_rate,
+    resolve_norm,
+    scale_width,
+)
 
 MIN_IMAGE_SIZE = 4
 """Two stride-2 groups: 4x4 inputs end at 1x1."""

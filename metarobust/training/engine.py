@@ -1,130 +1,253 @@
-"""The engine: sampler -> learner.adapt -> objective(attack) -> step, for every recipe.
+"""The one engine: every recipe, meta-learning and plain training alike, runs in :class:`Trainer`.
 
-    for step in range(start, total_steps):
-        batch = sampler.sample()                       # EpisodeBatch on the device
-        loss, stats = train_step(batch)                # meta: meta_backward over T tasks;
-        optimizer.step()                               # standard: T=1, no support, no adaptation
+Per step::
 
-:class:`BaseTrainer` owns what every kind of training shares: the loop and its progress bar,
-metrics accumulated on the device and synchronised with the host only every
+    batch = sampler.sample()                       # EpisodeBatch on the device (meta: T episodes;
+                                                   # plain: one task, no support set)
+    for replay in range(recipe.replays):           # 1; Free AT: m
+        set lr = recipe.lr_at(t)                   # every optimizer step (a closed form of t)
+        loss, stats = recipe.backward(models, batch, ctx)   # under autocast; meta: per task
+        recipe.after_backward(...); all-reduce (meta under torchrun); scaler.step(optimizer)
+    after an epoch's last batch: recipe.on_epoch_end(trainer)
+
+The trainer owns what every recipe shares: the models of the recipe's roles (built from
+``cfg.model`` with a seeded, RNG-isolated initialisation, loaded from checkpoints, dual-BN,
+``channels_last``, ``torch.compile``, DistributedDataParallel), one optimizer over every trainable
+parameter with its learning-rate schedule, mixed precision (``at.amp``: bf16 autocast, or fp16
+with a GradScaler), metrics accumulated on the device and read on the host only every
 ``train.log_every`` steps, the run folder (metrics.jsonl, TensorBoard), atomic checkpoints every
-``train.checkpoint_every`` steps (model, optimizer, sampler and attack generators, step, and
-whatever the subclass adds), exact resume (``resume=True`` reaches the same parameters as an
-uninterrupted run), and the stop on a non-finite loss or parameter (:class:`TrainingDiverged`,
-the last good checkpoint left untouched). :class:`Trainer` meta-trains episodic recipes;
-:class:`metarobust.training.standard.trainer.StandardTrainer` trains plain classifiers on
-single-task mini-batches (the degenerate episode) with the standard-AT recipes.
+``train.checkpoint_every`` steps (models, optimizer, scaler, sampler, every rank's noise
+generator, the recipe's state), exact resume (a resumed run reaches the parameters of an
+uninterrupted one), and the stop on a non-finite loss or parameter (:class:`TrainingDiverged`,
+the last good checkpoint left untouched).
+
+Under ``torchrun`` (:mod:`metarobust.distributed`) plain recipes train DDP-wrapped models on
+disjoint slices of each global batch; meta recipes split each meta-batch's tasks across the ranks
+and average the meta-gradients (their inner loop calls the model functionally, which DDP cannot
+see), so two processes compute what one does with the whole meta-batch.
+
+Example:
+    >>> cfg = load_config("configs/quickstart.yaml", ["train.iterations=10"])
+    >>> data = load_training_data(cfg, build_recipe(cfg), torch.device("cpu"))
+    >>> model = Trainer(cfg, data=data).fit()
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import fields
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from metarobust.attacks import build_attack
+from metarobust import distributed
 from metarobust.config import ExperimentConfig, to_dict
-from metarobust.data.datasets import load_split
-from metarobust.data.sampler import EpisodicSampler, check_episode_shape
-from metarobust.data.store import ImageStore
-from metarobust.errors import TrainingDiverged
-from metarobust.meta.execution import meta_backward, resolve_execution
-from metarobust.meta.functional import params_of
-from metarobust.models import build_model
-from metarobust.runs import RunDir
-from metarobust.training.recipes import build_learner, build_task_fn, draw_noise
+from metarobust.data.episode import EpisodeBatch
+from metarobust.data.sampler import to_float
+from metarobust.distributed import DistInfo
+from metarobust.errors import ConfigError, TrainingDiverged
+from metarobust.models import build_model, convert_dual_bn
+from metarobust.runs import RunDir, load_checkpoint
+from metarobust.training.data import TrainingData, load_training_data, resolve_device
+from metarobust.training.recipes import Models, Recipe, StepContext, build_recipe
 
 Callback = Callable[[int, dict[str, float]], None]
+NOISE_RANK_STRIDE = 7919
+"""Plain recipes: rank r draws attack noise from ``seed + 1 + 7919 r`` (independent streams)."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@dataclass
-class Stores:
-    train: ImageStore
-    test: ImageStore
-
-
-def load_stores(cfg: ExperimentConfig, device: torch.device) -> Stores:
-    """Train and test splits on ``device``; checks both can serve the configured episodes."""
-    train = load_split(cfg.data, "train").to(device)
-    test = load_split(cfg.data, "test").to(device)
-    m = cfg.meta
-    check_episode_shape(train, m.ways, m.train_shots, m.queries, "meta")
-    check_episode_shape(test, m.ways, m.test_shots, m.queries, "meta")
-    return Stores(train, test)
-
-
-class BaseTrainer:
-    """The shared loop: subclasses set ``self.total_steps`` and implement :meth:`train_step`,
-    :meth:`state_dict`, :meth:`_restore` and :meth:`parameters`.
+class Trainer:
+    """Trains ``cfg.recipe`` on the train split of ``cfg.data``.
 
     Args:
-        cfg: a validated :class:`ExperimentConfig` (``cfg.train.log_every``/``checkpoint_every``).
+        cfg: a validated :class:`ExperimentConfig`.
         run: the run folder (``None``: no files, for tests, benchmarks and non-zero ranks).
+        resume: continue from the run's last checkpoint (metrics logged after it are dropped).
+        data: pre-loaded images (else :func:`load_training_data`).
         callbacks: ``f(step, metrics)`` called after each logged step.
         progress: show a progress bar.
+        dist: the process group (:func:`metarobust.distributed.init_from_env`); ``None``: one process.
+        recipe: the recipe object (else built from ``cfg.recipe``).
+
+    ``total_steps`` counts batches: ``train.iterations`` meta-updates, or ``at.epochs`` x batches per
+    epoch for plain recipes; ``train.log_every`` and ``train.checkpoint_every`` count them too.
     """
 
-    divergence_hint = "lower the learning rate and --resume"
-    """Appended to the :class:`TrainingDiverged` message."""
-
-    def __init__(self, cfg: ExperimentConfig, run: RunDir | None, callbacks: tuple[Callback, ...],
-                 progress: bool) -> None:
+    def __init__(self, cfg: ExperimentConfig, run: RunDir | None = None, resume: bool = False,
+                 data: TrainingData | None = None, callbacks: tuple[Callback, ...] = (),
+                 progress: bool = True, dist: DistInfo | None = None, recipe: Recipe | None = None) -> None:
         self.cfg, self.run, self.callbacks, self.progress = cfg, run, callbacks, progress
+        self.recipe = recipe or build_recipe(cfg)  # the recipe's own checks come first
+        self.dist = dist or distributed.single(resolve_device(cfg.device))
+        self.device = self.dist.device
+        self.data = data or load_training_data(cfg, self.recipe, self.device, with_test=False)
+        train, world = self.data.train, self.dist.world_size
+        self.total_steps, self.steps_per_epoch = self.recipe.schedule(train, world)
+        self.sampler = self.recipe.sampler(train, self.dist.rank, world)
+        self.models = self._build_models()
+        self.optimizer = self.recipe.optimizer(self._trainable_parameters())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.at.amp == "fp16")
+        self.generator = torch.Generator(device=self.device)
+        rank_offset = 0 if self.recipe.episodic else NOISE_RANK_STRIDE * self.dist.rank
+        self.generator.manual_seed(cfg.seed + 1 + rank_offset)
         self.step_count = 0
-        self.total_steps = cfg.train.iterations
+        self.epoch = 0
+        self.lr = self.recipe.lr_at(0.0)
         self.stopped: str | None = None
         """Why training ended early (set by :meth:`stop`); saved, so a resumed run stays stopped."""
+        self.first_batch: EpisodeBatch | None = None
+        self._pending: dict[str, float] = {}
+        self._generator_states: list[torch.Tensor] | None = None
+        if resume:
+            if run is None:
+                raise ValueError("resume=True needs a run folder")
+            self._restore(run.load_checkpoint("cpu"))
+            run.truncate_metrics(self.step_count)
 
-    # -- to implement -----------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One step (advances ``step_count``); returns the loss and 0-dim stats (no host sync)."""
-        raise NotImplementedError
+    # -- models ---------------------------------------------------------------------------------
+    def _build_models(self) -> Models:
+        cfg, train = self.cfg, self.data.train
+        in_channels, size = train.image_shape[0], train.image_shape[-1]
+        outputs = self.recipe.head_size(train)
+        compiled = cfg.at.compile
+        wrapped, raw, modules, trainable = {}, {}, {}, []
+        with torch.random.fork_rng(devices=[]):  # every rank builds the same initial weights,
+            torch.manual_seed(cfg.seed)          # without reseeding the caller's global RNG
+            for role in self.recipe.roles():
+                arch = role.model or cfg.model
+                module = build_model(arch, in_channels, outputs, size, cfg.data.dataset).to(self.device)
+                if role.checkpoint:
+                    _load_role_weights(module, role.checkpoint, role.name, arch, self.device)
+                if role.dual_bn:
+                    module = convert_dual_bn(module)
+                if cfg.at.channels_last:
+                    module = module.to(memory_format=torch.channels_last)
+                if not role.trainable:
+                    module.eval().requires_grad_(False)
+                modules[role.name] = module
+                raw[role.name] = torch.compile(module) if compiled else module
+                wrapped[role.name] = raw[role.name]
+                if role.trainable:
+                    trainable.append(role.name)
+                    if self.dist.distributed and not self.recipe.episodic:
+                        ddp = distributed.wrap(module, self.dist)
+                        wrapped[role.name] = torch.compile(ddp) if compiled else ddp
+        if not trainable:
+            raise ConfigError(f"recipe {cfg.recipe!r} declares no trainable model role")
+        return Models(wrapped, raw, modules, trainable)
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError
+    def _trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for name in self.models.trainable for p in self.models.modules[name].parameters()
+                if p.requires_grad]
 
-    def _restore(self, state: dict) -> None:
-        raise NotImplementedError
+    @property
+    def model(self) -> torch.nn.Module:
+        """The deployed model (:meth:`Recipe.deployed`)."""
+        return self.recipe.deployed(self.models)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.train.num_classes
 
     def parameters(self) -> list[torch.Tensor]:
         """The trained tensors checked for finiteness before each checkpoint."""
-        raise NotImplementedError
+        return [p for name in self.models.trainable for p in self.models.modules[name].parameters()]
 
-    # -- hooks --------------------------------------------------------------------------------
-    def end_of_step(self) -> dict[str, float] | None:
-        """Called after each step's logging and before its checkpoint; may return metrics to log
-        at once (standard training: epoch-end hooks)."""
-        return None
+    # -- what hooks use (TrainerView) -------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        amp = self.cfg.at.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
-    def reduce_metrics(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-        """Window means as floats: the only host synchronisation of the loop."""
-        return {k: float(v) / count for k, v in sums.items()}
+    def check_batch(self) -> EpisodeBatch:
+        holdout = self.data.holdout
+        if holdout is not None:
+            index = torch.arange(len(holdout), device=holdout.device)
+            return self._layout(EpisodeBatch.plain(to_float(holdout.images), holdout.labels, index))
+        if self.first_batch is None:
+            raise RuntimeError("check_batch() before the first training batch")
+        return self.first_batch
 
-    def should_checkpoint(self, step: int) -> bool:
-        return step % self.cfg.train.checkpoint_every == 0 or step == self.total_steps
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return distributed.all_mean(value, self.dist)
 
     def stop(self, reason: str) -> None:
         """End training after the current step; the reason is saved with the checkpoint."""
         self.stopped = reason
 
+    def _layout(self, batch: EpisodeBatch) -> EpisodeBatch:
+        """A plain batch's images in channels-last memory format when ``at.channels_last``."""
+        if not self.cfg.at.channels_last or self.recipe.episodic:
+            return batch
+        x = batch.query_x[0].contiguous(memory_format=torch.channels_last).unsqueeze(0)
+        return EpisodeBatch(batch.support_x, batch.support_y, x, batch.query_y, batch.classes,
+                            batch.support_index, batch.query_index)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch (all its replays); returns the loss and 0-dim stats (no host sync)."""
+        per_epoch, replays = self.steps_per_epoch, self.recipe.replays
+        self.epoch = self.step_count // per_epoch
+        if self.step_count % per_epoch == 0:
+            self._pending.update(self.recipe.on_epoch_start(self) or {})
+        batch = self._layout(self.sampler.sample())
+        if self.step_count % per_epoch == 0:
+            self.first_batch = batch
+        for name in self.models.trainable:
+            self.models.modules[name].train()
+        total_updates = self.total_steps * replays
+        for replay in range(replays):
+            update = self.step_count * replays + replay
+            self.lr = self.recipe.lr_at((self.step_count + (replay + 1) / replays) / per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            ctx = StepContext(update, self.epoch, update / total_updates, replay, self.generator,
+                              self.num_classes, self.autocast, self.scaler.scale, self.dist.rank,
+                              self.dist.world_size)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, stats = self.recipe.backward(self.models, batch, ctx)
+            self.recipe.after_backward(self.models, batch, ctx)
+            if self.recipe.episodic and self.dist.distributed:
+                distributed.average_gradients(self._trainable_parameters(), self.dist)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.step_count += 1
+        return loss, stats
+
+    def end_of_step(self) -> dict[str, float] | None:
+        """Epoch-end hooks after an epoch's last batch; metrics to log at once."""
+        if self.step_count % self.steps_per_epoch == 0:
+            self._pending.update(self.recipe.on_epoch_end(self) or {})
+            if not self.recipe.episodic:
+                self._pending["epoch"] = float(self.step_count // self.steps_per_epoch)
+        out, self._pending = self._pending, {}
+        return out or None
+
+    def reduce_metrics(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Window means over the ranks as floats: the only host synchronisation of the loop."""
+        keys = sorted(sums)
+        values = torch.stack([sums[k].float().to(self.device) for k in keys]) / count
+        values = distributed.all_mean(values, self.dist).tolist()
+        return {**dict(zip(keys, values)), "lr": self.lr}
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
         if self.run is not None:
             self.run.log(step, metrics)
         for callback in self.callbacks:
             callback(step, metrics)
 
+    def should_checkpoint(self, step: int) -> bool:
+        return step % self.cfg.train.checkpoint_every == 0 or step == self.total_steps
+
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> torch.nn.Module:
-        """Train until ``total_steps`` (or a :meth:`stop`); returns the trained model."""
+        """Train until ``total_steps`` (or a :meth:`stop`); returns the deployed model."""
         log_every = self.cfg.train.log_every
         sums: dict[str, torch.Tensor] = {}
         count = 0
@@ -144,10 +267,7 @@ class BaseTrainer:
                     if not math.isfinite(metrics["loss"]):
                         raise TrainingDiverged(
                             f"loss is {metrics['loss']} at step {step}; training stopped. The last good "
-                            f"checkpoint is kept"
-                            + (f" at {self.run.checkpoint_path}" if self.run else "")
-                            + f"; {self.divergence_hint}"
-                        )
+                            f"checkpoint is kept" + self._where() + f"; {self.recipe.divergence_hint}")
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
                     self.log(step, metrics)
                 extra = self.end_of_step()
@@ -159,91 +279,75 @@ class BaseTrainer:
             bar.close()
         return self.model
 
-    # -- checkpoints ------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f" at {self.run.checkpoint_path}" if self.run is not None else ""
+
+    # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> None:
-        """Write the checkpoint, unless a parameter went non-finite (the last good one stays)."""
+        """Write the checkpoint, unless a parameter went non-finite (the last good one stays).
+        Every rank's noise generator goes into it (a collective: all ranks call this)."""
         finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
         if not bool(finite):
-            raise TrainingDiverged(
-                f"non-finite parameters at step {self.step_count}; the last good checkpoint"
-                + (f" at {self.run.checkpoint_path}" if self.run else "")
-                + f" is kept; {self.divergence_hint}"
-            )
+            raise TrainingDiverged(f"non-finite parameters at step {self.step_count}; the last good checkpoint"
+                                   + self._where() + f" is kept; {self.recipe.divergence_hint}")
+        self._generator_states = list(distributed.gather_objects(self.generator.get_state(), self.dist))
         if self.run is not None:
             self.run.save_checkpoint(self.state_dict())
 
-    def resume_from(self, run: RunDir | None) -> None:
-        """Continue from ``run``'s checkpoint; metrics logged after it are dropped (re-logged)."""
-        assert run is not None, "resume needs a run folder"
-        self._restore(run.load_checkpoint("cpu"))
-        run.truncate_metrics(self.step_count)
-
-
-class Trainer(BaseTrainer):
-    """Meta-trains ``cfg.recipe`` on the train split of ``cfg.data``.
-
-    Args:
-        cfg: a validated :class:`ExperimentConfig`.
-        run: the run folder (``None``: no files, for tests and benchmarks).
-        resume: continue from the run's last checkpoint.
-        stores: pre-loaded splits (else loaded from ``cfg.data``).
-        callbacks: ``f(step, metrics)`` called after each logged step.
-        progress: show a progress bar.
-    """
-
-    divergence_hint = "lower meta.meta_lr or meta.inner_lr and --resume"
-
-    def __init__(self, cfg: ExperimentConfig, run: RunDir | None = None, resume: bool = False,
-                 stores: Stores | None = None, callbacks: tuple[Callback, ...] = (),
-                 progress: bool = True) -> None:
-        super().__init__(cfg, run, callbacks, progress)
-        self.device = resolve_device(cfg.device)
-        self.stores = stores or load_stores(cfg, self.device)
-        m = cfg.meta
-        train = self.stores.train
-        self.sampler = EpisodicSampler(train, m.ways, m.train_shots, m.queries, m.meta_batch_size,
-                                       seed=cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, train.image_shape[0], m.ways, train.image_shape[-1], cfg.data.dataset).to(self.device)
-        self.params = params_of(self.model)
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=m.meta_lr)
-        self.learner = build_learner(cfg, self.model)  # MAML, or ANIL with meta.adapt=head
-        self.attack = build_attack(cfg.train_attack)
-        self.task_fn = build_task_fn(cfg, self.learner, self.attack)
-        self.execution = resolve_execution(m.execution, self.device)
-        self.noise_generator = torch.Generator(device=self.device)
-        self.noise_generator.manual_seed(cfg.seed + 1)
-        if resume:
-            self.resume_from(run)
-
-    # -- one meta-update ------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.model.train()
-        batch = self.sampler.sample()
-        noise = draw_noise(self.cfg, batch, self.attack, self.noise_generator)  # query (+ support) starts
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = meta_backward(self.task_fn, self.params, batch, noise, self.execution)
-        self.optimizer.step()
-        self.step_count += 1
-        return loss, stats
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.params.values())
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
+        first, train = self.first_batch, self.data.train
         return {
             "step": self.step_count,
+            "recipe_name": self.cfg.recipe,
             "model": self.model.state_dict(),
+            "models": {name: self.models.modules[name].state_dict() for name in self.models.trainable},
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "noise_generator": self.noise_generator.get_state(),
+            "generators": self._generator_states or [self.generator.get_state()],
+            "recipe": self.recipe.state_dict(),
+            "stopped": self.stopped,
+            "first_batch": None if first is None else {f.name: getattr(first, f.name) for f in fields(first)},
+            "data": {"num_classes": self.recipe.head_size(train), "in_channels": train.image_shape[0],
+                     "image_size": train.image_shape[-1], "class_names": list(train.class_names)},
             "config": to_dict(self.cfg),
         }
 
-    def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+    def _restore(self, state: dict[str, Any]) -> None:
+        for name, module_state in state["models"].items():
+            self.models.modules[name].load_state_dict(module_state)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.noise_generator.set_state(state["noise_generator"])
+        generators = state["generators"]
+        self.generator.set_state(generators[self.dist.rank % len(generators)])
+        self.recipe.load_state_dict(_to_device(state["recipe"], self.device))
+        self.stopped = state["stopped"]
+        first = state["first_batch"]
+        if first is not None:
+            self.first_batch = self._layout(EpisodeBatch(**_to_device(first, self.device)))
         self.step_count = int(state["step"])
+        self.epoch = self.step_count // self.steps_per_epoch
+
+
+def _load_role_weights(module: torch.nn.Module, checkpoint: str, role: str, arch, device: torch.device) -> None:
+    state = load_checkpoint(checkpoint, device)
+    try:
+        module.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:  # another architecture, or not a run's checkpoint
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"checkpoint {checkpoint!r} does not fit the {role!r} model ({arch.name}, hidden "
+                          f"{arch.hidden}): {detail}; give a checkpoint trained with the same model settings") from None
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+__all__ = ["Callback", "Trainer"]

@@ -1,4 +1,5 @@
-"""Outer objectives and robust inner losses: what a task is scored on.
+"""The shared losses of every recipe: outer objectives of meta-learning, robust inner losses, and
+the pieces of the adversarial-training losses (TRADES' KL, distillation, attack starts).
 
 Each outer objective returns ``(loss, stats)`` for one task's query set given the fast weights;
 ``stats`` are 0-dim tensors (no host synchronisation). Attacks run on detached fast weights: the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metarobust.attacks import cross_entropy_sum, kl_from_clean
 from metarobust.attacks.losses import kl_divergence
@@ -25,15 +27,90 @@ from metarobust.meta.maml import InnerLoss, StepLoss
 
 Stats = dict[str, torch.Tensor]
 ROBUST_FORMS = ("trades", "ce")
+TRADES_START_SIGMA = 0.001
+"""TRADES' attack starts at ``x + 0.001 N(0, I)`` (its code), not at a uniform point of the ball;
+MART, FRL, BAT and LTD start there too."""
 
 
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision (autocast) logits in float32 before a loss; other dtypes unchanged."""
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) logits as float32 for losses; float32/float64 unchanged."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=-1) == y).float().mean()
+    """Fraction of ``argmax(logits) == y`` as a 0-dim tensor (no host sync, no graph)."""
+    return (logits.detach().argmax(dim=-1) == y).float().mean()
+
+
+def trades_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """``(1/B) sum_i KL(p(x_i) || p(x'_i))`` (TRADES, Zhang et al. 2019, eq. 5: sum over classes,
+    mean over the batch, as its ``KLDivLoss(size_average=False) / B``); gradients flow through
+    both arguments. R-MAML's TRADES regulariser is the same term."""
+    return kl_divergence(F.log_softmax(full_precision(clean_logits), dim=-1),
+                         F.log_softmax(full_precision(adv_logits), dim=-1)).mean()
+
+
+def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """``tau^2 (1/B) sum_i KL(p_T^tau(x_i) || p_S^tau(x_i))`` with ``p^tau = softmax(z / tau)``
+    (Hinton et al.'s distillation term; the ``tau^2`` keeps its gradient scale independent of
+    tau). Gradients flow into both arguments: detach the teacher's logits to make it a teacher.
+    Logits ``[B, K]`` of any float dtype, computed in float32.
+
+    Example:
+        >>> tempered_kl(peer_logits.detach(), logits, temperature=2.0)
+    """
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    return t * t * kl_divergence(log_p, log_q).mean()
+
+
+def soft_cross_entropy(target_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``(1/B) sum_i H(q_i, softmax(z_i)) = -(1/B) sum_i sum_k q_ik log p_ik``: cross-entropy
+    against soft labels ``q [B, K]`` (rows summing to 1). Equals ``F.cross_entropy`` for one-hot
+    ``q``."""
+    return -(target_probs.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+class Tempered(nn.Module):
+    """``module(x) / temperature``: a model with a fixed output temperature (LTD's student).
+
+    It wraps rather than copies, so ``train()``/``eval()`` reach the wrapped model's BatchNorms.
+
+    Example:
+        >>> student = Tempered(model, 2.0)
+        >>> x_adv = attack(student, x, y)   # the attack sees the tempered logits
+    """
+
+    def __init__(self, module: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.module = module
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) / self.temperature
+
+
+def _per_sample_eps(eps: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    eps_t = torch.as_tensor(eps, device=x.device, dtype=x.dtype)
+    return eps_t.view(-1, *([1] * (x.dim() - 1))) if eps_t.dim() > 0 else eps_t
+
+
+def gaussian_start(x: torch.Tensor, sigma: float, eps: float | torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Noise for :class:`~metarobust.attacks.PGD` (``random_start=True``, L-inf) that starts at
+    ``x + sigma * N(0, I)`` instead of a uniform point of the ball: the start TRADES, MART, FRL and
+    BAT use (``sigma = 0.001``). PGD scales the raw noise by ``eps``, so it is divided by ``eps``."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return noise * sigma / _per_sample_eps(eps, x).clamp_min(1e-12)
+
+
+def start_at(x_start: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """Noise for an L-inf :class:`~metarobust.attacks.PGD` (``random_start=True``) that starts
+    exactly at ``x_start`` (a point of the eps-ball around ``x``, e.g. another attack's output:
+    Backward Smoothing, local balls). PGD scales the raw L-inf noise by ``eps``."""
+    return (x_start - x) / _per_sample_eps(eps, x).clamp_min(1e-12)
 
 
 def craft(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Tensor, attack,
@@ -48,7 +125,7 @@ def craft(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Te
     if form == "trades":
         if clean_logits is None:
             clean_logits = frozen(x)
-        target = F.log_softmax(_full(clean_logits.detach()), dim=-1)
+        target = F.log_softmax(full_precision(clean_logits.detach()), dim=-1)
         return attack(frozen, x, target, kl_from_clean, noise)
     return attack(frozen, x, y, cross_entropy_sum, noise)
 
@@ -58,9 +135,8 @@ def regulariser(clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.T
     ``trades``: KL(p_clean || p_adv), gradients through both distributions as in TRADES;
     ``ce``: cross-entropy of the adversarial logits (the "AT" form)."""
     if form == "trades":
-        return kl_divergence(F.log_softmax(_full(clean_logits), dim=-1),
-                             F.log_softmax(_full(adv_logits), dim=-1)).mean()
-    return F.cross_entropy(_full(adv_logits), y)
+        return trades_kl(clean_logits, adv_logits)
+    return F.cross_entropy(full_precision(adv_logits), y)
 
 
 def clean_ce(forward: FunctionalForward, fast: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:

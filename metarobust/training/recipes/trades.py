@@ -6,12 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metarobust.attacks.losses import kl_divergence, kl_from_clean
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    bn_mode, full_precision, gaussian_start, register_standard
-
-TRADES_START_SIGMA = 0.001
-"""TRADES' attack starts at ``x + 0.001 N(0, I)`` (its code), not at a uniform point of the ball."""
+from metarobust.attacks.losses import kl_from_clean
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import (
+    TRADES_START_SIGMA,
+    accuracy,
+    full_precision,
+    gaussian_start,
+    trades_kl,
+)
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
 
 
 def trades_attack_target(model: torch.nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -21,16 +25,9 @@ def trades_attack_target(model: torch.nn.Module, x: torch.Tensor, mode: str) -> 
         return F.log_softmax(full_precision(model(x)), dim=-1)
 
 
-def trades_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
-    """``(1/B) sum_i KL(p(x_i) || p(x'_i))`` (sum over classes, mean over the batch, as TRADES'
-    ``KLDivLoss(size_average=False) / B``); gradients flow through both arguments."""
-    return kl_divergence(F.log_softmax(full_precision(clean_logits), dim=-1),
-                         F.log_softmax(full_precision(adv_logits), dim=-1)).mean()
-
-
-@register_standard("trades", "TRADES (Zhang et al. 2019): CE(x) + beta KL(p(x)||p(x')), KL-PGD attack in eval "
+@register_recipe("trades", "TRADES (Zhang et al. 2019): CE(x) + beta KL(p(x)||p(x')), KL-PGD attack in eval "
                              "mode, beta 6")
-class TRADES(StandardRecipe):
+class TRADES(Recipe):
     """``L = CE(f(x), y) + beta (1/B) sum_i KL(p(x_i) || p(x'_i))`` (eq. 5) with
     ``x' = argmax_{x' in B(x, eps)} KL(p(x) || p(x'))``.
 
@@ -42,19 +39,19 @@ class TRADES(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_trades.yaml", ["at.beta=1"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
 
-    def adversarial(self, models: Models, batch: Batch, ctx: StepContext) -> torch.Tensor:
+    def adversarial(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> torch.Tensor:
         raw = models.raw["model"]
         attack = self.train_attack()
         target = trades_attack_target(raw, batch.x, self.bn)
         noise = gaussian_start(batch.x, TRADES_START_SIGMA, self.cfg.train_attack.eps, ctx.generator)
         return self.attack(raw, attack, batch.x, target, kl_from_clean, noise)
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x_adv = self.adversarial(models, batch, ctx)
         model = models["model"]
         clean_logits = model(batch.x)

@@ -13,9 +13,10 @@ from torch import nn
 
 from metarobust.attacks import threat
 from metarobust.attacks.losses import kl_from_clean
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    bn_mode, register_standard
-from metarobust.training.standard.trades import TRADES_START_SIGMA, trades_attack_target, trades_kl
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, trades_kl
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
+from metarobust.training.recipes.trades import trades_attack_target
 
 
 @dataclass
@@ -94,9 +95,9 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * log_p).sum(dim=-1).mean() + math.log(logits.shape[-1])
 
 
-@register_standard("bat", "BAT (Sun et al. 2022): CE at the last-clean point + beta KL at the "
+@register_recipe("bat", "BAT (Sun et al. 2022): CE at the last-clean point + beta KL at the "
                           "first-adversarial point + KL-to-uniform at both, FAT searches, beta 6")
-class BAT(StandardRecipe):
+class BAT(Recipe):
     """Robust fairness by balancing *source* classes (how hard adversarial examples are to find)
     and *target* classes (where they land). Per mini-batch, in eval-mode BN as the code:
 
@@ -119,7 +120,7 @@ class BAT(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_bat.yaml")
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -132,7 +133,7 @@ class BAT(StandardRecipe):
             raise ConfigError(f"train_attack.norm={cfg.train_attack.norm!r}: bat's early-stopped searches "
                               f"are L-inf sign ascent; set train_attack.norm=linf")
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         a, bat = self.cfg.train_attack, self.at.bat
         raw = models.raw["model"]

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.losses import cross_entropy_sum
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    full_precision, gaussian_start, register_standard
-from metarobust.training.standard.trades import TRADES_START_SIGMA
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, full_precision, gaussian_start
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, register_recipe
 
 
 def boosted_ce(adv_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,8 @@ def weighted_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.T
     return (kl * (1.0000001 - true_probs)).mean()
 
 
-@register_standard("mart", "MART (Wang et al. 2020): boosted CE on PGD examples + beta (1-p_y) weighted KL, beta 6")
-class MART(StandardRecipe):
+@register_recipe("mart", "MART (Wang et al. 2020): boosted CE on PGD examples + beta (1-p_y) weighted KL, beta 6")
+class MART(Recipe):
     """``L = BCE(p(x'), y) + beta (1/B) sum_i KL(p(x_i) || p(x'_i)) (1 - p_y(x_i))``.
 
     Attack: the standard CE-PGD (MART changes the minimisation only), started at
@@ -42,12 +42,12 @@ class MART(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_mart.yaml")
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         raw = models.raw["model"]
         attack = self.train_attack()
         noise = gaussian_start(batch.x, TRADES_START_SIGMA, self.cfg.train_attack.eps, ctx.generator)

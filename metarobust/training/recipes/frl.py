@@ -13,10 +13,19 @@ import torch.nn.functional as F
 from metarobust.attacks.losses import kl_divergence, kl_from_clean
 from metarobust.attacks.pgd import PGD
 from metarobust.config import ExperimentConfig, FRLConfig
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, \
-    TrainerView, accuracy, bn_mode, gaussian_start, register_standard
-from metarobust.training.standard.trades import TRADES_START_SIGMA, trades_attack_target
+from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, gaussian_start
+from metarobust.training.recipes.base import (
+    Models,
+    Recipe,
+    Stats,
+    StepContext,
+    TrainerView,
+    bn_mode,
+    register_recipe,
+)
+from metarobust.training.recipes.trades import trades_attack_target
 
 
 @dataclass
@@ -93,9 +102,9 @@ class Multipliers:
         return class_weights(self.nat), class_weights(self.bdy), torch.exp(2 * self.margin).clamp(0.98, 3.0)
 
 
-@register_standard("frl", "FRL (Xu et al. 2021): per-class CE/KL weights and eps from Lagrange multipliers "
+@register_recipe("frl", "FRL (Xu et al. 2021): per-class CE/KL weights and eps from Lagrange multipliers "
                           "updated on a validation split each epoch (reweight + remargin), beta 1.5")
-class FRL(StandardRecipe):
+class FRL(Recipe):
     """Fair Robust Learning, reweight + remargin (``frlrmrw.py``), usually a fine-tuning of a
     robust model (``at.init``: the reference's ``hot_start.pt``, PreAct-ResNet-18 or WRN-28).
 
@@ -123,7 +132,7 @@ class FRL(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_frl.yaml", ["at.init=runs/cifar10_trades"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -186,7 +195,7 @@ class FRL(StandardRecipe):
         self.w_nat, self.w_bdy, self.eps_scale = self.multipliers.weights()
 
     # -- one training batch ------------------------------------------------------------------------
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         a = self.cfg.train_attack
         if self.w_nat is None:  # no validation yet (a recipe driven by hand): uniform weights

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.config import ExperimentConfig, ModelConfig
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.models.dual_bn import bn_route
-from metarobust.training.standard.base import Batch, Models, Role, StandardRecipe, Stats, StepContext, \
-    accuracy, register_standard
+from metarobust.training.objectives import accuracy
+from metarobust.training.recipes.base import Models, Recipe, Role, Stats, StepContext, register_recipe
 
 
 def has_batchnorm(model: ModelConfig) -> bool:
@@ -26,9 +27,9 @@ def random_wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Gene
     return (y + shift) % num_classes
 
 
-@register_standard("advprop", "AdvProp (Xie et al. 2020): auxiliary BatchNorms for adversarial examples, "
+@register_recipe("advprop", "AdvProp (Xie et al. 2020): auxiliary BatchNorms for adversarial examples, "
                               "CE(main BN, x) + CE(aux BN, x_adv); main BN at test")
-class AdvProp(StandardRecipe):
+class AdvProp(Recipe):
     """Every BatchNorm gets an auxiliary twin (:mod:`metarobust.models.dual_bn`); convolution
     and linear weights are shared. Per mini-batch ``(x, y)`` ``[B, ...]``:
 
@@ -54,7 +55,7 @@ class AdvProp(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_advprop.yaml", ["at.advprop.targeted=false"])
-        >>> model = train_standard(cfg)                 # plain BatchNorms (the main ones)
+        >>> model = Trainer(cfg).fit()                 # plain BatchNorms (the main ones)
     """
 
     attack_bn = "eval"
@@ -73,7 +74,7 @@ class AdvProp(StandardRecipe):
     def roles(self) -> list[Role]:
         return [Role("model", checkpoint=self.at.init, dual_bn=True)]
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         module = models.modules["model"]
         if self.targeted:

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.pgd import PGD
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    register_standard
-from metarobust.training.standard.trades import trades_kl
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import accuracy, trades_kl
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, register_recipe
 
 
-@register_standard("local_balls", "Local balls + global term (Lu & Kumar 2021) [R]: CE in a small ball "
+@register_recipe("local_balls", "Local balls + global term (Lu & Kumar 2021) [R]: CE in a small ball "
                                   "around a weak adversary + lambda KL(p(x)||p(x'))")
-class LocalBalls(StandardRecipe):
+class LocalBalls(Recipe):
     """Train with a *weak*, cheap adversary and make the model robust in a small ball around
     each adversarial point, tied back to the clean point by a global term:
 
@@ -39,7 +39,7 @@ class LocalBalls(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_local_balls.yaml", ["at.local_balls.radius=0.5"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -50,7 +50,7 @@ class LocalBalls(StandardRecipe):
         r = lb.radius * a.eps
         return PGD(a.norm, r, r, lb.steps, random_start=True)
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         raw = models.raw["model"]
         weak = self.train_attack()

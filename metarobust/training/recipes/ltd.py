@@ -16,12 +16,26 @@ from torch import nn
 
 from metarobust.attacks.losses import kl_from_clean
 from metarobust.config import ExperimentConfig, ModelConfig
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.runs import load_checkpoint
-from metarobust.training.standard.base import Batch, Models, Role, StandardRecipe, Stats, StepContext, \
-    accuracy, bn_mode, gaussian_start, register_standard
-from metarobust.training.standard.distill import Tempered, soft_cross_entropy
-from metarobust.training.standard.trades import TRADES_START_SIGMA, trades_kl
+from metarobust.training.objectives import (
+    TRADES_START_SIGMA,
+    Tempered,
+    accuracy,
+    gaussian_start,
+    soft_cross_entropy,
+    trades_kl,
+)
+from metarobust.training.recipes.base import (
+    Models,
+    Recipe,
+    Role,
+    Stats,
+    StepContext,
+    bn_mode,
+    register_recipe,
+)
 
 
 def checkpoint_model_config(path: str, default: ModelConfig) -> ModelConfig:
@@ -54,9 +68,9 @@ def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:
     return folded
 
 
-@register_standard("ltd", "LTD (Chen & Lee 2021) [R]: TRADES with the one-hot CE replaced by soft labels "
+@register_recipe("ltd", "LTD (Chen & Lee 2021) [R]: TRADES with the one-hot CE replaced by soft labels "
                           "of a frozen teacher at a low temperature; fixed student temperature")
-class LTD(StandardRecipe):
+class LTD(Recipe):
     """TRADES with soft labels from a frozen, adversarially trained teacher ``f_T``
     (``at.ltd.teacher``, a run folder or checkpoint; eval mode, ``requires_grad=False``):
 
@@ -78,7 +92,7 @@ class LTD(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_ltd.yaml", ["at.ltd.teacher=runs/cifar10_trades"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -115,7 +129,7 @@ class LTD(StandardRecipe):
         with bn_mode(teacher, "eval"), torch.no_grad():
             return F.softmax(teacher(x).float() / self.tau_t, dim=-1)
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         q = self.soft_labels(models, x)
         raw = Tempered(models.raw["model"], self.tau_s)

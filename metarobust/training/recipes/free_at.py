@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks import threat
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    register_standard
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import accuracy
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, register_recipe
 
 
-@register_standard("free_at", "Free AT (Shafahi et al. 2019): each batch replayed m=8 times, one backward "
+@register_recipe("free_at", "Free AT (Shafahi et al. 2019): each batch replayed m=8 times, one backward "
                               "updates weights and a persistent perturbation")
-class FreeAT(StandardRecipe):
+class FreeAT(Recipe):
     """Replay every mini-batch ``m = at.replays`` times; each replay does one forward/backward on
     ``x + delta`` and uses it twice: an SGD step on the weights and
     ``delta <- clip_eps(delta + step * sign(grad_x CE))`` then the image box, with
@@ -34,7 +35,7 @@ class FreeAT(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_free_at.yaml", ["at.replays=4"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "train"
@@ -48,14 +49,14 @@ class FreeAT(StandardRecipe):
     def replays(self) -> int:
         return self.at.replays
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         if self.delta is None or self.delta.shape != batch.x.shape:
             self.delta = torch.zeros_like(batch.x)
         self._input = (batch.x + self.delta).clamp(0, 1).requires_grad_(True)
         logits = models["model"](self._input)
         return F.cross_entropy(logits, batch.y), {"adv_acc": accuracy(logits, batch.y)}
 
-    def after_backward(self, models: Models, batch: Batch, ctx: StepContext) -> None:
+    def after_backward(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> None:
         a = self.cfg.train_attack
         # The gradient may be scaled (fp16 GradScaler), even overflow: only its direction is
         # used, and a non-finite entry must not poison the persistent perturbation.

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    register_standard
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import accuracy
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, register_recipe
 
 
-@register_standard("pgd_at", "PGD-AT (Madry et al. 2018): CE on PGD examples (train_attack: PGD-10, 2/255, 8/255)")
-class PGDAT(StandardRecipe):
+@register_recipe("pgd_at", "PGD-AT (Madry et al. 2018): CE on PGD examples (train_attack: PGD-10, 2/255, 8/255)")
+class PGDAT(Recipe):
     """``min_theta E max_{x' in B(x, eps)} CE(f(x'), y)``, the inner max by PGD from a uniform
     random start (``train_attack``: L-inf eps 8/255, step 2/255, 10 steps in
     ``configs/at/cifar10_pgd_at.yaml``; Madry's code: 7 steps in the paper, 10 in its config).
@@ -21,12 +22,12 @@ class PGDAT(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_pgd_at.yaml")
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "train"
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         attack = self.train_attack()
         x_adv = self.attack(models.raw["model"], attack, batch.x, batch.y,
                             noise=attack.init_noise(batch.x, ctx.generator))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from metarobust.attacks.losses import kl_divergence, kl_from_clean
 from metarobust.attacks.pgd import PGD
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    bn_mode, full_precision, register_standard, start_at
-from metarobust.training.standard.trades import trades_kl
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import accuracy, full_precision, start_at, trades_kl
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
 
 
 def toward_target(logits: torch.Tensor, target_log_probs: torch.Tensor) -> torch.Tensor:
@@ -19,9 +19,9 @@ def toward_target(logits: torch.Tensor, target_log_probs: torch.Tensor) -> torch
     return -kl_divergence(target_log_probs, F.log_softmax(logits, dim=-1)).sum()
 
 
-@register_standard("backward_smoothing", "Backward Smoothing (Chen et al. 2022): TRADES with an output-noise "
+@register_recipe("backward_smoothing", "Backward Smoothing (Chen et al. 2022): TRADES with an output-noise "
                                          "initialisation and one KL step, beta 10")
-class BackwardSmoothing(StandardRecipe):
+class BackwardSmoothing(Recipe):
     """TRADES whose inner maximisation costs two gradient computations.
 
     Attack (eval mode, as the reference code): draw ``u ~ U(-1, 1)^K`` and set the target
@@ -35,7 +35,7 @@ class BackwardSmoothing(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_backward_smoothing.yaml")
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -48,7 +48,7 @@ class BackwardSmoothing(StandardRecipe):
             raise ConfigError(f"train_attack.norm={cfg.train_attack.norm!r}: backward_smoothing is defined for "
                               f"linf only; set train_attack.norm=linf")
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         a = self.cfg.train_attack
         raw, x = models.raw["model"], batch.x
         with bn_mode(raw, self.bn), torch.no_grad():

@@ -11,16 +11,25 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.pgd import PGD
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, TrainerView, \
-    accuracy, bn_mode, register_standard
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import accuracy
+from metarobust.training.recipes.base import (
+    Models,
+    Recipe,
+    Stats,
+    StepContext,
+    TrainerView,
+    bn_mode,
+    register_recipe,
+)
 
 CHECK_STEPS, CHECK_STEP_SIZE = 5, 2 / 255
 """Wong et al.'s early-stop check: PGD-5 with step 2/255 at the training eps."""
 
 
-@register_standard("fast_at", "Fast AT (Wong et al. 2020): FGSM-RS step 1.25 eps, cyclic lr, early stop "
+@register_recipe("fast_at", "Fast AT (Wong et al. 2020): FGSM-RS step 1.25 eps, cyclic lr, early stop "
                               "against catastrophic overfitting")
-class FastAT(StandardRecipe):
+class FastAT(Recipe):
     """FGSM with random start: ``delta ~ U(-eps, eps)`` (clipped to the image box), one step of
     ``alpha = train_attack.step_size`` (1.25 eps = 10/255 at 8/255) along ``sign(grad)``, projected;
     CE on ``x + delta``. BatchNorm in train mode throughout, as the reference code. The paper's
@@ -36,7 +45,7 @@ class FastAT(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_fast_at.yaml", ["at.holdout=1000"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "train"
@@ -46,7 +55,7 @@ class FastAT(StandardRecipe):
         self.previous_acc = 0.0
         self.best: dict[str, dict[str, torch.Tensor]] | None = None
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         a = self.cfg.train_attack
         attack = PGD(a.norm, a.eps, a.step_size, 1, random_start=True)
         x_adv = self.attack(models.raw["model"], attack, batch.x, batch.y,

@@ -16,11 +16,17 @@ import torch.nn.functional as F
 from metarobust.attacks.losses import kl_from_clean
 from metarobust.attacks.pgd import PGD
 from metarobust.config import ExperimentConfig
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
-from metarobust.training.standard.base import Batch, Models, Role, StandardRecipe, Stats, StepContext, \
-    accuracy, gaussian_start, register_standard
-from metarobust.training.standard.distill import tempered_kl
-from metarobust.training.standard.trades import TRADES_START_SIGMA, trades_attack_target, trades_kl
+from metarobust.training.objectives import (
+    TRADES_START_SIGMA,
+    accuracy,
+    gaussian_start,
+    tempered_kl,
+    trades_kl,
+)
+from metarobust.training.recipes.base import Models, Recipe, Role, Stats, StepContext, register_recipe
+from metarobust.training.recipes.trades import trades_attack_target
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,9 @@ class Peer:
     attacks: tuple[PGD, ...]
 
 
-@register_standard("mat", "MAT (Liu et al. 2022) [R]: N peers, each attacked, distil from each other over "
+@register_recipe("mat", "MAT (Liu et al. 2022) [R]: N peers, each attacked, distil from each other over "
                           "the pooled adversarial examples; at.mat.norms=[linf,l2,l1]: multi-perturbation")
-class MAT(StandardRecipe):
+class MAT(Recipe):
     """Peers ``f_1..f_N`` trained together (``at.mat.peers``, 2). Per mini-batch ``(x, y)``:
 
     1. every peer attacks itself: ``x'_i = PGD(f_i, x, y)`` (``train_attack``; eval-mode BN);
@@ -62,7 +68,7 @@ class MAT(StandardRecipe):
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_mat.yaml", ["at.mat.peers=3"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -110,7 +116,7 @@ class MAT(StandardRecipe):
         return [Role(p.name, model=replace(self.cfg.model, name=names[i - 1]) if i and names else None)
                 for i, p in enumerate(self.peers)]
 
-    def adversarial(self, models: Models, peer: Peer, attack: PGD, batch: Batch,
+    def adversarial(self, models: Models, peer: Peer, attack: PGD, batch: EpisodeBatch,
                     ctx: StepContext) -> torch.Tensor:
         """Peer ``peer``'s adversarial batch ``[B, C, H, W]`` in one of its threat models."""
         raw = models.raw[peer.name]
@@ -123,7 +129,7 @@ class MAT(StandardRecipe):
             return self.attack(raw, attack, batch.x, target, kl_from_clean, noise)
         return self.attack(raw, attack, batch.x, batch.y, noise=attack.init_noise(batch.x, ctx.generator))
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         size = x.shape[0]
         own: dict[str, list[int]] = {}  # peer -> its slots in the pool

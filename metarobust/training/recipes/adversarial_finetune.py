@@ -15,12 +15,20 @@ import torch.nn.functional as F
 
 from metarobust.attacks.pgd import PGD
 from metarobust.config import ExperimentConfig
+from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.models.dual_bn import bn_route
-from metarobust.training.standard.advprop import has_batchnorm
-from metarobust.training.standard.base import Batch, Models, Role, StandardRecipe, Stats, StepContext, \
-    accuracy, bn_mode, register_standard
-from metarobust.training.standard.distill import tempered_kl
+from metarobust.training.objectives import accuracy, tempered_kl
+from metarobust.training.recipes.advprop import has_batchnorm
+from metarobust.training.recipes.base import (
+    Models,
+    Recipe,
+    Role,
+    Stats,
+    StepContext,
+    bn_mode,
+    register_recipe,
+)
 
 
 def ramped_eps(eps: float, progress: float, ramp: float) -> float:
@@ -29,9 +37,9 @@ def ramped_eps(eps: float, progress: float, ramp: float) -> float:
     return eps if ramp <= 0 else eps * min(1.0, progress / ramp)
 
 
-@register_standard("adversarial_finetune", "Adversarial fine-tuning (Hou et al. 2022) [R]: from a natural "
+@register_recipe("adversarial_finetune", "Adversarial fine-tuning (Hou et al. 2022) [R]: from a natural "
                                            "model f_0, CE on eps-ramped early-stopped PGD + KL to f_0")
-class AdversarialFinetune(StandardRecipe):
+class AdversarialFinetune(Recipe):
     """Fine-tune a naturally trained model ``f_0`` (``at.init``, required) into a robust one
     while keeping its clean accuracy, the abstract's "transfer learning-based" strategy:
 
@@ -55,7 +63,7 @@ class AdversarialFinetune(StandardRecipe):
     Example:
         >>> cfg = load_config("configs/at/cifar10_adversarial_finetune.yaml",
         ...                   ["at.init=runs/cifar10_natural"])
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
@@ -85,7 +93,7 @@ class AdversarialFinetune(StandardRecipe):
         step = a.step_size * (eps / a.eps if a.eps > 0 else 0.0)
         return PGD(a.norm, eps, step, a.steps, random_start=a.random_start, early_stop=self.ft.early_stop)
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
         attack = self.attack_at(ctx.progress)
         module = models.modules["model"]

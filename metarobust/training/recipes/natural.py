@@ -6,19 +6,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metarobust.training.standard.base import Batch, Models, StandardRecipe, Stats, StepContext, accuracy, \
-    register_standard
+from metarobust.data.episode import EpisodeBatch
+from metarobust.training.objectives import accuracy
+from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, register_recipe
 
 
-@register_standard("natural", "Natural training: CE on clean images, no attack (the baseline)")
-class Natural(StandardRecipe):
+@register_recipe("natural", "Natural training: CE on clean images, no attack (the baseline)")
+class Natural(Recipe):
     """Empirical risk minimisation: ``L = CE(f(x), y)``.
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_natural.yaml")
-        >>> model = train_standard(cfg)
+        >>> model = Trainer(cfg).fit()
     """
 
-    def loss(self, models: Models, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         logits = models["model"](batch.x)
         return F.cross_entropy(logits, batch.y), {"clean_acc": accuracy(logits, batch.y)}
