@@ -23,8 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from metarobust.config import load_config
-    from metarobust.experiment import train_and_evaluate
+    from metarobust.experiment import load_config, train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
     summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
@@ -135,8 +134,7 @@ def _report_table(report) -> str:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> None:
-    from metarobust.config import load_config
-    from metarobust.experiment import train_and_evaluate
+    from metarobust.experiment import load_config, train_and_evaluate
     from metarobust.plots import plot_clean_vs_robust
     from metarobust.training.data import load_training_data, resolve_device
     from metarobust.training.recipes import build_recipe

@@ -5,8 +5,15 @@ line overrides the file::
 
     metarobust train configs/meta/omniglot_rmaml.yaml meta.train_shots=5 attack.eps=0.0392
 
-Every value is checked before any work starts; a wrong key, type or value raises
-:class:`~metarobust.errors.ConfigError` naming the key and what would be accepted.
+The config is a composition of sections. This module holds the sections every run has (data,
+model, meta, attacks, train, eval, analysis, at) and imports nothing of the library above it; a
+recipe that has settings of its own declares its section where it is defined
+(:func:`config_section`, e.g. ``robust`` in ``training/recipes/r_maml.py``, ``mat`` in
+``training/recipes/mat.py``), with its checks beside its fields (a ``check()`` method). Names that
+only a registry knows (datasets, models, attacks, recipes, estimators) are checked by
+:func:`metarobust.experiment.load_config`, which composes, parses and validates a config before
+any work starts; a wrong key, type or value raises :class:`~metarobust.errors.ConfigError`
+naming the key and what would be accepted.
 
 Defaults follow R-MAML's code on Omniglot (Wang et al., ICLR 2021; ``shared/methods/META.md``
 section 2.0/2.3): 5-way, 15 queries per class, meta-batch 4, inner SGD lr 0.01 with 5 steps at
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,8 @@ from metarobust.errors import ConfigError
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
+NORMS = ("linf", "l2", "l1")
+"""The threat models (L-inf, L2, L1 balls), in the order attacks and the harness list them."""
 
 
 @dataclass
@@ -130,21 +140,6 @@ class AttackConfig:
 
 
 @dataclass
-class RobustConfig:
-    """The robustness regulariser of ``r_maml``, ``its_maml`` (and the weight of ``trades_maml``)."""
-
-    form: str = "trades"
-    """``trades``: KL(p_clean || p_adv); ``ce``: cross-entropy on the adversarial query."""
-    weight: float = 5.0
-    """lambda / beta of the regulariser (R-MAML-TRADES on Omniglot: 5)."""
-    placement: str = "out"
-    """``out``: in the meta-update only (R-MAML_out); ``in``: also in the inner loop, on the
-    support set attacked at every inner step (R-MAML_both)."""
-    inner_weight: float | None = None
-    """Weight of the inner-loop term with ``placement=in``; ``None``: ``weight``."""
-
-
-@dataclass
 class IDConfig:
     """The intrinsic-dimension analysis (``metarobust id``; ``docs/intrinsic_dimension.md``).
 
@@ -212,119 +207,6 @@ class EvalConfig:
 
 
 @dataclass
-class MATConfig:
-    """Mutual Adversarial Training (``recipe: mat``; Liu et al. 2021/2022). The loss is a
-    reconstruction ([R] in ``shared/methods/ADVERSARIAL_TRAINING.md`` 4.1): the paper's alpha,
-    temperature and input sets are unverified."""
-
-    peers: int = 2
-    """Models trained together when ``norms`` is empty (N = 2)."""
-    alpha: float = 0.5
-    """Weight of the mutual distillation term; ``1 - alpha`` weighs each model's own AT loss."""
-    temperature: float = 1.0
-    """Distillation temperature tau: ``tau^2 KL(p_j^tau || p_i^tau)`` over the pooled examples."""
-    base: str = "ce"
-    """Each model's own AT loss: ``ce`` (CE on its PGD examples) or ``trades`` (MAT-TRADES:
-    ``CE(x) + at.beta KL(p(x) || p(x'))`` with the KL attack)."""
-    norms: list[str] = field(default_factory=list)
-    """Multi-perturbation MAT: one specialist per norm (e.g. ``[linf, l2, l1]``), each attacked in
-    its own norm at ``eps[norm]``; empty: ``peers`` models attacked with ``train_attack``."""
-    eps: dict[str, float] = field(default_factory=lambda: {"linf": 0.03, "l2": 0.5, "l1": 12.0})
-    """Radii of the multi-perturbation threat models (Maini et al.'s CIFAR-10 defaults); each
-    attack takes ``train_attack.steps`` steps of ``2.5 eps / steps`` from a random start."""
-    generalist: bool = True
-    """Multi-perturbation: add a generalist peer attacked in every norm of ``norms``; it is the
-    deployed model."""
-    models: list[str] = field(default_factory=list)
-    """Architecture (``model.name``) of each peer, in order; empty: ``model.name`` for all."""
-
-
-@dataclass
-class LTDConfig:
-    """Low Temperature Distillation (``recipe: ltd``; Chen & Lee 2021). Temperatures are [R]."""
-
-    teacher: str | None = None
-    """Run folder or ``.pt`` checkpoint of the (adversarially trained) teacher; required. Its
-    architecture is read from the checkpoint's config (else ``model``)."""
-    teacher_temperature: float = 0.5
-    """tau_T of the soft labels ``softmax(f_T(x) / tau_T)`` ("relatively low")."""
-    student_temperature: float = 1.0
-    """tau_S: the student's fixed temperature, the same at training and test (folded into its
-    last layer in the deployed model)."""
-
-
-@dataclass
-class AdvPropConfig:
-    """AdvProp (``recipe: advprop``; Xie et al. 2020): the attack is ``train_attack``."""
-
-    targeted: bool = True
-    """Attack toward a random wrong class (the PyTorch port's default); false: away from ``y``."""
-
-
-@dataclass
-class FinetuneConfig:
-    """Adversarial fine-tuning (``recipe: adversarial_finetune``; Hou et al. 2022), a
-    reconstruction [R]: start from ``at.init`` (a naturally trained model f_0)."""
-
-    distill_weight: float = 1.0
-    """lambda of ``KL(p_0(x) || p(x))`` on clean images, the frozen f_0 as teacher."""
-    eps_ramp: float = 0.5
-    """Fraction of fine-tuning over which the attack radius grows linearly from 0 to
-    ``train_attack.eps`` (0: the full radius from the start)."""
-    early_stop: bool = True
-    """Per sample, stop the attack once the sample is misclassified (FAT-style)."""
-    aux_bn: bool = False
-    """Route adversarial images through auxiliary BatchNorms (AdvProp-style disentangling)."""
-
-
-@dataclass
-class LocalBallsConfig:
-    """Local balls around weak adversaries plus a global term (``recipe: local_balls``; Lu &
-    Kumar 2021), a reconstruction [R]."""
-
-    radius: float = 0.25
-    """r of the local ball around each adversary, as a fraction of ``train_attack.eps``."""
-    steps: int = 1
-    """Steps of the second-stage attack inside B(x', r) (step size r, random start)."""
-    weight: float = 1.0
-    """lambda of the global term ``KL(p(x) || p(x'))``."""
-
-
-@dataclass
-class BATConfig:
-    """Balance Adversarial Training (``recipe: bat``; Sun et al. 2022); ``at.beta`` = 6."""
-
-    tau: int = 1
-    """Extra steps after the first misclassified iterate for the first-adversarial point."""
-    uniform_weight: float = 1.0
-    """Weight of each ``KL(p(x_b) || U)`` term (target-class fairness)."""
-
-
-@dataclass
-class FRLConfig:
-    """Fair Robust Learning (``recipe: frl``; Xu et al. 2021), reweight + remargin; needs
-    ``at.holdout`` validation images and, as the paper, a robust ``at.init``."""
-
-    tau_nat: float = 0.07
-    """Allowed excess of a class's clean error over the average (tau_0)."""
-    tau_bdy: float = 0.07
-    """Allowed excess of a class's boundary error over the average (tau_1)."""
-    rate: float = 0.05
-    """alpha_1, the step of the weight multipliers; halved every ``rate_halving`` epochs."""
-    rate_halving: int = 40
-    margin_rate: float = 0.2
-    """alpha_2, the step of the eps multipliers (remargin); 0: reweight only (``frlrw.py``)."""
-    limit: float = 0.5
-    """Each multiplier vector is rescaled to sum at most this (``lim``)."""
-    val_steps: int = 20
-    """PGD steps of the validation pass (CE, uniform start, eps ``train_attack.eps``)."""
-    val_step_size: float = STEP_2
-    compat_step: bool = False
-    """Reproduce the reference code's training step ``max_i eps_i / 4`` (one value per batch)
-    instead of ``train_attack.step_size`` scaled per sample like its eps."""
-
-
-@dataclass
 class StandardTrainingConfig:
     """Standard (single-task) adversarial training: the ``at`` section, read when ``recipe`` is a
     standard recipe (``natural``, ``pgd_at``, ``trades``, ...; ``metarobust list recipes``).
@@ -383,13 +265,6 @@ class StandardTrainingConfig:
     init: str | None = None
     """Fine-tune: a run folder or ``.pt`` checkpoint whose ``model`` weights initialise the
     trained model (FRL's hot start, Hou et al.'s f_0); ``None``: random initialisation."""
-    mat: MATConfig = field(default_factory=MATConfig)
-    ltd: LTDConfig = field(default_factory=LTDConfig)
-    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    local_balls: LocalBallsConfig = field(default_factory=LocalBallsConfig)
-    bat: BATConfig = field(default_factory=BATConfig)
-    frl: FRLConfig = field(default_factory=FRLConfig)
 
 
 @dataclass
@@ -407,7 +282,6 @@ class ExperimentConfig:
     train_attack: AttackConfig = field(default_factory=_fgsm_rs)
     attack: AttackConfig = field(default_factory=AttackConfig)
     """The evaluation attack (PGD-10, random start, step 2/255, eps 8/255)."""
-    robust: RobustConfig = field(default_factory=RobustConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: IDConfig = field(default_factory=IDConfig)
@@ -416,10 +290,47 @@ class ExperimentConfig:
     """Standard adversarial training (single-task recipes); ignored by meta-learning recipes."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
-    schema = OmegaConf.structured(ExperimentConfig)
-    layers: list[Any] = [schema]
+
+_SECTIONS: dict[str, type] = {}
+"""Sections declared by the code that owns them (:func:`config_section`), by config key."""
+
+
+def config_section(name: str) -> Callable[[type], type]:
+    """Declare a dataclass as the config section ``name`` (``cfg.<name>``, ``<name>.<field>=...``
+    on the command line), owned by the module that defines it. Its optional ``check()`` method
+    validates its fields (raise :class:`ConfigError` naming ``<name>.<field>``).
+
+    Example:
+        >>> @config_section("mat")
+        ... @dataclass
+        ... class MATConfig:
+        ...     peers: int = 2
+        ...     def check(self) -> None:
+        ...         check_value(self.peers >= 2, "mat.peers", self.peers, "an integer >= 2")
+    """
+
+    def decorator(cls: type) -> type:
+        core = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        if name in core or _SECTIONS.get(name, cls) is not cls:
+            raise ValueError(f"config section {name!r} is declared twice")
+        _SECTIONS[name] = cls
+        return cls
+
+    return decorator
+
+
+def experiment_schema() -> type:
+    """:class:`ExperimentConfig` with every declared section added as a field (a dataclass)."""
+    extra = [(name, cls, field(default_factory=cls)) for name, cls in sorted(_SECTIONS.items())]
+    return dataclasses.make_dataclass("ExperimentConfig", extra, bases=(ExperimentConfig,))
+
+
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, typed and with each
+    section's own checks. The registry checks come on top in
+    :func:`metarobust.experiment.load_config`, which every command uses."""
+    schema = OmegaConf.structured(experiment_schema())
+    layers: list[Any] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -432,9 +343,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. meta.train_shots=5")
         layers.append(OmegaConf.from_dotlist([item]))
+    return _merge(schema, layers)
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint), typed and
+    section-checked."""
+    return _merge(OmegaConf.structured(experiment_schema()), [values])
+
+
+def _merge(schema: Any, layers: list[Any]) -> ExperimentConfig:
     try:
         merged = schema
-        for layer in layers[1:]:
+        for layer in layers:
             merged = OmegaConf.merge(merged, layer)
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as exc:
@@ -442,21 +363,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         raise ConfigError(
             f"{exc.full_key}: {exc.msg.splitlines()[0]}; give a value of the field's type "
-            f"(see metarobust/config.py)"
+            f"(see metarobust/config.py or the section's recipe)"
         ) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     assert isinstance(cfg, ExperimentConfig)
-    validate(cfg)
+    check_fields(cfg)
     return cfg
-
-
-def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint)."""
-    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), values)
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg)
-    return cfg  # type: ignore[return-value]
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -467,35 +380,42 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+MOVED = {f"at.{name}": name for name in ("mat", "ltd", "advprop", "finetune", "local_balls", "bat", "frl")}
+"""Sections that moved in 0.2 (old key prefix -> new), for the unknown-key message."""
+
+
 def _unknown_key_message(exc: ConfigKeyError) -> str:
     full_key = exc.full_key or str(exc.key)
+    for old, new in MOVED.items():
+        if full_key == old or full_key.startswith(old + "."):
+            return (f"unknown config key {full_key!r}: the section moved to its recipe; write "
+                    f"{new + full_key[len(old):]!r} (top level) instead")
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-    section: Any = ExperimentConfig
+    section: Any = experiment_schema()
     for part in parent.split(".") if parent else []:
         fields = {f.name: f for f in dataclasses.fields(section)}
-        section = fields[part].default_factory()  # type: ignore[misc]
-        section = type(section)
-    known = [f.name for f in dataclasses.fields(section)]
+        if part not in fields:
+            break
+        section = type(fields[part].default_factory())  # type: ignore[misc]
+    known = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
     close = difflib.get_close_matches(str(exc.key), known, n=1)
     hint = f"did you mean {(parent + '.' if parent else '') + close[0]!r}? " if close else ""
     return f"unknown config key {full_key!r}; {hint}valid keys here: {known}"
 
 
-def _check(condition: bool, key: str, value: Any, accepted: str) -> None:
+def check_value(condition: bool, key: str, value: Any, accepted: str) -> None:
+    """Raise :class:`ConfigError` ``"<key>=<value> is invalid; expected <accepted>"`` unless
+    ``condition``."""
     if not condition:
         raise ConfigError(f"{key}={value!r} is invalid; expected {accepted}")
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Raise :class:`ConfigError` on any impossible value (data-dependent checks come later)."""
-    # Imported here: the registries import modules that import this one.
-    from metarobust.data.datasets import DATASETS
-    from metarobust.models import MODELS
-    from metarobust.training.recipes import RECIPES
+_check = check_value
 
-    RECIPES.get(cfg.recipe, "recipe")
-    MODELS.get(cfg.model.name, "model.name")
-    DATASETS.get(cfg.data.dataset, "data.dataset")
+
+def check_fields(cfg: ExperimentConfig) -> None:
+    """The checks every section can make on its own fields (no registry needed); then the
+    declared sections' ``check()``."""
     _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
            "device", cfg.device, "auto, cpu, cuda or cuda:<index>")
     _check(cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size",
@@ -503,18 +423,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden, "a positive integer")
     _check(cfg.model.norm in ("auto", "batch", "running", "none"), "model.norm", cfg.model.norm,
            "auto, batch (per-batch statistics), running (standard BN) or none")
-    from metarobust.models.options import NORMALIZE_CHOICES
-
-    _check(cfg.model.normalize in NORMALIZE_CHOICES, "model.normalize", cfg.model.normalize,
-           f"one of {list(NORMALIZE_CHOICES)}")
     _check(cfg.model.drop_rate is None or 0 <= cfg.model.drop_rate < 1, "model.drop_rate",
            cfg.model.drop_rate, "a rate in [0, 1), or null for the model's default")
-    from metarobust.data.datasets import image_size_of
-    from metarobust.models import MIN_IMAGE_SIZES
-
-    minimum = MIN_IMAGE_SIZES.get(cfg.model.name, 1)
-    size = image_size_of(cfg.data)  # null: the dataset's standard size (28, 32, 84...)
-    _check(size >= minimum, "data.image_size", size, f"at least {minimum} for model {cfg.model.name!r}")
     m = cfg.meta
     _check(m.ways >= 2, "meta.ways", m.ways, "an integer >= 2")
     for key in ("train_shots", "test_shots", "queries", "meta_batch_size"):
@@ -523,14 +433,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(getattr(m, key) >= 0, f"meta.{key}", getattr(m, key), "an integer >= 0")
     _check(m.inner_lr >= 0, "meta.inner_lr", m.inner_lr, "a learning rate >= 0")
     _check(m.meta_lr > 0, "meta.meta_lr", m.meta_lr, "a learning rate > 0")
-    _check(m.execution in ("auto", "loop", "vmap"), "meta.execution", m.execution,
-           "auto, loop or vmap")
+    _check(m.execution in ("auto", "loop", "vmap"), "meta.execution", m.execution, "auto, loop or vmap")
+    _check(m.adapt in ("all", "head"), "meta.adapt", m.adapt, "all (MAML) or head (ANIL)")
     for section in ("train_attack", "attack"):
         a: AttackConfig = getattr(cfg, section)
-        from metarobust.attacks import ATTACKS
-
-        ATTACKS.get(a.name, f"{section}.name")
-        _check(a.norm in ("linf", "l2", "l1"), f"{section}.norm", a.norm, "linf, l2 or l1")
+        _check(a.norm in NORMS, f"{section}.norm", a.norm, "linf, l2 or l1")
         _check(a.eps >= 0 and (a.norm != "linf" or a.eps <= 1), f"{section}.eps", a.eps,
                "a radius >= 0 (not negative) in [0, 1] pixel units; L-inf at most 1, e.g. 0.0314 for 8/255")
         _check(a.restarts >= 1, f"{section}.restarts", a.restarts, "an integer >= 1")
@@ -538,35 +445,37 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(a.target_classes >= 1, f"{section}.target_classes", a.target_classes, "an integer >= 1")
         _check(a.steps >= 1, f"{section}.steps", a.steps, "an integer >= 1")
         _check(a.step_size >= 0, f"{section}.step_size", a.step_size, "a step size >= 0")
-    _check(cfg.robust.form in ("trades", "ce"), "robust.form", cfg.robust.form, "trades or ce")
-    _check(cfg.robust.placement in ("out", "in"), "robust.placement", cfg.robust.placement,
-           "out (meta-update only, R-MAML_out) or in (inner loop too, R-MAML_both)")
-    _check(cfg.robust.inner_weight is None or cfg.robust.inner_weight >= 0, "robust.inner_weight",
-           cfg.robust.inner_weight, "a weight >= 0, or null for robust.weight")
-    _check(m.adapt in ("all", "head"), "meta.adapt", m.adapt, "all (MAML) or head (ANIL)")
-    recipe_check = getattr(RECIPES.get(cfg.recipe, "recipe"), "config_check", None)
-    if recipe_check is not None:
-        recipe_check(cfg)
-    _check(cfg.robust.weight >= 0, "robust.weight", cfg.robust.weight, "a weight >= 0")
     t = cfg.train
     _check(t.iterations >= 1, "train.iterations", t.iterations, "an integer >= 1")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "an integer >= 1")
-    _check(cfg.eval.episodes >= 1, "eval.episodes", cfg.eval.episodes, "an integer >= 1")
-    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
-    _check(cfg.eval.suite in ("single", "autoattack"), "eval.suite", cfg.eval.suite, "single or autoattack")
-    for norm, eps in cfg.eval.union.items():
-        _check(norm in ("linf", "l2", "l1") and eps >= 0, f"eval.union.{norm}", eps,
+    e = cfg.eval
+    _check(e.episodes >= 1, "eval.episodes", e.episodes, "an integer >= 1")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    _check(e.suite in ("single", "autoattack"), "eval.suite", e.suite, "single or autoattack")
+    for norm, eps in e.union.items():
+        _check(norm in NORMS and eps >= 0, f"eval.union.{norm}", eps,
                "norm -> eps with norm in linf, l2, l1 and eps >= 0")
-    _check(cfg.eval.check_points >= 1, "eval.check_points", cfg.eval.check_points, "an integer >= 1")
-    _check(all(m >= 0 for m in cfg.eval.eps_sweep), "eval.eps_sweep", cfg.eval.eps_sweep,
-           "multiples of attack.eps, each >= 0")
-    _validate_analysis(cfg.analysis)
-    _check(cfg.eval.points >= 0, "eval.points", cfg.eval.points, "an integer >= 0 (0: the whole test split)")
-    _validate_standard(cfg.at)
+    _check(e.check_points >= 1, "eval.check_points", e.check_points, "an integer >= 1")
+    _check(all(x >= 0 for x in e.eps_sweep), "eval.eps_sweep", e.eps_sweep, "multiples of attack.eps, each >= 0")
+    _check(e.points >= 0, "eval.points", e.points, "an integer >= 0 (0: the whole test split)")
+    a = cfg.analysis
+    _check(len(a.estimators) >= 1, "analysis.estimators", list(a.estimators),
+           "a non-empty list of estimator names (twonn, mle, pca)")
+    _check(a.points >= 3, "analysis.points", a.points, "an integer >= 3 (e.g. 2000, as Ansuini et al.)")
+    _check(a.bootstrap >= 0, "analysis.bootstrap", a.bootstrap, "an integer >= 0 (0: no error bars)")
+    _check(0 < a.fraction <= 1, "analysis.fraction", a.fraction, "a share of the points in (0, 1], e.g. 0.9")
+    _check(0 <= a.twonn_discard < 1, "analysis.twonn_discard", a.twonn_discard, "a fraction in [0, 1), e.g. 0.1")
+    _check(a.mle_neighbors >= 2, "analysis.mle_neighbors", a.mle_neighbors, "an integer >= 2, e.g. 20")
+    _check(0 < a.pca_variance <= 1, "analysis.pca_variance", a.pca_variance, "a share of variance in (0, 1]")
+    _check_at(cfg.at)
+    for name in _SECTIONS:
+        section = getattr(cfg, name, None)
+        if section is not None and hasattr(section, "check"):
+            section.check()
 
 
-def _validate_standard(at: StandardTrainingConfig) -> None:
+def _check_at(at: StandardTrainingConfig) -> None:
     """The ``at`` section (checked for every recipe: a bad value fails before any work)."""
     _check(at.batch_size >= 1, "at.batch_size", at.batch_size, "an integer >= 1")
     _check(at.epochs >= 1, "at.epochs", at.epochs, "an integer >= 1")
@@ -582,10 +491,6 @@ def _validate_standard(at: StandardTrainingConfig) -> None:
     _check(0 < at.cyclic_peak < 1, "at.cyclic_peak", at.cyclic_peak, "a fraction of training in (0, 1)")
     _check(at.amp in ("none", "bf16", "fp16"), "at.amp", at.amp, "none, bf16 or fp16")
     _check(at.attack_bn in ("auto", "train", "eval"), "at.attack_bn", at.attack_bn, "auto, train or eval")
-    from metarobust.data.augment import AUGMENTATIONS
-
-    _check(at.augment in ("auto", "none", *AUGMENTATIONS.names()), "at.augment", at.augment,
-           f"auto, none or one of {AUGMENTATIONS.names()}")
     if at.init is not None:
         init = Path(at.init)
         _check((init / "checkpoints" / "last.pt").is_file() if init.is_dir() else init.is_file(), "at.init", at.init,
@@ -597,53 +502,8 @@ def _validate_standard(at: StandardTrainingConfig) -> None:
     _check(0 < at.early_stop_drop <= 1, "at.early_stop_drop", at.early_stop_drop,
            "an accuracy drop in (0, 1], e.g. 0.2")
     _check(at.smoothing_gamma >= 0, "at.smoothing_gamma", at.smoothing_gamma, "a noise scale >= 0")
-    _validate_at_methods(at)
 
 
-def _validate_at_methods(at: StandardTrainingConfig) -> None:
-    """The per-method sections of ``at`` (mat, ltd, finetune, local_balls, bat, frl)."""
-    mat = at.mat
-    _check(mat.peers >= 2, "at.mat.peers", mat.peers, "an integer >= 2 (models trained together)")
-    _check(0 <= mat.alpha <= 1, "at.mat.alpha", mat.alpha, "a weight in [0, 1]")
-    _check(mat.temperature > 0, "at.mat.temperature", mat.temperature, "a temperature > 0")
-    _check(mat.base in ("ce", "trades"), "at.mat.base", mat.base, "ce or trades")
-    _check(all(n in ("linf", "l2", "l1") for n in mat.norms) and len(set(mat.norms)) == len(mat.norms),
-           "at.mat.norms", list(mat.norms), "distinct norms among linf, l2, l1 (e.g. [linf, l2, l1]), or []")
-    for norm in mat.norms:
-        _check(norm in mat.eps and mat.eps[norm] > 0, f"at.mat.eps.{norm}", mat.eps.get(norm),
-               "a radius > 0 for every norm of at.mat.norms")
-    _check(all(n in ("linf", "l2", "l1") for n in mat.eps), "at.mat.eps", dict(mat.eps),
-           "norm -> eps with norms among linf, l2, l1")
-    ltd = at.ltd
-    for key in ("teacher_temperature", "student_temperature"):
-        _check(getattr(ltd, key) > 0, f"at.ltd.{key}", getattr(ltd, key), "a temperature > 0")
-    ft = at.finetune
-    _check(ft.distill_weight >= 0, "at.finetune.distill_weight", ft.distill_weight, "a weight >= 0")
-    _check(0 <= ft.eps_ramp <= 1, "at.finetune.eps_ramp", ft.eps_ramp, "a fraction of training in [0, 1]")
-    lb = at.local_balls
-    _check(lb.radius > 0, "at.local_balls.radius", lb.radius, "a fraction of train_attack.eps > 0, e.g. 0.25")
-    _check(lb.steps >= 1, "at.local_balls.steps", lb.steps, "an integer >= 1")
-    _check(lb.weight >= 0, "at.local_balls.weight", lb.weight, "a weight >= 0")
-    _check(at.bat.tau >= 0, "at.bat.tau", at.bat.tau, "an integer >= 0 (extra steps after the first flip)")
-    _check(at.bat.uniform_weight >= 0, "at.bat.uniform_weight", at.bat.uniform_weight, "a weight >= 0")
-    frl = at.frl
-    for key in ("tau_nat", "tau_bdy", "rate", "margin_rate", "limit", "val_step_size"):
-        _check(getattr(frl, key) >= 0, f"at.frl.{key}", getattr(frl, key), "a value >= 0")
-    _check(frl.rate_halving >= 1, "at.frl.rate_halving", frl.rate_halving, "a number of epochs >= 1")
-    _check(frl.val_steps >= 1, "at.frl.val_steps", frl.val_steps, "an integer >= 1")
-
-
-def _validate_analysis(a: IDConfig) -> None:
-    """The ``analysis`` section (``metarobust id``)."""
-    from metarobust.analysis.estimators import ESTIMATORS
-
-    _check(len(a.estimators) >= 1, "analysis.estimators", list(a.estimators),
-           f"a non-empty list of {ESTIMATORS.names()}")
-    for name in a.estimators:
-        ESTIMATORS.get(name, "analysis.estimators")
-    _check(a.points >= 3, "analysis.points", a.points, "an integer >= 3 (e.g. 2000, as Ansuini et al.)")
-    _check(a.bootstrap >= 0, "analysis.bootstrap", a.bootstrap, "an integer >= 0 (0: no error bars)")
-    _check(0 < a.fraction <= 1, "analysis.fraction", a.fraction, "a share of the points in (0, 1], e.g. 0.9")
-    _check(0 <= a.twonn_discard < 1, "analysis.twonn_discard", a.twonn_discard, "a fraction in [0, 1), e.g. 0.1")
-    _check(a.mle_neighbors >= 2, "analysis.mle_neighbors", a.mle_neighbors, "an integer >= 2, e.g. 20")
-    _check(0 < a.pca_variance <= 1, "analysis.pca_variance", a.pca_variance, "a share of variance in (0, 1]")
+__all__ = ["EPS_8", "NORMS", "STEP_2", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
+           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields", "check_value",
+           "config_from_dict", "config_section", "experiment_schema", "parse_config", "to_dict", "to_yaml"]

@@ -11,8 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from metarobust import distributed
-from metarobust.config import ExperimentConfig, config_from_dict
-from metarobust.data.datasets import image_size_of
+from metarobust.analysis.estimators import ESTIMATORS
+from metarobust.attacks import ATTACKS
+from metarobust.config import ExperimentConfig, check_value, parse_config
+from metarobust.config import config_from_dict as parse_dict
+from metarobust.data.augment import AUGMENTATIONS
+from metarobust.data.datasets import DATASETS, image_size_of
 from metarobust.data.manifest import (
     Manifest,
     default_manifest_path,
@@ -22,12 +26,55 @@ from metarobust.data.manifest import (
 )
 from metarobust.data.store import ImageStore
 from metarobust.meta.evaluate import FewShotResult, evaluate_fewshot
-from metarobust.models import build_model
+from metarobust.models import MIN_IMAGE_SIZES, MODELS, build_model
+from metarobust.models.options import NORMALIZE_CHOICES
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
 from metarobust.training.engine import Trainer
-from metarobust.training.recipes import build_recipe
+from metarobust.training.recipes import RECIPES, build_recipe
 from metarobust.training.standard.evaluate import evaluate_standard, render_standard_report
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (e.g.
+    ``meta.train_shots=5``), composed from every section (:mod:`metarobust.config` and the recipes'
+    own) and validated against every registry: the config a command runs, checked before any work.
+
+    Example:
+        >>> cfg = load_config("configs/meta/omniglot_rmaml.yaml", ["meta.train_shots=5"])
+    """
+    cfg = parse_config(path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """A validated :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint)."""
+    cfg = parse_dict(values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """The checks that need a registry: the names of the recipe, model, dataset, attacks,
+    augmentation, input normalisation and estimators, the model's minimum image size, and the
+    recipe's own :meth:`~metarobust.training.recipes.Recipe.config_check` (every section's field
+    checks ran when the config was parsed)."""
+    recipe = RECIPES.get(cfg.recipe, "recipe")
+    MODELS.get(cfg.model.name, "model.name")
+    DATASETS.get(cfg.data.dataset, "data.dataset")
+    for section in ("train_attack", "attack"):
+        ATTACKS.get(getattr(cfg, section).name, f"{section}.name")
+    check_value(cfg.model.normalize in NORMALIZE_CHOICES, "model.normalize", cfg.model.normalize,
+                f"one of {list(NORMALIZE_CHOICES)}")
+    minimum = MIN_IMAGE_SIZES.get(cfg.model.name, 1)
+    size = image_size_of(cfg.data)  # null: the dataset's standard size (28, 32, 84...)
+    check_value(size >= minimum, "data.image_size", size, f"at least {minimum} for model {cfg.model.name!r}")
+    check_value(cfg.at.augment in ("auto", "none", *AUGMENTATIONS.names()), "at.augment", cfg.at.augment,
+                f"auto, none or one of {AUGMENTATIONS.names()}")
+    for name in cfg.analysis.estimators:
+        ESTIMATORS.get(name, "analysis.estimators")
+    recipe.config_check(cfg)
 
 
 def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | None = None) -> Manifest:

@@ -39,12 +39,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_attacks import cpu_name, time_interleaved  # noqa: E402  (scripts/ is on sys.path when a script runs)
-from metarobust.training.data import TrainingData, take  # noqa: E402
-from metarobust.training.engine import Trainer  # noqa: E402
 
 from metarobust.config import DataConfig, load_config  # noqa: E402
 from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.models import build_model  # noqa: E402
+from metarobust.training.data import TrainingData, take  # noqa: E402
+from metarobust.training.engine import Trainer  # noqa: E402
 
 
 def plain_pgd_at(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, args, device) -> None:

@@ -44,13 +44,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from metarobust.config import load_config  # noqa: E402
+from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.experiment import (  # noqa: E402
     model_from_state,
     train_and_evaluate,
 )
-
-from metarobust.config import load_config  # noqa: E402
-from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.plots import plot_clean_vs_robust  # noqa: E402
 from metarobust.runs import load_checkpoint  # noqa: E402
 from metarobust.training.standard.evaluate import evaluate_standard  # noqa: E402
@@ -70,7 +69,7 @@ def scale_overrides(args: argparse.Namespace) -> list[str]:
             "model.name=preact_resnet18", f"model.hidden={args.width}", f"at.train_size={args.train_size}",
             f"at.epochs={epochs}", "at.schedule=piecewise", f"at.milestones=[{0.75 * epochs}]", "at.lr=0.1",
             "at.batch_size=128", f"eval.points={args.points}", "eval.check_points=100",
-            "at.mat.peers=2",
+            "mat.peers=2",
         ]
     if args.data_root:
         out.append(f"data.root={args.data_root}")
@@ -110,7 +109,7 @@ def main() -> None:
     for method in methods:
         extra = [f"name={method}"]
         if method == "ltd":
-            extra.append(f"at.ltd.teacher={out / 'trades'}")
+            extra.append(f"ltd.teacher={out / 'trades'}")
         path = ROOT / "configs" / "at" / f"cifar10_{method}.yaml"
         configs[method] = (path, common + extra)
         # LTD's teacher does not exist yet: check the rest now, the teacher when LTD starts.

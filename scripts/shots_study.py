@@ -127,7 +127,7 @@ def run_config(study: Study, base: dict, recipe: str, shots: int, steps: int, ou
     (the same objective; its recipe refuses equal shots), so it runs as ``r_maml``."""
     from omegaconf import OmegaConf
 
-    from metarobust.config import load_config
+    from metarobust.experiment import load_config
 
     run_recipe = "r_maml" if recipe == "its_maml" and shots <= study.test_shots else recipe
     name = f"{recipe}_k{shots}_s{steps}"

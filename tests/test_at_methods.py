@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from metarobust.attacks import threat
 from metarobust.attacks.pgd import PGD
-from metarobust.config import load_config, to_dict
+from metarobust.config import to_dict
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
-from metarobust.experiment import model_from_state
+from metarobust.experiment import load_config, model_from_state
 from metarobust.models import build_model
 from metarobust.models.dual_bn import DualBatchNorm, bn_route, dual_bn_layers
 from metarobust.runs import RunDir, load_checkpoint
@@ -103,7 +103,7 @@ def recording_attacks(trainer: Trainer) -> list[tuple[str, torch.Tensor, torch.T
 # -- MAT ---------------------------------------------------------------------------------------------
 
 def test_mat_peers_train_on_each_others_adversarial_examples(mnist, tmp_path):
-    cfg = config(mnist, tmp_path, "recipe=mat", "at.mat.peers=3", "at.epochs=1")
+    cfg = config(mnist, tmp_path, "recipe=mat", "mat.peers=3", "at.epochs=1")
     trainer = trainer_of(cfg, data_of(mnist, 96))
     assert trainer.models.trainable == ["model", "peer1", "peer2"]
     attacks = recording_attacks(trainer)
@@ -134,7 +134,7 @@ def test_mat_peers_train_on_each_others_adversarial_examples(mnist, tmp_path):
 
 
 def test_multi_perturbation_mat_has_specialists_a_generalist_and_a_union_score(mnist, tmp_path):
-    cfg = config(mnist, tmp_path, "recipe=mat", "at.mat.norms=[linf,l2]", "at.mat.eps={linf: 0.1, l2: 1.0}",
+    cfg = config(mnist, tmp_path, "recipe=mat", "mat.norms=[linf,l2]", "mat.eps={linf: 0.1, l2: 1.0}",
                  "at.epochs=1", "eval.union={l2: 1.0}", "eval.points=48")
     trainer = trainer_of(cfg, data_of(mnist, 64))
     assert trainer.models.trainable == ["model", "specialist_linf", "specialist_l2"]
@@ -155,20 +155,20 @@ def test_multi_perturbation_mat_has_specialists_a_generalist_and_a_union_score(m
 
 
 def test_mat_rejects_a_single_model_and_identical_starts(mnist, tmp_path):
-    with pytest.raises(ConfigError, match="at.mat.norms"):
-        config(mnist, tmp_path, "recipe=mat", "at.mat.norms=[l2]", "at.mat.generalist=false")
+    with pytest.raises(ConfigError, match="mat.norms"):
+        config(mnist, tmp_path, "recipe=mat", "mat.norms=[l2]", "mat.generalist=false")
     with pytest.raises(ConfigError, match="at.init"):
         config(mnist, tmp_path, "recipe=mat", "at.init=runs/x")
-    with pytest.raises(ConfigError, match="at.mat.models"):
-        config(mnist, tmp_path, "recipe=mat", "at.mat.models=[small_cnn,small_cnn]")
+    with pytest.raises(ConfigError, match="mat.models"):
+        config(mnist, tmp_path, "recipe=mat", "mat.models=[small_cnn,small_cnn]")
 
 
 # -- LTD ---------------------------------------------------------------------------------------------
 
 def test_ltd_student_targets_are_the_frozen_teachers_tempered_soft_labels(mnist, tmp_path,
                                                                           natural_checkpoint):
-    cfg = config(mnist, tmp_path, "recipe=ltd", f"at.ltd.teacher={natural_checkpoint}", "model.hidden=8",
-                 "at.ltd.teacher_temperature=0.5", "at.ltd.student_temperature=2.0", "at.beta=0",
+    cfg = config(mnist, tmp_path, "recipe=ltd", f"ltd.teacher={natural_checkpoint}", "model.hidden=8",
+                 "ltd.teacher_temperature=0.5", "ltd.student_temperature=2.0", "at.beta=0",
                  "at.epochs=1")
     data = data_of(mnist, 64)
     trainer = trainer_of(cfg, data)
@@ -199,10 +199,10 @@ def test_ltd_student_targets_are_the_frozen_teachers_tempered_soft_labels(mnist,
 
 
 def test_ltd_needs_a_teacher_that_exists(mnist, tmp_path):
-    with pytest.raises(ConfigError, match="at.ltd.teacher='.*nope.pt' is not a run folder"):
-        config(mnist, tmp_path, "recipe=ltd", f"at.ltd.teacher={tmp_path / 'nope.pt'}")
+    with pytest.raises(ConfigError, match="ltd.teacher='.*nope.pt' is not a run folder"):
+        config(mnist, tmp_path, "recipe=ltd", f"ltd.teacher={tmp_path / 'nope.pt'}")
     cfg = config(mnist, tmp_path, "recipe=ltd")  # loads (shipped configs name no teacher) ...
-    with pytest.raises(ConfigError, match="at.ltd.teacher is not set"):
+    with pytest.raises(ConfigError, match="ltd.teacher is not set"):
         build_recipe(cfg)  # ... but fails before any work: metarobust train builds the recipe first
 
 
@@ -246,12 +246,12 @@ def test_advprop_needs_batchnorm(mnist, tmp_path):
 
 def test_adversarial_finetune_starts_at_f0_ramps_eps_and_distils(mnist, tmp_path, natural_checkpoint):
     extra = ["recipe=adversarial_finetune", f"at.init={natural_checkpoint}", "at.epochs=3", "at.lr=0.02",
-             "at.finetune.eps_ramp=0.5"]
+             "finetune.eps_ramp=0.5"]
     data = data_of(mnist, 64)
     batch = fixed_batch(data)
     kls = {}
     for weight in (0.0, 5.0):
-        cfg = config(mnist, tmp_path, *extra, f"at.finetune.distill_weight={weight}")
+        cfg = config(mnist, tmp_path, *extra, f"finetune.distill_weight={weight}")
         trainer = trainer_of(cfg, data)
         reference = trainer.models.modules["reference"]
         start_weights = trainer.models.modules["model"].state_dict()
@@ -275,15 +275,15 @@ def test_adversarial_finetune_starts_at_f0_ramps_eps_and_distils(mnist, tmp_path
 def test_adversarial_finetune_needs_f0(mnist, tmp_path):
     with pytest.raises(ConfigError, match="at.init is not set"):
         build_recipe(config(mnist, tmp_path, "recipe=adversarial_finetune"))
-    with pytest.raises(ConfigError, match="at.finetune.aux_bn"):
-        config(mnist, tmp_path, "recipe=adversarial_finetune", "at.finetune.aux_bn=true")  # no BN to double
+    with pytest.raises(ConfigError, match="finetune.aux_bn"):
+        config(mnist, tmp_path, "recipe=adversarial_finetune", "finetune.aux_bn=true")  # no BN to double
 
 
 # -- Local balls (Lu & Kumar) ------------------------------------------------------------------------
 
 def test_local_balls_attacks_around_the_weak_adversary_and_learns(mnist, tmp_path, natural_checkpoint):
     cfg = config(mnist, tmp_path, "recipe=local_balls", f"at.init={natural_checkpoint}",
-                 "train_attack.steps=1", "train_attack.step_size=0.125", "at.local_balls.radius=0.25",
+                 "train_attack.steps=1", "train_attack.step_size=0.125", "local_balls.radius=0.25",
                  "at.epochs=4")
     data = data_of(mnist, 128)
     trainer = trainer_of(cfg, data)
@@ -336,14 +336,14 @@ def test_bat_learns_and_its_uniform_terms_raise_the_entropy_at_the_boundary(mnis
     end = {}
     for weight in (1.0, 0.0):
         cfg = config(mnist, tmp_path, "recipe=bat", f"at.init={natural_checkpoint}", "at.epochs=4",
-                     "at.lr=0.02", "at.beta=1", f"at.bat.uniform_weight={weight}")
+                     "at.lr=0.02", "at.beta=1", f"bat.uniform_weight={weight}")
         trainer = trainer_of(cfg, data)
         start = objective(trainer, batch)
         trainer.fit()
         end[weight] = objective(trainer, batch)
         assert end[weight]["loss"] < 0.8 * start["loss"]
     # The term is in the loss exactly once per boundary point ...
-    trainer.recipe.at.bat.uniform_weight = 1.0
+    trainer.recipe.cfg.bat.uniform_weight = 1.0
     with_term = objective(trainer, batch)["loss"]
     assert with_term - end[0.0]["loss"] == pytest.approx(end[0.0]["uniform_kl"], rel=1e-4)
     # ... and it does what BAT wants: predictions at the boundary points closer to uniform.
@@ -354,7 +354,7 @@ def test_bat_learns_and_its_uniform_terms_raise_the_entropy_at_the_boundary(mnis
 
 def test_frl_class_weights_and_radii_move_toward_the_worst_class(mnist, tmp_path, natural_checkpoint):
     cfg = config(mnist, tmp_path, "recipe=frl", f"at.init={natural_checkpoint}", "at.holdout=200",
-                 "at.frl.tau_nat=0", "at.frl.tau_bdy=0", "at.frl.val_steps=5", "at.epochs=2", "at.lr=0.01",
+                 "frl.tau_nat=0", "frl.tau_bdy=0", "frl.val_steps=5", "at.epochs=2", "at.lr=0.01",
                  "at.beta=1.5")
     data = data_of(mnist, 64, holdout=200)
     trainer = trainer_of(cfg, data)
@@ -421,7 +421,7 @@ def test_killed_frl_run_resumes_to_the_same_parameters_and_multipliers(mnist, tm
     (checkpoint at 3, inside the second epoch), resumed, the run ends with exactly the parameters
     and multipliers of an uninterrupted one."""
     common = ["recipe=frl", "at.epochs=3", "train.checkpoint_every=3", "at.holdout=64",
-              "at.frl.val_steps=2", "at.frl.tau_nat=0", "at.frl.tau_bdy=0"]
+              "frl.val_steps=2", "frl.tau_nat=0", "frl.tau_bdy=0"]
     data = data_of(mnist, 64, holdout=64)  # 2 steps per epoch
     cfg = config(mnist, tmp_path, *common, "name=whole")
     whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from metarobust.cli import main
-from metarobust.config import load_config
 from metarobust.errors import ConfigError
+from metarobust.experiment import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -36,13 +36,14 @@ from official_formats import (
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from metarobust.config import DataConfig, load_config
+from metarobust.config import DataConfig
 from metarobust.data import cifar, image_files, mnist
 from metarobust.data.augment import AUGMENTATIONS, random_crop_flip
 from metarobust.data.datasets import dataset_info, image_size_of, load_split
 from metarobust.data.sampler import BatchSampler
 from metarobust.data.store import ImageStore
 from metarobust.errors import ConfigError, DataError
+from metarobust.experiment import load_config
 
 
 def as_chw(rows: np.ndarray) -> torch.Tensor:

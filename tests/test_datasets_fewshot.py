@@ -152,7 +152,7 @@ def test_a_broken_split_file_is_reported(monkeypatch, tmp_path):
     table = splits("cifar_fs")
     table["val"] = table["val"][:15]
     bad.write_text(json.dumps(table))
-    monkeypatch.setattr("metarobust.data.datasets.SPLITS_DIR", tmp_path)
+    monkeypatch.setattr("metarobust.data.catalog.SPLITS_DIR", tmp_path)
     with pytest.raises(DataError, match=r"split 'val' must list 16 classes, found 15"):
         cifar_fs.split_classes("cifar_fs")
 

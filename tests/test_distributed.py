@@ -1,6 +1,8 @@
 """Distributed standard training on the CPU with the gloo backend: two processes shard every
 global batch, end with identical parameters, and take the same first step as one process with
-the whole batch; ``torchrun ... metarobust.cli train`` writes one run folder from rank 0."""
+the whole batch; ``torchrun ... metarobust.cli train`` writes one run folder from rank 0.
+Distributed meta-training: two processes, each with half of every meta-batch's tasks, draw the
+one process's episodes and attack noise and reach its weights up to float32 round-off."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metarobust.config import DataConfig, load_config
+from metarobust.config import DataConfig
 from metarobust.data.datasets import load_split
 from metarobust.data.sampler import BatchSampler
 from metarobust.data.store import ImageStore
 from metarobust.distributed import DistInfo
-from metarobust.training.data import TrainingData, take
+from metarobust.experiment import load_config
+from metarobust.training.data import TrainingData, load_training_data, take
 from metarobust.training.engine import Trainer
+from metarobust.training.recipes import build_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=8", "model.drop_rate=0",
@@ -139,3 +144,153 @@ def test_torchrun_cli_trains_with_two_processes_and_rank_zero_writes_the_run(mni
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4]  # 256 / (2 x 32) = 4 steps, logged once each
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4 and len(state["generators"]) == 2  # both ranks' attack noise saved
+
+
+# --- meta-training: tasks of every meta-batch split across two gloo processes -----------------
+
+# R-MAML (second order, adversarial CE on FGSM-RS queries, so the ranks' attack noise matters) on
+# the embedded glyphs with a tiny Conv-4. Two settings keep the comparison below a float32 one:
+# - model.norm=none: with per-task BatchNorm after each conv, the convs' biases have a meta-
+#   gradient that is zero in exact arithmetic, so in float32 it is round-off (1e-10..1e-5), and
+#   Adam, which normalises every coordinate, turns round-off into steps of up to meta_lr: those
+#   biases are not determined by the maths, and drift ~1e-3 apart between any two summation orders.
+# - robust.form=ce: the TRADES KL's attack starts where the KL is ~0, and FGSM takes the sign of
+#   its near-zero input gradient; a perturbation of 1e-7 (relative) of the first meta-gradient
+#   moved the final TRADES weights by 2e-7 in 2 of 6 trials (a flipped sign), 1.5e-8 at most with CE.
+META_TINY = ["recipe=r_maml", "model.hidden=8", "model.norm=none", "meta.queries=2", "meta.inner_steps=1",
+             "meta.first_order=false", "meta.execution=loop", "robust.form=ce", "train.iterations=3",
+             "train.log_every=1", "device=cpu"]
+META_TASKS = 4  # the global meta-batch: 4 tasks in one process, 2 per rank in two
+
+
+def meta_config(tasks_per_rank: int):
+    return load_config(REPO / "configs" / "quickstart.yaml", [*META_TINY, f"meta.meta_batch_size={tasks_per_rank}"])
+
+
+def _meta_worker(rank: int, world: int, port: int, out: str, data: TrainingData) -> None:
+    """One rank of ``world`` (1: the one-process reference, no process group) meta-trains on its
+    share of the meta-batch and saves its weights, episodes and attack noise at every step."""
+    torch.set_num_threads(1)  # the same kernels, hence the same per-task gradients, in every process
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(meta_config(META_TASKS // world), data=data, progress=False,
+                          dist=DistInfo(rank, world, rank, torch.device("cpu")))
+        before = params_of(trainer)
+        episodes, noises = [], []
+        sample, draw = trainer.sampler.sample, trainer.recipe.draw_noise
+
+        def spy_sample():
+            batch = sample()
+            episodes.append((batch.support_index.clone(), batch.query_index.clone()))
+            return batch
+
+        def spy_draw(batch, generator, rank=0, world_size=1):
+            noise = draw(batch, generator, rank, world_size)
+            noises.append({k: v.clone() for k, v in (noise or {}).items()})
+            return noise
+
+        trainer.sampler.sample, trainer.recipe.draw_noise = spy_sample, spy_draw
+        # The first meta-update's gradient as the optimizer sees it (averaged over the ranks), and
+        # sum_t |g_t| / T over the tasks this process accumulated (each backward adds one task's).
+        named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        first_grad, task_abs, seen = {}, {n: torch.zeros_like(p) for n, p in named}, {}
+
+        def accumulated(name):
+            def hook(p):
+                if not first_grad:  # first step only
+                    task_abs[name] += (p.grad - seen.get(name, 0)).abs()
+                    seen[name] = p.grad.detach().clone()
+            return hook
+
+        hooks = [p.register_post_accumulate_grad_hook(accumulated(n)) for n, p in named]
+        step = trainer.optimizer.step
+
+        def spy_step(*args, **kwargs):
+            if not first_grad:
+                first_grad.update({n: p.grad.detach().clone() for n, p in named})
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = spy_step
+        trainer.fit()
+        for hook in hooks:
+            hook.remove()
+        torch.save({"before": before, "after": params_of(trainer), "steps": trainer.step_count,
+                    "trained": [n for n, _ in named], "first_grad": first_grad, "task_abs": task_abs,
+                    "episodes": episodes, "noises": noises}, Path(out) / f"meta_w{world}_r{rank}.pt")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _run_ranks(world: int, out: Path, data: TrainingData, timeout: float = 180.0) -> list[dict]:
+    """``_meta_worker`` in ``world`` forked processes (fork, not spawn: a spawned child spends
+    ~10 s re-importing torch and metarobust on a busy 2-core machine; each child sets one thread,
+    as DataLoader workers do). A hung process group fails the test instead of blocking it."""
+    ctx = mp.start_processes(_meta_worker, args=(world, free_port(), str(out), data), nprocs=world,
+                             join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.terminate()
+            pytest.fail(f"{world} meta-training process(es) still running after {timeout:.0f} s")
+    return [torch.load(out / f"meta_w{world}_r{r}.pt", weights_only=True) for r in range(world)]
+
+
+def test_two_gloo_processes_meta_train_like_one_process_with_the_whole_meta_batch(tmp_path):
+    cfg = meta_config(META_TASKS)
+    data = load_training_data(cfg, build_recipe(cfg), torch.device("cpu"), with_test=False)
+    ranks = _run_ranks(2, tmp_path, data)
+    (single,) = _run_ranks(1, tmp_path, data)
+    iterations, eps, lr = cfg.train.iterations, torch.finfo(torch.float32).eps, cfg.meta.meta_lr
+    assert ranks[0]["steps"] == ranks[1]["steps"] == single["steps"] == iterations
+    # The ranks together drew exactly the one process's episodes and attack noise, step by step
+    # (rank r holding tasks 2r, 2r + 1 of the global meta-batch).
+    for step in range(iterations):
+        for part in range(2):  # support, query image indices
+            together = torch.cat([r["episodes"][step][part] for r in ranks])
+            assert torch.equal(together, single["episodes"][step][part]), (step, part)
+        assert single["noises"][step].keys() == {"query"}
+        for key, whole in single["noises"][step].items():
+            assert torch.equal(torch.cat([r["noises"][step][key] for r in ranks]), whole), (step, key)
+    # The all-reduce hands every rank the same bytes, and Adam is deterministic: identical weights.
+    for k, v in ranks[0]["after"].items():
+        assert torch.equal(v, ranks[1]["after"][k]), k
+    # Tolerances from float32 arithmetic (eps = 2^-23, unit round-off u = eps / 2), T = 4 tasks.
+    # First meta-gradient: same episodes and noise (asserted above) and the same seeded weights,
+    # so each task's meta-gradient g_t is the same float32 tensor in both runs (same shapes and
+    # kernels, one thread). The loop scales it by 1 / (tasks in the process), the all-reduce
+    # divides by world_size: powers of two, exact. Only the order of summing the T terms differs,
+    # ((g0 + g1) + g2) + g3 in one process, (g0 + g1) + (g2 + g3) across two, and a float sum of
+    # T terms is within (T - 1) u sum_t |g_t / T| of the exact one (Higham, Accuracy and Stability
+    # of Numerical Algorithms, sec. 4.2): the two differ by at most (T - 1) eps sum_t |g_t / T| in
+    # each coordinate. Summing over the ranks instead of averaging (2x) fails here only: the
+    # weights below would not show it, Adam's step does not depend on the gradient's scale.
+    scale = single["task_abs"]  # sum_t |g_t / T|, accumulated task by task in the one process
+    for k, g in single["first_grad"].items():
+        gap = (ranks[0]["first_grad"][k] - g).abs()
+        assert torch.all(gap <= (META_TASKS - 1) * eps * scale[k]), (k, gap.max().item())
+    # Weights after K = 3 Adam steps, |a - b| <= atol + rtol |b|:
+    # - atol: Adam's step lr m_hat / (sqrt(v_hat) + 1e-8) is invariant to the gradient's scale: a
+    #   relative change rho of a coordinate's gradients changes m_hat and sqrt(v_hat) by rho each,
+    #   so the step by at most 2 rho times its size, at most lr (Cauchy-Schwarz: |m_hat| <= sqrt(v_hat)
+    #   sqrt(sum_i a_i^2 / b_i), a and b the bias-corrected averaging weights, nearly uniform
+    #   over the first steps: <= 1.004 for K <= 3). With rho = (T - 1) eps from the summation,
+    #   K steps differ by at most K 2 (T - 1) eps lr. This takes sum_t |g_t| ~ |sum_t g_t|; a
+    #   coordinate where the tasks cancel has a larger rho, but Adam's first step there is
+    #   lr sign(g) whatever rho, and the weights then differ by ulps only, which move the next
+    #   gradients by a relative amount of that order times the curvature (smooth here: see the
+    #   choice of norm and robust form above).
+    # - rtol: each step rounds theta - step to float32, and steps a hair apart may land on
+    #   neighbouring floats: one ulp (<= eps |theta|) per step, K eps.
+    atol = 2 * (META_TASKS - 1) * eps * iterations * lr  # 2.1e-9 (the measured need: < 1e-10)
+    rtol = iterations * eps  # 3.6e-7
+    for k, v in single["after"].items():
+        assert torch.allclose(ranks[0]["after"][k], v, rtol=rtol, atol=atol), \
+            (k, (ranks[0]["after"][k] - v).abs().max().item())
+    # ... and it trained: Adam moves every weight by up to lr per step, every tensor by far more
+    # than the tolerance (the comparison could fail).
+    for k in single["trained"]:
+        assert (single["after"][k] - single["before"][k]).abs().max() > lr, k

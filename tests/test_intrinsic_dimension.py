@@ -25,9 +25,10 @@ from metarobust.analysis import (
     intrinsic_dimension_of_units,
 )
 from metarobust.cli import main
-from metarobust.config import IDConfig, load_config
+from metarobust.config import IDConfig
 from metarobust.data.store import ImageStore
 from metarobust.errors import ConfigError, DataError
+from metarobust.experiment import load_config
 from metarobust.models import Conv4
 
 skdim = pytest.importorskip("skdim", reason="scikit-dimension (test extra) is the cross-check peer")

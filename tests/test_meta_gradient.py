@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks import LinfPGD, cross_entropy_sum
-from metarobust.config import ExperimentConfig
+from metarobust.config import ExperimentConfig, experiment_schema
 from metarobust.data.episode import EpisodeBatch
 from metarobust.meta.execution import meta_backward
 from metarobust.meta.functional import functional_forward, params_of
@@ -144,7 +144,7 @@ def recipe_config(case: str, **more) -> ExperimentConfig:
     """A config for ``case`` (the dataclass, set field by field: no data-dependent validation)."""
     values = {"recipe": case, "meta.inner_lr": 0.3, "meta.inner_steps": 2, "train_attack.eps": 0.0314,
               "train_attack.steps": 2, "train_attack.step_size": 0.04, **RECIPE_CASES[case], **more}
-    cfg = ExperimentConfig()
+    cfg = experiment_schema()()  # the core sections and every recipe-owned one (robust)
     for key, value in values.items():
         *path, name = key.split(".")
         section = cfg

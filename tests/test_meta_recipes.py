@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks import LinfPGD, build_attack
-from metarobust.config import load_config
 from metarobust.errors import ConfigError
+from metarobust.experiment import load_config
 from metarobust.meta.functional import functional_forward, params_of
 from metarobust.meta.logistic import LogisticProbe, fit_logistic_regression
 from metarobust.meta.maml import MAML

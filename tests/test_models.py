@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metarobust.config import ModelConfig, load_config
+from metarobust.config import ModelConfig
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
+from metarobust.experiment import load_config
 from metarobust.meta.execution import meta_backward
 from metarobust.meta.functional import functional_forward, params_of
 from metarobust.meta.maml import MAML

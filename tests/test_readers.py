@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from metarobust.config import DataConfig
-from metarobust.data import datasets, glyphs, omniglot
+from metarobust.data import catalog, glyphs, omniglot
 from metarobust.data.datasets import (
     DATASETS,
     SPLITS,
@@ -438,7 +438,7 @@ def test_dataset_root_prefers_config_then_environment_then_cache(monkeypatch, tm
 
 
 def test_missing_split_file_raises_data_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets, "SPLITS_DIR", tmp_path)
+    monkeypatch.setattr(catalog, "SPLITS_DIR", tmp_path)
     with pytest.raises(DataError, match="split file .* not found"):
         read_split_file("omniglot")
 

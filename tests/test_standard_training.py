@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarobust.cli import main
-from metarobust.config import DataConfig, StandardTrainingConfig, load_config
+from metarobust.config import DataConfig, StandardTrainingConfig
 from metarobust.data.datasets import load_split
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError, DataError, TrainingDiverged
+from metarobust.experiment import load_config
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, take
 from metarobust.training.engine import Trainer

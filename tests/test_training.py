@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from metarobust.cli import main
-from metarobust.config import load_config
 from metarobust.errors import ConfigError, TrainingDiverged
-from metarobust.experiment import train_and_evaluate
+from metarobust.experiment import load_config, train_and_evaluate
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import load_training_data
 from metarobust.training.engine import Trainer

@@ -66,7 +66,7 @@ import torchvision.datasets as tvd
 from torchvision.datasets.utils import download_and_extract_archive
 
 from metarobust.config import DataConfig
-from metarobust.data.datasets import (
+from metarobust.data.catalog import (
     DATASETS,
     DEFAULT_IMAGE_SIZE,
     SPLITS_DIR,

@@ -39,7 +39,7 @@ import torch
 
 from metarobust.config import DataConfig
 from metarobust.data import cifar  # the module, not its names: it may still be initialising
-from metarobust.data.datasets import (
+from metarobust.data.catalog import (
     DATASETS,
     DEFAULT_IMAGE_SIZE,
     check_split,

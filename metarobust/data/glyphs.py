@@ -60,7 +60,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from metarobust.config import DataConfig
-from metarobust.data.datasets import (
+from metarobust.data.catalog import (
     DATASETS,
     EMBEDDED_DATASETS,
     check_split,

@@ -49,7 +49,7 @@ import torch
 import torchvision.datasets as tvd
 
 from metarobust.config import DataConfig
-from metarobust.data.datasets import (
+from metarobust.data.catalog import (
     DATASETS,
     DEFAULT_IMAGE_SIZE,
     check_split,

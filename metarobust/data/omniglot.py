@@ -65,7 +65,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metarobust.config import DataConfig
-from metarobust.data.datasets import (
+from metarobust.data.catalog import (
     DATASETS,
     check_split,
     dataset_root,

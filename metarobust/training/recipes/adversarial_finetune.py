@@ -9,12 +9,13 @@ ideas (fine-tune a naturally trained model; a "training-friendly" attack) is a r
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.pgd import PGD
-from metarobust.config import ExperimentConfig
+from metarobust.config import ExperimentConfig, check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.models.dual_bn import bn_route
@@ -29,6 +30,27 @@ from metarobust.training.recipes.base import (
     bn_mode,
     register_recipe,
 )
+
+
+@config_section("finetune")
+@dataclass
+class FinetuneConfig:
+    """Adversarial fine-tuning (``recipe: adversarial_finetune``; Hou et al. 2022), a
+    reconstruction [R]: start from ``at.init`` (a naturally trained model f_0)."""
+
+    distill_weight: float = 1.0
+    """lambda of ``KL(p_0(x) || p(x))`` on clean images, the frozen f_0 as teacher."""
+    eps_ramp: float = 0.5
+    """Fraction of fine-tuning over which the attack radius grows linearly from 0 to
+    ``train_attack.eps`` (0: the full radius from the start)."""
+    early_stop: bool = True
+    """Per sample, stop the attack once the sample is misclassified (FAT-style)."""
+    aux_bn: bool = False
+    """Route adversarial images through auxiliary BatchNorms (AdvProp-style disentangling)."""
+
+    def check(self) -> None:
+        check_value(self.distill_weight >= 0, "finetune.distill_weight", self.distill_weight, "a weight >= 0")
+        check_value(0 <= self.eps_ramp <= 1, "finetune.eps_ramp", self.eps_ramp, "a fraction of training in [0, 1]")
 
 
 def ramped_eps(eps: float, progress: float, ramp: float) -> float:
@@ -47,12 +69,12 @@ class AdversarialFinetune(Recipe):
 
     - the second term "disentangles" the adversarial examples' harm to clean accuracy by
       distilling, on clean images, from a frozen copy of ``f_0`` (eval mode);
-      ``lambda = at.finetune.distill_weight`` (1) [R];
+      ``lambda = finetune.distill_weight`` (1) [R];
     - the "dynamically regulated adversary": the radius grows linearly from 0 to
-      ``train_attack.eps`` over the first ``at.finetune.eps_ramp`` (half) of fine-tuning, the
+      ``train_attack.eps`` over the first ``finetune.eps_ramp`` (half) of fine-tuning, the
       step size scaled with it, and each sample stops moving once it is misclassified
-      (``at.finetune.early_stop``, FAT-style), cheaper and gentler than full PGD [R];
-    - optionally (``at.finetune.aux_bn``) adversarial images go through auxiliary BatchNorms
+      (``finetune.early_stop``, FAT-style), cheaper and gentler than full PGD [R];
+    - optionally (``finetune.aux_bn``) adversarial images go through auxiliary BatchNorms
       (AdvProp-style), the clean distillation through the main ones, which are deployed [R].
 
     What is reconstructed: the form of both terms, lambda, the ramp and the early stop; the
@@ -74,16 +96,16 @@ class AdversarialFinetune(Recipe):
             raise ConfigError("at.init is not set; adversarial_finetune starts from a naturally trained "
                               "model f_0: give its run folder or checkpoint, e.g. "
                               "at.init=runs/cifar10_natural")
-        self.ft = cfg.at.finetune
+        self.ft = cfg.finetune
 
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
-        if cfg.at.finetune.aux_bn and not has_batchnorm(cfg.model):
-            raise ConfigError(f"at.finetune.aux_bn=true but model.name={cfg.model.name!r} with model.norm="
-                              f"{cfg.model.norm!r} has no BatchNorm to double; set at.finetune.aux_bn=false")
+        if cfg.finetune.aux_bn and not has_batchnorm(cfg.model):
+            raise ConfigError(f"finetune.aux_bn=true but model.name={cfg.model.name!r} with model.norm="
+                              f"{cfg.model.norm!r} has no BatchNorm to double; set finetune.aux_bn=false")
 
     def roles(self) -> list[Role]:
-        return [Role("model", checkpoint=self.at.init, dual_bn=self.at.finetune.aux_bn),
+        return [Role("model", checkpoint=self.at.init, dual_bn=self.cfg.finetune.aux_bn),
                 Role("reference", trainable=False, checkpoint=self.at.init)]
 
     def attack_at(self, progress: float) -> PGD:

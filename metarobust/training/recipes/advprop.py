@@ -4,15 +4,26 @@ Recognition", CVPR 2020, arXiv 1911.09665; PyTorch port ``tingxueronghua/pytorch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from metarobust.config import ExperimentConfig, ModelConfig
+from metarobust.config import ExperimentConfig, ModelConfig, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.models.dual_bn import bn_route
 from metarobust.training.objectives import accuracy
 from metarobust.training.recipes.base import Models, Recipe, Role, Stats, StepContext, register_recipe
+
+
+@config_section("advprop")
+@dataclass
+class AdvPropConfig:
+    """AdvProp (``recipe: advprop``; Xie et al. 2020): the attack is ``train_attack``."""
+
+    targeted: bool = True
+    """Attack toward a random wrong class (the PyTorch port's default); false: away from ``y``."""
 
 
 def has_batchnorm(model: ModelConfig) -> bool:
@@ -36,7 +47,7 @@ class AdvProp(Recipe):
     1. ``x_adv`` = PGD (``train_attack``) on the network routed through the **auxiliary** BNs,
        in eval mode as the port (aux running statistics; ``at.attack_bn=train`` uses batch
        statistics, updating only the aux running statistics). By default the attack is
-       targeted at a random wrong class (``at.advprop.targeted``, the port's default); untargeted
+       targeted at a random wrong class (``advprop.targeted``, the port's default); untargeted
        otherwise.
     2. ``L = CE(f_main(x), y) + CE(f_aux(x_adv), y)``: one forward of ``[x; x_adv]`` with the
        "mix" route, the clean half through the main BNs, the adversarial half through the
@@ -54,7 +65,7 @@ class AdvProp(Recipe):
     accuracy, not robustness).
 
     Example:
-        >>> cfg = load_config("configs/at/cifar10_advprop.yaml", ["at.advprop.targeted=false"])
+        >>> cfg = load_config("configs/at/cifar10_advprop.yaml", ["advprop.targeted=false"])
         >>> model = Trainer(cfg).fit()                 # plain BatchNorms (the main ones)
     """
 
@@ -62,7 +73,7 @@ class AdvProp(Recipe):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        self.targeted = cfg.at.advprop.targeted
+        self.targeted = cfg.advprop.targeted
 
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:

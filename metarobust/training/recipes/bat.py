@@ -13,10 +13,26 @@ from torch import nn
 
 from metarobust.attacks import threat
 from metarobust.attacks.losses import kl_from_clean
+from metarobust.config import check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, trades_kl
 from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
 from metarobust.training.recipes.trades import trades_attack_target
+
+
+@config_section("bat")
+@dataclass
+class BATConfig:
+    """Balance Adversarial Training (``recipe: bat``; Sun et al. 2022); ``at.beta`` = 6."""
+
+    tau: int = 1
+    """Extra steps after the first misclassified iterate for the first-adversarial point."""
+    uniform_weight: float = 1.0
+    """Weight of each ``KL(p(x_b) || U)`` term (target-class fairness)."""
+
+    def check(self) -> None:
+        check_value(self.tau >= 0, "bat.tau", self.tau, "an integer >= 0 (extra steps after the first flip)")
+        check_value(self.uniform_weight >= 0, "bat.uniform_weight", self.uniform_weight, "a weight >= 0")
 
 
 @dataclass
@@ -103,12 +119,12 @@ class BAT(Recipe):
 
     1. :func:`boundary_points`: one KL-PGD trajectory from ``x + 0.001 N(0, I)`` (``train_attack``:
        10 steps of 0.007 within eps 0.031) gives the last-clean point ``x_lc`` and the
-       first-adversarial point ``x_fa`` (``at.bat.tau`` = 1 extra step), bracketing each sample's
+       first-adversarial point ``x_fa`` (``bat.tau`` = 1 extra step), bracketing each sample's
        decision boundary, whatever the class: source-class fairness;
     2. ``L = CE(p(x_lc), y) + beta KL(p(x) || p(x_fa)) + w [KL(p(x_lc) || U) + KL(p(x_fa) || U)]``
        with U the uniform distribution: maximising the predictive entropy at the boundary points
        spreads the adversarial examples' target classes (target-class fairness). ``at.beta`` = 6,
-       ``w = at.bat.uniform_weight`` = 1.
+       ``w = bat.uniform_weight`` = 1.
 
     Defaults (the code): ResNet-18 on CIFAR-10, SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch
     128, lr x0.1 at epochs 75, 90 and 100 (``configs/at/cifar10_bat.yaml``: 110 epochs). L-inf only.
@@ -135,7 +151,7 @@ class BAT(Recipe):
 
     def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y
-        a, bat = self.cfg.train_attack, self.at.bat
+        a, bat = self.cfg.train_attack, self.cfg.bat
         raw = models.raw["model"]
         target = trades_attack_target(raw, x, self.bn)
         noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from metarobust.attacks.losses import kl_divergence, kl_from_clean
 from metarobust.attacks.pgd import PGD
-from metarobust.config import ExperimentConfig, FRLConfig
+from metarobust.config import STEP_2, ExperimentConfig, check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, gaussian_start
@@ -26,6 +26,37 @@ from metarobust.training.recipes.base import (
     register_recipe,
 )
 from metarobust.training.recipes.trades import trades_attack_target
+
+
+@config_section("frl")
+@dataclass
+class FRLConfig:
+    """Fair Robust Learning (``recipe: frl``; Xu et al. 2021), reweight + remargin; needs
+    ``at.holdout`` validation images and, as the paper, a robust ``at.init``."""
+
+    tau_nat: float = 0.07
+    """Allowed excess of a class's clean error over the average (tau_0)."""
+    tau_bdy: float = 0.07
+    """Allowed excess of a class's boundary error over the average (tau_1)."""
+    rate: float = 0.05
+    """alpha_1, the step of the weight multipliers; halved every ``rate_halving`` epochs."""
+    rate_halving: int = 40
+    margin_rate: float = 0.2
+    """alpha_2, the step of the eps multipliers (remargin); 0: reweight only (``frlrw.py``)."""
+    limit: float = 0.5
+    """Each multiplier vector is rescaled to sum at most this (``lim``)."""
+    val_steps: int = 20
+    """PGD steps of the validation pass (CE, uniform start, eps ``train_attack.eps``)."""
+    val_step_size: float = STEP_2
+    compat_step: bool = False
+    """Reproduce the reference code's training step ``max_i eps_i / 4`` (one value per batch)
+    instead of ``train_attack.step_size`` scaled per sample like its eps."""
+
+    def check(self) -> None:
+        for key in ("tau_nat", "tau_bdy", "rate", "margin_rate", "limit", "val_step_size"):
+            check_value(getattr(self, key) >= 0, f"frl.{key}", getattr(self, key), "a value >= 0")
+        check_value(self.rate_halving >= 1, "frl.rate_halving", self.rate_halving, "a number of epochs >= 1")
+        check_value(self.val_steps >= 1, "frl.val_steps", self.val_steps, "an integer >= 1")
 
 
 @dataclass
@@ -110,12 +141,12 @@ class FRL(Recipe):
 
     Before every epoch (:meth:`on_epoch_start`), a validation pass on the ``at.holdout`` images
     (required; the reference holds out 300 training images per class) with CE-PGD
-    (``at.frl.val_steps`` 20, step 2/255, eps ``train_attack.eps``, uniform start, eval mode)
+    (``frl.val_steps`` 20, step 2/255, eps ``train_attack.eps``, uniform start, eval mode)
     gives each class's clean error ``e_nat(c)`` and boundary error ``e_bdy(c)``; the multipliers
-    take one ascent step on ``gamma = e(c) - E - tau`` (``at.frl.tau_nat``/``tau_bdy``, 0.07):
+    take one ascent step on ``gamma = e(c) - E - tau`` (``frl.tau_nat``/``tau_bdy``, 0.07):
     ``lam_nat += a1 gamma_nat``, ``lam_bdy += 2 a1 gamma_bdy`` (each clamped at 0 and rescaled to
-    sum <= ``at.frl.limit`` 0.5), ``lam_m += a2 gamma_bdy`` (``a1 = at.frl.rate`` 0.05 halved every
-    40 epochs; ``a2 = at.frl.margin_rate`` 0.2, 0 for reweight only). Classes worse than average
+    sum <= ``frl.limit`` 0.5), ``lam_m += a2 gamma_bdy`` (``a1 = frl.rate`` 0.05 halved every
+    40 epochs; ``a2 = frl.margin_rate`` 0.2, 0 for reweight only). Classes worse than average
     gain weight: ``w(c) = 1/K + lam(c) - mean(lam)``, and eps:
     ``eps(c) = eps clip(exp(2 lam_m(c)), 0.98, 3)``.
 
@@ -127,7 +158,7 @@ class FRL(Recipe):
 
     Deviation (``shared/methods`` 7.10): the reference steps every sample by ``max_i eps_i / 4``
     (one value per batch, ignoring the configured step); here each sample steps
-    ``train_attack.step_size * eps_i / eps``; ``at.frl.compat_step=true`` reproduces the reference.
+    ``train_attack.step_size * eps_i / eps``; ``frl.compat_step=true`` reproduces the reference.
     Earlier commits of the code used tau 0.1 and a2 0.1 and one normalisation of the summed loss.
 
     Example:
@@ -140,7 +171,7 @@ class FRL(Recipe):
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.config_check(cfg)
         super().__init__(cfg)
-        self.frl = cfg.at.frl
+        self.frl = cfg.frl
         self.multipliers: Multipliers | None = None
         self.w_nat = self.w_bdy = self.eps_scale = None
 

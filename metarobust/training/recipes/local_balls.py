@@ -8,13 +8,35 @@ No code was released and only the abstract could be read: the loss below is a re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.pgd import PGD
+from metarobust.config import check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.training.objectives import accuracy, trades_kl
 from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, register_recipe
+
+
+@config_section("local_balls")
+@dataclass
+class LocalBallsConfig:
+    """Local balls around weak adversaries plus a global term (``recipe: local_balls``; Lu &
+    Kumar 2021), a reconstruction [R]."""
+
+    radius: float = 0.25
+    """r of the local ball around each adversary, as a fraction of ``train_attack.eps``."""
+    steps: int = 1
+    """Steps of the second-stage attack inside B(x', r) (step size r, random start)."""
+    weight: float = 1.0
+    """lambda of the global term ``KL(p(x) || p(x'))``."""
+
+    def check(self) -> None:
+        check_value(self.radius > 0, "local_balls.radius", self.radius, "a fraction of train_attack.eps > 0, e.g. 0.25")
+        check_value(self.steps >= 1, "local_balls.steps", self.steps, "an integer >= 1")
+        check_value(self.weight >= 0, "local_balls.weight", self.weight, "a weight >= 0")
 
 
 @register_recipe("local_balls", "Local balls + global term (Lu & Kumar 2021) [R]: CE in a small ball "
@@ -27,18 +49,18 @@ class LocalBalls(Recipe):
 
     - ``x' = attack(x)``: the weak adversary, ``train_attack`` (FGSM with random start, one step
       of 1.25 eps, in ``configs/at/cifar10_local_balls.yaml``);
-    - ``x''``: a second-stage attack *seeded at* ``x'``: ``at.local_balls.steps`` (1) steps of size
+    - ``x''``: a second-stage attack *seeded at* ``x'``: ``local_balls.steps`` (1) steps of size
       ``r`` from a random point of ``B(x', r)``, projected onto ``B(x', r)`` and the image box,
-      with ``r = at.local_balls.radius * train_attack.eps`` (a quarter); so ``x''`` may lie up to
+      with ``r = local_balls.radius * train_attack.eps`` (a quarter); so ``x''`` may lie up to
       ``eps + r`` from ``x``. This is ``L_local``: robustness inside the local ball;
     - ``L_global = KL(p(x) || p(x'))`` (TRADES' form, both arguments differentiated) links the
-      local balls back to the clean point, ``lambda = at.local_balls.weight`` (1).
+      local balls back to the clean point, ``lambda = local_balls.weight`` (1).
 
     What is reconstructed: the forms of L_local and L_global, r, lambda and the weak attack's
     settings (the paper's exact terms are unknown). BatchNorm in eval mode for both attacks.
 
     Example:
-        >>> cfg = load_config("configs/at/cifar10_local_balls.yaml", ["at.local_balls.radius=0.5"])
+        >>> cfg = load_config("configs/at/cifar10_local_balls.yaml", ["local_balls.radius=0.5"])
         >>> model = Trainer(cfg).fit()
     """
 
@@ -46,7 +68,7 @@ class LocalBalls(Recipe):
 
     def local_attack(self) -> PGD:
         """The second-stage attack inside ``B(x', r)`` (centred at its input)."""
-        a, lb = self.cfg.train_attack, self.at.local_balls
+        a, lb = self.cfg.train_attack, self.cfg.local_balls
         r = lb.radius * a.eps
         return PGD(a.norm, r, r, lb.steps, random_start=True)
 
@@ -63,7 +85,7 @@ class LocalBalls(Recipe):
         in_ball = model(x_local).float()
         local_ce = F.cross_entropy(in_ball, y)
         global_kl = trades_kl(clean, adv)
-        return local_ce + self.at.local_balls.weight * global_kl, {
+        return local_ce + self.cfg.local_balls.weight * global_kl, {
             "clean_acc": accuracy(clean, y), "adv_acc": accuracy(adv, y), "local_acc": accuracy(in_ball, y),
             "local_ce": local_ce.detach(), "global_kl": global_kl.detach()}
 

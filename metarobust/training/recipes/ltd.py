@@ -7,7 +7,7 @@ no training code; the temperatures and which terms take soft labels are [R]
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarobust.attacks.losses import kl_from_clean
-from metarobust.config import ExperimentConfig, ModelConfig
+from metarobust.config import ExperimentConfig, ModelConfig, check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.runs import load_checkpoint
@@ -38,13 +38,32 @@ from metarobust.training.recipes.base import (
 )
 
 
+@config_section("ltd")
+@dataclass
+class LTDConfig:
+    """Low Temperature Distillation (``recipe: ltd``; Chen & Lee 2021). Temperatures are [R]."""
+
+    teacher: str | None = None
+    """Run folder or ``.pt`` checkpoint of the (adversarially trained) teacher; required. Its
+    architecture is read from the checkpoint's config (else ``model``)."""
+    teacher_temperature: float = 0.5
+    """tau_T of the soft labels ``softmax(f_T(x) / tau_T)`` ("relatively low")."""
+    student_temperature: float = 1.0
+    """tau_S: the student's fixed temperature, the same at training and test (folded into its
+    last layer in the deployed model)."""
+
+    def check(self) -> None:
+        for key in ("teacher_temperature", "student_temperature"):
+            check_value(getattr(self, key) > 0, f"ltd.{key}", getattr(self, key), "a temperature > 0")
+
+
 def checkpoint_model_config(path: str, default: ModelConfig) -> ModelConfig:
     """The architecture a checkpoint was trained with (its saved ``config.model``), else
-    ``default``; a :class:`ConfigError` naming ``at.ltd.teacher`` when nothing is there."""
+    ``default``; a :class:`ConfigError` naming ``ltd.teacher`` when nothing is there."""
     try:
         state = load_checkpoint(path, "cpu")
     except ConfigError as exc:
-        raise ConfigError(f"at.ltd.teacher={path!r}: {exc}; train a robust teacher first, e.g. "
+        raise ConfigError(f"ltd.teacher={path!r}: {exc}; train a robust teacher first, e.g. "
                           f"metarobust train configs/at/cifar10_trades.yaml") from None
     saved = (state.get("config") or {}).get("model")
     if not saved:
@@ -59,8 +78,8 @@ def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:
     tempered logits it was trained with, with no wrapper to save."""
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
-        raise ConfigError(f"at.ltd.student_temperature={temperature}: the model has no linear `head` to fold "
-                          f"the temperature into; use a registered model or at.ltd.student_temperature=1")
+        raise ConfigError(f"ltd.student_temperature={temperature}: the model has no linear `head` to fold "
+                          f"the temperature into; use a registered model or ltd.student_temperature=1")
     folded = copy.deepcopy(model)
     with torch.no_grad():
         folded.head.weight.div_(temperature)
@@ -72,12 +91,12 @@ def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:
                           "of a frozen teacher at a low temperature; fixed student temperature")
 class LTD(Recipe):
     """TRADES with soft labels from a frozen, adversarially trained teacher ``f_T``
-    (``at.ltd.teacher``, a run folder or checkpoint; eval mode, ``requires_grad=False``):
+    (``ltd.teacher``, a run folder or checkpoint; eval mode, ``requires_grad=False``):
 
     ``L = H(q(x), p_S(x)) + beta (1/B) sum_i KL(p_S(x_i) || p_S(x'_i))``, with
     ``q(x) = softmax(f_T(x) / tau_T)`` and ``p_S = softmax(f_S / tau_S)``.
 
-    The teacher's temperature ``tau_T`` (``at.ltd.teacher_temperature``, 0.5) is "relatively low"
+    The teacher's temperature ``tau_T`` (``ltd.teacher_temperature``, 0.5) is "relatively low"
     (defensive distillation used ~100); the student's ``tau_S`` (``student_temperature``, 1) is
     fixed and identical at training and test: every use of the student (soft CE, KL, the KL-PGD
     attack) sees ``f_S / tau_S``, and the deployed model has ``1 / tau_S`` folded into its last
@@ -91,7 +110,7 @@ class LTD(Recipe):
     LTD on plain TRADES. The teacher's architecture is read from its checkpoint's config.
 
     Example:
-        >>> cfg = load_config("configs/at/cifar10_ltd.yaml", ["at.ltd.teacher=runs/cifar10_trades"])
+        >>> cfg = load_config("configs/at/cifar10_ltd.yaml", ["ltd.teacher=runs/cifar10_trades"])
         >>> model = Trainer(cfg).fit()
     """
 
@@ -99,28 +118,28 @@ class LTD(Recipe):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        ltd = cfg.at.ltd
+        ltd = cfg.ltd
         if not ltd.teacher:  # checked here, not at config load, so that shipped configs load without it
-            raise ConfigError("at.ltd.teacher is not set; ltd distils from a frozen robust teacher: give its "
-                              "run folder or checkpoint, e.g. at.ltd.teacher=runs/cifar10_trades")
+            raise ConfigError("ltd.teacher is not set; ltd distils from a frozen robust teacher: give its "
+                              "run folder or checkpoint, e.g. ltd.teacher=runs/cifar10_trades")
         self._roles: list[Role] | None = None
         self.tau_t, self.tau_s = ltd.teacher_temperature, ltd.student_temperature
 
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
-        teacher = cfg.at.ltd.teacher
+        teacher = cfg.ltd.teacher
         if teacher:
             path = Path(teacher)
             if not ((path / "checkpoints" / "last.pt").is_file() if path.is_dir() else path.is_file()):
-                raise ConfigError(f"at.ltd.teacher={teacher!r} is not a run folder holding "
+                raise ConfigError(f"ltd.teacher={teacher!r} is not a run folder holding "
                                   f"checkpoints/last.pt nor a .pt checkpoint; train a robust teacher first, "
                                   f"e.g. metarobust train configs/at/cifar10_trades.yaml")
 
     def roles(self) -> list[Role]:
         if self._roles is None:  # the teacher's architecture is read from its checkpoint, once
-            teacher = checkpoint_model_config(self.at.ltd.teacher, self.cfg.model)
+            teacher = checkpoint_model_config(self.cfg.ltd.teacher, self.cfg.model)
             self._roles = [Role("model", checkpoint=self.at.init),
-                           Role("teacher", trainable=False, model=teacher, checkpoint=self.at.ltd.teacher)]
+                           Role("teacher", trainable=False, model=teacher, checkpoint=self.cfg.ltd.teacher)]
         return self._roles
 
     def soft_labels(self, models: Models, x: torch.Tensor) -> torch.Tensor:

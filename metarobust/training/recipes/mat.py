@@ -8,16 +8,17 @@ inputs distilled on are a reconstruction, [R] in ``shared/methods/ADVERSARIAL_TR
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.losses import kl_from_clean
 from metarobust.attacks.pgd import PGD
-from metarobust.config import ExperimentConfig
+from metarobust.config import NORMS, ExperimentConfig, check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
+from metarobust.models import MODELS
 from metarobust.training.objectives import (
     TRADES_START_SIGMA,
     accuracy,
@@ -27,6 +28,48 @@ from metarobust.training.objectives import (
 )
 from metarobust.training.recipes.base import Models, Recipe, Role, Stats, StepContext, register_recipe
 from metarobust.training.recipes.trades import trades_attack_target
+
+
+@config_section("mat")
+@dataclass
+class MATConfig:
+    """Mutual Adversarial Training (``recipe: mat``; Liu et al. 2021/2022). The loss is a
+    reconstruction ([R] in ``shared/methods/ADVERSARIAL_TRAINING.md`` 4.1): the paper's alpha,
+    temperature and input sets are unverified."""
+
+    peers: int = 2
+    """Models trained together when ``norms`` is empty (N = 2)."""
+    alpha: float = 0.5
+    """Weight of the mutual distillation term; ``1 - alpha`` weighs each model's own AT loss."""
+    temperature: float = 1.0
+    """Distillation temperature tau: ``tau^2 KL(p_j^tau || p_i^tau)`` over the pooled examples."""
+    base: str = "ce"
+    """Each model's own AT loss: ``ce`` (CE on its PGD examples) or ``trades`` (MAT-TRADES:
+    ``CE(x) + at.beta KL(p(x) || p(x'))`` with the KL attack)."""
+    norms: list[str] = field(default_factory=list)
+    """Multi-perturbation MAT: one specialist per norm (e.g. ``[linf, l2, l1]``), each attacked in
+    its own norm at ``eps[norm]``; empty: ``peers`` models attacked with ``train_attack``."""
+    eps: dict[str, float] = field(default_factory=lambda: {"linf": 0.03, "l2": 0.5, "l1": 12.0})
+    """Radii of the multi-perturbation threat models (Maini et al.'s CIFAR-10 defaults); each
+    attack takes ``train_attack.steps`` steps of ``2.5 eps / steps`` from a random start."""
+    generalist: bool = True
+    """Multi-perturbation: add a generalist peer attacked in every norm of ``norms``; it is the
+    deployed model."""
+    models: list[str] = field(default_factory=list)
+    """Architecture (``model.name``) of each peer, in order; empty: ``model.name`` for all."""
+
+    def check(self) -> None:
+        check_value(self.peers >= 2, "mat.peers", self.peers, "an integer >= 2 (models trained together)")
+        check_value(0 <= self.alpha <= 1, "mat.alpha", self.alpha, "a weight in [0, 1]")
+        check_value(self.temperature > 0, "mat.temperature", self.temperature, "a temperature > 0")
+        check_value(self.base in ("ce", "trades"), "mat.base", self.base, "ce or trades")
+        check_value(all(n in NORMS for n in self.norms) and len(set(self.norms)) == len(self.norms),
+                    "mat.norms", list(self.norms), "distinct norms among linf, l2, l1 (e.g. [linf, l2, l1]), or []")
+        for norm in self.norms:
+            check_value(norm in self.eps and self.eps[norm] > 0, f"mat.eps.{norm}", self.eps.get(norm),
+                        "a radius > 0 for every norm of mat.norms")
+        check_value(all(n in NORMS for n in self.eps), "mat.eps", dict(self.eps),
+                    "norm -> eps with norms among linf, l2, l1")
 
 
 @dataclass(frozen=True)
@@ -39,9 +82,9 @@ class Peer:
 
 
 @register_recipe("mat", "MAT (Liu et al. 2022) [R]: N peers, each attacked, distil from each other over "
-                          "the pooled adversarial examples; at.mat.norms=[linf,l2,l1]: multi-perturbation")
+                          "the pooled adversarial examples; mat.norms=[linf,l2,l1]: multi-perturbation")
 class MAT(Recipe):
-    """Peers ``f_1..f_N`` trained together (``at.mat.peers``, 2). Per mini-batch ``(x, y)``:
+    """Peers ``f_1..f_N`` trained together (``mat.peers``, 2). Per mini-batch ``(x, y)``:
 
     1. every peer attacks itself: ``x'_i = PGD(f_i, x, y)`` (``train_attack``; eval-mode BN);
     2. the adversarial batches are pooled, ``S = [x'_1; ...; x'_N]`` (``[N*B, C, H, W]``), and every
@@ -49,25 +92,25 @@ class MAT(Recipe):
     3. the loss of peer i is
        ``(1 - alpha) L_AT(f_i; x'_i, y) + alpha mean_{j != i} tau^2 KL(p_j^tau(S) || p_i^tau(S))``
        (KL averaged over the pool; the peers' predictions detached, so they act as teachers);
-       ``L_AT`` is CE on ``x'_i`` (``at.mat.base=ce``) or TRADES, ``CE(f_i(x), y) + at.beta
+       ``L_AT`` is CE on ``x'_i`` (``mat.base=ce``) or TRADES, ``CE(f_i(x), y) + at.beta
        KL(p_i(x) || p_i(x'_i))`` with the KL attack (``trades``);
     4. one SGD step on the sum over peers: with the teachers detached, each peer receives exactly
        the gradient of its own loss, so this is N optimizers stepped together.
 
-    **Multi-perturbation MAT** (``at.mat.norms=[linf, l2, l1]``, the TIFS version's specialists
-    and generalist, [R]): one specialist per norm, attacked in that norm at ``at.mat.eps[norm]``
+    **Multi-perturbation MAT** (``mat.norms=[linf, l2, l1]``, the TIFS version's specialists
+    and generalist, [R]): one specialist per norm, attacked in that norm at ``mat.eps[norm]``
     (0.03 / 0.5 / 12, Maini et al.'s CIFAR-10 radii) with ``train_attack.steps`` steps of
-    ``2.5 eps / steps`` from a random start, plus (``at.mat.generalist``) a generalist attacked in
+    ``2.5 eps / steps`` from a random start, plus (``mat.generalist``) a generalist attacked in
     every norm, whose ``L_AT`` averages its CE over the norms. All of them distil from each other
     over the pool of every adversarial batch. The generalist is the deployed model; evaluate it
     against the union with ``eval.union: {l2: 0.5, l1: 12.0}`` (``configs/at/cifar10_mat_union.yaml``).
 
     Defaults ([R], unverified against the paper): ``alpha`` 0.5, ``tau`` 1, PGD-10 at 8/255 with
-    step 2/255. The first peer (``model``) is deployed; ``at.mat.models`` gives the other peers'
+    step 2/255. The first peer (``model``) is deployed; ``mat.models`` gives the other peers'
     architectures (MAT's peers may differ). Cost: about N times PGD-AT.
 
     Example:
-        >>> cfg = load_config("configs/at/cifar10_mat.yaml", ["at.mat.peers=3"])
+        >>> cfg = load_config("configs/at/cifar10_mat.yaml", ["mat.peers=3"])
         >>> model = Trainer(cfg).fit()
     """
 
@@ -76,7 +119,7 @@ class MAT(Recipe):
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.config_check(cfg)
         super().__init__(cfg)
-        m = cfg.at.mat
+        m = cfg.mat
         a = cfg.train_attack
         if m.norms:
             def threat_model(norm: str) -> PGD:
@@ -95,24 +138,24 @@ class MAT(Recipe):
 
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
-        m = cfg.at.mat
+        m = cfg.mat
         if cfg.at.init:
             raise ConfigError(f"at.init={cfg.at.init!r}: mat trains its peers from different random starts "
                               f"(identical peers have nothing to teach each other); unset at.init")
         count = (len(m.norms) + int(m.generalist)) if m.norms else m.peers
         if count < 2:
-            raise ConfigError(f"at.mat.norms={list(m.norms)} with at.mat.generalist={m.generalist} gives "
-                              f"{count} model; MAT needs >= 2 (add a norm or set at.mat.generalist=true)")
+            raise ConfigError(f"mat.norms={list(m.norms)} with mat.generalist={m.generalist} gives "
+                              f"{count} model; MAT needs >= 2 (add a norm or set mat.generalist=true)")
         if m.models and len(m.models) != count - 1:
-            raise ConfigError(f"at.mat.models={list(m.models)} lists {len(m.models)} architectures; give "
+            raise ConfigError(f"mat.models={list(m.models)} lists {len(m.models)} architectures; give "
                               f"one per peer after the deployed one ({count - 1}), or [] for model.name")
-        from metarobust.models import MODELS
+
 
         for name in m.models:
-            MODELS.get(name, "at.mat.models")
+            MODELS.get(name, "mat.models")
 
     def roles(self) -> list[Role]:
-        names = list(self.at.mat.models)  # the peers after the deployed one; []: model.name
+        names = list(self.cfg.mat.models)  # the peers after the deployed one; []: model.name
         return [Role(p.name, model=replace(self.cfg.model, name=names[i - 1]) if i and names else None)
                 for i, p in enumerate(self.peers)]
 

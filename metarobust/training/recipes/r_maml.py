@@ -4,12 +4,39 @@ Model-Agnostic Meta-Learning", ICLR 2021, arXiv 2102.10454)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from metarobust.config import check_value, config_section
 from metarobust.meta.execution import TaskFn
 from metarobust.meta.maml import MAML
 from metarobust.training import objectives
+from metarobust.training.objectives import ROBUST_FORMS
 from metarobust.training.recipes.adversarial_querying import noise_of
 from metarobust.training.recipes.base import MetaRecipe, register_recipe
+
+
+@config_section("robust")
+@dataclass
+class RobustConfig:
+    """The robustness regulariser of ``r_maml``, ``its_maml`` (and the weight of ``trades_maml``)."""
+
+    form: str = "trades"
+    """``trades``: KL(p_clean || p_adv); ``ce``: cross-entropy on the adversarial query."""
+    weight: float = 5.0
+    """lambda / beta of the regulariser (R-MAML-TRADES on Omniglot: 5)."""
+    placement: str = "out"
+    """``out``: in the meta-update only (R-MAML_out); ``in``: also in the inner loop, on the
+    support set attacked at every inner step (R-MAML_both)."""
+    inner_weight: float | None = None
+    """Weight of the inner-loop term with ``placement=in``; ``None``: ``weight``."""
+
+    def check(self) -> None:
+        check_value(self.form in ROBUST_FORMS, "robust.form", self.form, "trades or ce")
+        check_value(self.placement in ("out", "in"), "robust.placement", self.placement,
+                    "out (meta-update only, R-MAML_out) or in (inner loop too, R-MAML_both)")
+        check_value(self.inner_weight is None or self.inner_weight >= 0, "robust.inner_weight",
+                    self.inner_weight, "a weight >= 0, or null for robust.weight")
+        check_value(self.weight >= 0, "robust.weight", self.weight, "a weight >= 0")
 
 
 @register_recipe("r_maml", "R-MAML (Wang et al. 2021): clean CE + robust.weight x (TRADES-KL or adversarial CE); "
