@@ -37,6 +37,8 @@ from metarobust.errors import ConfigError
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "piecewise", "cosine", "cyclic")
 NORMS = ("linf", "l2", "l1")
 """The threat models (L-inf, L2, L1 balls), in the order attacks and the harness list them."""
 
@@ -104,8 +106,6 @@ class MetaConfig:
     test_inner_steps: int = 10
     """Clean SGD steps on the support set at evaluation (fine-tuning)."""
     first_order: bool = False
-    meta_lr: float = 1e-3
-    """Adam learning rate of the meta-update."""
     execution: str = "auto"
     """``loop`` (one task at a time), ``vmap`` (all tasks at once), or ``auto`` (by device)."""
     adapt: str = "all"
@@ -182,6 +182,42 @@ class TrainConfig:
 
 
 @dataclass
+class OptimConfig:
+    """The optimizer and its learning-rate schedule, for any recipe (``training/optim.py``).
+
+    A field left ``null`` takes the recipe family's paper default: meta-learning recipes Adam at
+    1e-3 with a constant rate (MAML, R-MAML), plain recipes SGD at 0.1 with momentum 0.9, weight
+    decay 2e-4 and x0.1 at epochs 100 and 150 (Madry et al.'s CIFAR-10 PGD-AT; each config under
+    ``configs/at/`` sets its paper's values). Schedules count epochs (a pass over the training
+    images; meta-learning: one meta-update) and step before every optimizer step.
+    """
+
+    name: str | None = None
+    """``adam`` or ``sgd``; ``null``: the recipe's (meta: adam, plain: sgd)."""
+    lr: float | None = None
+    """Peak learning rate (the cyclic schedule's maximum)."""
+    momentum: float | None = None
+    """SGD momentum (plain default 0.9); Adam takes none."""
+    nesterov: bool = False
+    """SGD with Nesterov momentum."""
+    weight_decay: float | None = None
+    """L2 weight decay (plain default 2e-4, meta 0)."""
+    schedule: str | None = None
+    """``constant``, ``piecewise`` (x ``gamma`` at each of ``milestones``), ``cosine`` or ``cyclic``
+    (triangular 0 -> lr -> 0, the peak at ``cyclic_peak`` of training; Wong et al.'s fast AT)."""
+    milestones: list[float] | None = None
+    """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
+    gamma: float = 0.1
+    cyclic_peak: float = 0.4
+    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
+
+    def filled(self, defaults: OptimConfig) -> OptimConfig:
+        """These settings with every ``null`` field taken from ``defaults``."""
+        return dataclasses.replace(self, **{f.name: getattr(defaults, f.name) for f in dataclasses.fields(self)
+                                            if getattr(self, f.name) is None})
+
+
+@dataclass
 class EvalConfig:
     episodes: int = 600
     """Frozen test episodes (``episodes/<dataset>/...``), the same for every method."""
@@ -220,19 +256,6 @@ class StandardTrainingConfig:
     batch_size: int = 128
     epochs: int = 200
     """Passes over the training images (Free AT: each batch is replayed ``replays`` times per pass)."""
-    lr: float = 0.1
-    """Peak learning rate of SGD (the cyclic schedule's maximum)."""
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 2e-4
-    schedule: str = "piecewise"
-    """``piecewise`` (x ``gamma`` at each of ``milestones``), ``cosine``, ``cyclic`` (triangular
-    0 -> lr -> 0, the peak at ``cyclic_peak`` of training; Wong et al.'s fast AT) or ``constant``."""
-    milestones: list[float] = field(default_factory=lambda: [100.0, 150.0])
-    """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
-    gamma: float = 0.1
-    cyclic_peak: float = 0.4
-    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
     amp: str = "none"
     """Mixed precision: ``none``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler)."""
     channels_last: bool = False
@@ -283,6 +306,8 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     """The evaluation attack (PGD-10, random start, step 2/255, eps 8/255)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule (null fields: the recipe's defaults)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: IDConfig = field(default_factory=IDConfig)
     """Intrinsic-dimension analysis (``metarobust id``)."""
@@ -380,7 +405,10 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-MOVED = {f"at.{name}": name for name in ("mat", "ltd", "advprop", "finetune", "local_balls", "bat", "frl")}
+MOVED = {**{f"at.{name}": name for name in ("mat", "ltd", "advprop", "finetune", "local_balls", "bat", "frl")},
+         **{f"at.{name}": f"optim.{name}" for name in ("lr", "momentum", "nesterov", "weight_decay", "schedule",
+                                                        "milestones", "gamma", "cyclic_peak")},
+         "meta.meta_lr": "optim.lr"}
 """Sections that moved in 0.2 (old key prefix -> new), for the unknown-key message."""
 
 
@@ -388,8 +416,8 @@ def _unknown_key_message(exc: ConfigKeyError) -> str:
     full_key = exc.full_key or str(exc.key)
     for old, new in MOVED.items():
         if full_key == old or full_key.startswith(old + "."):
-            return (f"unknown config key {full_key!r}: the section moved to its recipe; write "
-                    f"{new + full_key[len(old):]!r} (top level) instead")
+            return (f"unknown config key {full_key!r}: it moved in metarobust 0.2; write "
+                    f"{new + full_key[len(old):]!r} instead")
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
     section: Any = experiment_schema()
     for part in parent.split(".") if parent else []:
@@ -432,7 +460,6 @@ def check_fields(cfg: ExperimentConfig) -> None:
     for key in ("inner_steps", "test_inner_steps"):
         _check(getattr(m, key) >= 0, f"meta.{key}", getattr(m, key), "an integer >= 0")
     _check(m.inner_lr >= 0, "meta.inner_lr", m.inner_lr, "a learning rate >= 0")
-    _check(m.meta_lr > 0, "meta.meta_lr", m.meta_lr, "a learning rate > 0")
     _check(m.execution in ("auto", "loop", "vmap"), "meta.execution", m.execution, "auto, loop or vmap")
     _check(m.adapt in ("all", "head"), "meta.adapt", m.adapt, "all (MAML) or head (ANIL)")
     for section in ("train_attack", "attack"):
@@ -469,26 +496,31 @@ def check_fields(cfg: ExperimentConfig) -> None:
     _check(a.mle_neighbors >= 2, "analysis.mle_neighbors", a.mle_neighbors, "an integer >= 2, e.g. 20")
     _check(0 < a.pca_variance <= 1, "analysis.pca_variance", a.pca_variance, "a share of variance in (0, 1]")
     _check_at(cfg.at)
+    _check_optim(cfg.optim)
     for name in _SECTIONS:
         section = getattr(cfg, name, None)
         if section is not None and hasattr(section, "check"):
             section.check()
 
 
+def _check_optim(o: OptimConfig) -> None:
+    """The ``optim`` section's own fields (the combination with the recipe's defaults and the run's
+    length is checked by :func:`metarobust.training.optim.resolve_optim` before any work)."""
+    _check(o.name in (None, *OPTIMIZERS), "optim.name", o.name, f"one of {list(OPTIMIZERS)}, or null")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "a learning rate > 0")
+    _check(o.momentum is None or 0 <= o.momentum < 1, "optim.momentum", o.momentum, "a momentum in [0, 1)")
+    _check(o.weight_decay is None or o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a weight decay >= 0")
+    _check(o.schedule in (None, *SCHEDULES), "optim.schedule", o.schedule, f"one of {list(SCHEDULES)}, or null")
+    _check(o.milestones is None or list(o.milestones) == sorted(o.milestones) and all(m > 0 for m in o.milestones),
+           "optim.milestones", o.milestones, "increasing epochs > 0")
+    _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "a decay factor in (0, 1]")
+    _check(0 < o.cyclic_peak < 1, "optim.cyclic_peak", o.cyclic_peak, "a fraction of training in (0, 1)")
+
+
 def _check_at(at: StandardTrainingConfig) -> None:
     """The ``at`` section (checked for every recipe: a bad value fails before any work)."""
     _check(at.batch_size >= 1, "at.batch_size", at.batch_size, "an integer >= 1")
     _check(at.epochs >= 1, "at.epochs", at.epochs, "an integer >= 1")
-    _check(at.lr > 0, "at.lr", at.lr, "a learning rate > 0")
-    _check(0 <= at.momentum < 1, "at.momentum", at.momentum, "a momentum in [0, 1)")
-    _check(at.weight_decay >= 0, "at.weight_decay", at.weight_decay, "a weight decay >= 0")
-    _check(at.schedule in ("piecewise", "cosine", "cyclic", "constant"), "at.schedule", at.schedule,
-           "piecewise, cosine, cyclic or constant")
-    if at.schedule == "piecewise":
-        _check(list(at.milestones) == sorted(at.milestones) and all(0 < m <= at.epochs for m in at.milestones),
-               "at.milestones", list(at.milestones), f"increasing epochs in (0, at.epochs={at.epochs}]")
-    _check(0 < at.gamma <= 1, "at.gamma", at.gamma, "a decay factor in (0, 1]")
-    _check(0 < at.cyclic_peak < 1, "at.cyclic_peak", at.cyclic_peak, "a fraction of training in (0, 1)")
     _check(at.amp in ("none", "bf16", "fp16"), "at.amp", at.amp, "none, bf16 or fp16")
     _check(at.attack_bn in ("auto", "train", "eval"), "at.attack_bn", at.attack_bn, "auto, train or eval")
     if at.init is not None:
@@ -504,6 +536,6 @@ def _check_at(at: StandardTrainingConfig) -> None:
     _check(at.smoothing_gamma >= 0, "at.smoothing_gamma", at.smoothing_gamma, "a noise scale >= 0")
 
 
-__all__ = ["EPS_8", "NORMS", "STEP_2", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
+__all__ = ["EPS_8", "NORMS", "OPTIMIZERS", "SCHEDULES", "STEP_2", "OptimConfig", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
            "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields", "check_value",
            "config_from_dict", "config_section", "experiment_schema", "parse_config", "to_dict", "to_yaml"]

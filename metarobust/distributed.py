@@ -101,16 +101,18 @@ def all_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
     """Average ``.grad`` of ``params`` over the ranks in place, as one flattened all-reduce (the
     meta-gradient of a meta-batch whose tasks are split across ranks; DDP does this for plain
-    training). Parameters without a gradient take part as zeros."""
+    training). A parameter without a gradient (the same on every rank) takes part as zeros and
+    is left without one, so the optimizer skips it as a single process would."""
     if not info.distributed:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    missing = [p.grad is None for p in params]
+    grads = [torch.zeros_like(p) if none else p.grad for p, none in zip(params, missing)]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= info.world_size
     offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+    for p, g, none in zip(params, grads, missing):
+        p.grad = None if none else flat[offset:offset + g.numel()].view_as(g).clone()
         offset += g.numel()
 
 

@@ -31,6 +31,8 @@ from metarobust.models.options import NORMALIZE_CHOICES
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
 from metarobust.training.engine import Trainer
+from metarobust.training.optim import describe as describe_optim
+from metarobust.training.optim import resolve_optim
 from metarobust.training.recipes import RECIPES, build_recipe
 from metarobust.training.standard.evaluate import evaluate_standard, render_standard_report
 
@@ -74,6 +76,7 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"auto, none or one of {AUGMENTATIONS.names()}")
     for name in cfg.analysis.estimators:
         ESTIMATORS.get(name, "analysis.estimators")
+    resolve_optim(cfg.optim, recipe.default_optim(), recipe.epochs(cfg))
     recipe.config_check(cfg)
 
 
@@ -140,16 +143,17 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
             return None
         train_seconds = round(time.perf_counter() - start, 1)
         last = run.metrics()[-1] if run.metrics() else {}
+        optimizer = describe_optim(trainer.optim)
         if recipe.evaluation == "classifier":
             extra = {"run": str(run.path), "train_seconds": train_seconds, "steps": trainer.step_count,
-                     "stopped": trainer.stopped}
+                     "stopped": trainer.stopped, "optimizer": optimizer}
             bar = (lambda it: tqdm(it, desc="eval", dynamic_ncols=True)) if progress else None
             summary, _ = evaluate_standard(cfg, model, data.test, run, bar, extra=extra)
             run.write_report(render_standard_report(cfg, summary, last))
             return summary
         result = evaluate(cfg, model, data.test, run, progress=progress)
         summary = {"run": str(run.path), "recipe": cfg.recipe, "train_seconds": train_seconds,
-                   **result.as_dict()}
+                   "optimizer": optimizer, **result.as_dict()}
         if not recipe.episodic:
             summary["pretrain_classes"] = data.train.num_classes
         report = render_rfs_report(cfg, summary) if not recipe.episodic else render_report(cfg, summary, [last])
@@ -199,9 +203,8 @@ def render_rfs_report(cfg: ExperimentConfig, summary: dict[str, Any]) -> str:
     return "\n".join([
         f"# {cfg.name}: {cfg.recipe} on {cfg.data.dataset}",
         "",
-        f"- pre-training: {summary['pretrain_classes']}-way classifier on {pretrain}; SGD lr {at.lr}, "
-        f"momentum {at.momentum}, weight decay {at.weight_decay}, batch {at.batch_size}, {at.epochs} epochs "
-        f"({at.schedule}, milestones {list(at.milestones)})",
+        f"- pre-training: {summary['pretrain_classes']}-way classifier on {pretrain}; {summary['optimizer']}, "
+        f"batch {at.batch_size}, {at.epochs} epochs",
         f"- evaluation: {m.ways}-way {m.test_shots}-shot, {m.queries} queries; logistic regression (C = 1) on "
         f"L2-normalised {cfg.model.name} features per episode",
         f"- evaluation attack: {a.name}-{a.steps} eps {a.eps:.4f} step {a.step_size:.4f}, through features "
@@ -221,7 +224,7 @@ def render_report(cfg: ExperimentConfig, summary: dict[str, Any], last_metrics: 
         f"{m.queries} queries per class",
         f"- MAML: inner lr {m.inner_lr}, {m.inner_steps} inner steps (test {m.test_inner_steps}), "
         f"{'first' if m.first_order else 'second'} order, meta-batch {m.meta_batch_size}, "
-        f"Adam {m.meta_lr}, {cfg.train.iterations} iterations",
+        f"{summary['optimizer']}, {cfg.train.iterations} iterations",
         f"- training attack: {cfg.train_attack.name}-{cfg.train_attack.steps} eps {cfg.train_attack.eps:.4f}",
         f"- evaluation attack: {a.name}-{a.steps} eps {a.eps:.4f} step {a.step_size:.4f}",
         "",

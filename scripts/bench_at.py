@@ -104,7 +104,7 @@ def main() -> None:
 
     overrides = [f"data.dataset={args.dataset}", f"data.root={root}", f"model.name={args.model}",
                  f"model.hidden={args.hidden}", f"device={args.device}", f"at.batch_size={args.batch}", "at.epochs=1",
-                 "at.schedule=constant", f"at.lr={args.lr}", "at.weight_decay=5e-4", "at.augment=none",
+                 "optim.schedule=constant", f"optim.lr={args.lr}", "optim.weight_decay=5e-4", "at.augment=none",
                  f"at.amp={args.amp}", f"at.channels_last={args.channels_last}", f"at.compile={args.compile}",
                  f"train.log_every={args.iters}", f"train.checkpoint_every={args.iters}", "train_attack.name=pgd",
                  f"train_attack.eps={args.eps}", f"train_attack.steps={args.steps}",

@@ -67,7 +67,7 @@ def scale_overrides(args: argparse.Namespace) -> list[str]:
         epochs = args.epochs
         out = [
             "model.name=preact_resnet18", f"model.hidden={args.width}", f"at.train_size={args.train_size}",
-            f"at.epochs={epochs}", "at.schedule=piecewise", f"at.milestones=[{0.75 * epochs}]", "at.lr=0.1",
+            f"at.epochs={epochs}", "optim.schedule=piecewise", f"optim.milestones=[{0.75 * epochs}]", "optim.lr=0.1",
             "at.batch_size=128", f"eval.points={args.points}", "eval.check_points=100",
             "mat.peers=2",
         ]

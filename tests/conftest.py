@@ -38,3 +38,66 @@ def mnist16(shared_data):
         pytest.skip(f"MNIST idx files not found in {root}")
     cfg = DataConfig(dataset="mnist", root=str(root), image_size=16)
     return load_split(cfg, "train"), load_split(cfg, "test"), str(root)
+
+
+class Killed(Exception):
+    """Raised by a callback to kill a run mid-training (as a crash or a pre-empted job would)."""
+
+
+def kill_and_resume(make_cfg, data, kill_at: int, checkpoint_at: int):
+    """The exact-resume experiment every engine test runs: train ``make_cfg("whole")`` without
+    interruption; train ``make_cfg("killed")``, kill it after step ``kill_at`` (its last checkpoint
+    is at ``checkpoint_at``), resume it from the checkpoint and let it finish.
+
+    Returns ``(whole, resumed, whole_run, killed_run)``: the two finished trainers and run folders,
+    for the caller to compare (parameters, recipe state, metrics must all be equal).
+    """
+    from metarobust.runs import RunDir, load_checkpoint
+    from metarobust.training.engine import Trainer
+
+    cfg = make_cfg("whole")
+    whole_run = RunDir(cfg, tensorboard=False)
+    whole = Trainer(cfg, whole_run, data=data, progress=False)
+    whole.fit()
+
+    def kill(step, metrics):
+        if step == kill_at:
+            raise Killed
+
+    cfg_b = make_cfg("killed")
+    killed_run = RunDir(cfg_b, tensorboard=False)
+    with pytest.raises(Killed):
+        Trainer(cfg_b, killed_run, data=data, progress=False, callbacks=(kill,)).fit()
+    assert load_checkpoint(killed_run.path)["step"] == checkpoint_at  # the kill came before the next one
+    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data, progress=False)
+    assert resumed.step_count == checkpoint_at
+    resumed.fit()
+    return whole, resumed, whole_run, killed_run
+
+
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Bit-identical state dicts (resume is exact: same kernels, same order, same draws)."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def toy_classifier(points_per_class: int = 50, classes: int = 4, noise: float = 0.15, hidden: int = 32,
+                   steps: int = 200):
+    """A small MLP on 1x8x8 noisy class prototypes, accurate on clean data and not robust (so
+    attacks have something to break): ``(model in eval mode, x [N, 1, 8, 8], y [N])``, seeded."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(classes, 1, 8, 8, generator=g)
+    y = torch.arange(classes).repeat(points_per_class)
+    x = (prototypes[y] + noise * torch.randn(len(y), 1, 8, 8, generator=g)).clamp(0, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y

@@ -27,7 +27,7 @@ from torch import nn
 
 from metarobust.attacks.apgd import APGD, checkpoints, l1_eps_schedule, l1_projection
 from metarobust.attacks.losses import cw_per_sample, dlr_targeted_per_sample
-from metarobust.attacks.pgd import LinfPGD
+from metarobust.attacks.pgd import PGD
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 from metarobust.errors import ConfigError
@@ -223,7 +223,7 @@ def test_outputs_stay_in_the_eps_ball_and_the_unit_box(trained, norm):
 def test_apgd_is_at_least_as_strong_as_pgd10(trained):
     model, x, y = trained
     eps = EPS["linf"]
-    pgd = LinfPGD(eps, eps / 4, 10)
+    pgd = PGD("linf", eps, eps / 4, 10)
     pgd_acc = acc(model, pgd(model, x, y, noise=pgd.init_noise(x, torch.Generator().manual_seed(0))), y)
     apgd_acc = acc(model, ours(model, x, y, norm="linf", eps=eps, steps=20), y)
     assert apgd_acc <= pgd_acc + 0.01, f"APGD-20 {apgd_acc:.3f} vs PGD-10 {pgd_acc:.3f}"

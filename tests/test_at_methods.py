@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_parameters, kill_and_resume
 
 from metarobust.attacks import threat
 from metarobust.attacks.pgd import PGD
@@ -22,7 +23,7 @@ from metarobust.errors import ConfigError
 from metarobust.experiment import load_config, model_from_state
 from metarobust.models import build_model
 from metarobust.models.dual_bn import DualBatchNorm, bn_route, dual_bn_layers
-from metarobust.runs import RunDir, load_checkpoint
+from metarobust.runs import load_checkpoint
 from metarobust.training.data import TrainingData, take
 from metarobust.training.engine import Trainer
 from metarobust.training.recipes import StepContext, bn_mode, build_recipe
@@ -32,7 +33,7 @@ from metarobust.training.recipes.frl import class_weights, normalize_multipliers
 from metarobust.training.standard.evaluate import evaluate_standard
 
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=16",
-        "model.drop_rate=0", "at.batch_size=32", "at.schedule=constant", "at.lr=0.05", "device=cpu",
+        "model.drop_rate=0", "at.batch_size=32", "optim.schedule=constant", "optim.lr=0.05", "device=cpu",
         "train_attack.eps=0.1", "train_attack.steps=3", "train_attack.step_size=0.04", "train.log_every=1",
         "train.checkpoint_every=1000", "attack.eps=0.1", "attack.steps=3", "attack.step_size=0.04",
         "eval.checks=false"]
@@ -245,7 +246,7 @@ def test_advprop_needs_batchnorm(mnist, tmp_path):
 # -- Adversarial fine-tuning (Hou et al.) -----------------------------------------------------------
 
 def test_adversarial_finetune_starts_at_f0_ramps_eps_and_distils(mnist, tmp_path, natural_checkpoint):
-    extra = ["recipe=adversarial_finetune", f"at.init={natural_checkpoint}", "at.epochs=3", "at.lr=0.02",
+    extra = ["recipe=adversarial_finetune", f"at.init={natural_checkpoint}", "at.epochs=3", "optim.lr=0.02",
              "finetune.eps_ramp=0.5"]
     data = data_of(mnist, 64)
     batch = fixed_batch(data)
@@ -336,7 +337,7 @@ def test_bat_learns_and_its_uniform_terms_raise_the_entropy_at_the_boundary(mnis
     end = {}
     for weight in (1.0, 0.0):
         cfg = config(mnist, tmp_path, "recipe=bat", f"at.init={natural_checkpoint}", "at.epochs=4",
-                     "at.lr=0.02", "at.beta=1", f"bat.uniform_weight={weight}")
+                     "optim.lr=0.02", "at.beta=1", f"bat.uniform_weight={weight}")
         trainer = trainer_of(cfg, data)
         start = objective(trainer, batch)
         trainer.fit()
@@ -354,7 +355,7 @@ def test_bat_learns_and_its_uniform_terms_raise_the_entropy_at_the_boundary(mnis
 
 def test_frl_class_weights_and_radii_move_toward_the_worst_class(mnist, tmp_path, natural_checkpoint):
     cfg = config(mnist, tmp_path, "recipe=frl", f"at.init={natural_checkpoint}", "at.holdout=200",
-                 "frl.tau_nat=0", "frl.tau_bdy=0", "frl.val_steps=5", "at.epochs=2", "at.lr=0.01",
+                 "frl.tau_nat=0", "frl.tau_bdy=0", "frl.val_steps=5", "at.epochs=2", "optim.lr=0.01",
                  "at.beta=1.5")
     data = data_of(mnist, 64, holdout=200)
     trainer = trainer_of(cfg, data)
@@ -412,10 +413,6 @@ def test_frl_needs_a_validation_split(mnist, tmp_path):
 
 # -- resume --------------------------------------------------------------------------------------------
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_frl_run_resumes_to_the_same_parameters_and_multipliers(mnist, tmp_path):
     """FRL's multipliers are updated at epoch starts and restored mid-epoch: killed after step 5
     (checkpoint at 3, inside the second epoch), resumed, the run ends with exactly the parameters
@@ -423,26 +420,10 @@ def test_killed_frl_run_resumes_to_the_same_parameters_and_multipliers(mnist, tm
     common = ["recipe=frl", "at.epochs=3", "train.checkpoint_every=3", "at.holdout=64",
               "frl.val_steps=2", "frl.tau_nat=0", "frl.tau_bdy=0"]
     data = data_of(mnist, 64, holdout=64)  # 2 steps per epoch
-    cfg = config(mnist, tmp_path, *common, "name=whole")
-    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)
-    whole.fit()
-    cfg_b = config(mnist, tmp_path, *common, "name=killed")
-
-    def kill(step, metrics):
-        if step == 5:
-            raise Killed
-
-    run = RunDir(cfg_b, tensorboard=False)
-    with pytest.raises(Killed):
-        Trainer(cfg_b, run, data=data, progress=False, callbacks=(kill,)).fit()
-    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data,
-                              progress=False)
-    assert resumed.step_count == 3
-    resumed.fit()
+    whole, resumed, _, _ = kill_and_resume(lambda name: config(mnist, tmp_path, *common, f"name={name}"), data,
+                                           kill_at=5, checkpoint_at=3)
     for name in whole.models.trainable:
-        for (key, a), b in zip(whole.models.modules[name].state_dict().items(),
-                               resumed.models.modules[name].state_dict().values()):
-            assert torch.equal(a, b), (name, key)
+        assert_same_parameters(whole.models.modules[name], resumed.models.modules[name])
     for key, value in whole.recipe.state_dict().items():
         assert torch.equal(value, resumed.recipe.state_dict()[key]), key
 

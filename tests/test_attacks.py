@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarobust.attacks import ATTACKS, build_attack, cross_entropy_sum, kl_from_clean, threat
-from metarobust.attacks.pgd import PGD, LinfPGD, fgsm, fgsm_rs
+from metarobust.attacks.pgd import PGD, fgsm, fgsm_rs
 from metarobust.config import AttackConfig
 from metarobust.meta.functional import functional_forward, params_of
 
@@ -338,10 +338,10 @@ def test_half_precision_logits_are_handled_in_float32(trained):
 def test_training_losses_are_passed_positionally(trained):
     """The training call sites: ``attack(forward, x, target, loss, noise)`` with a batch-sum loss."""
     model, x, y = trained
-    attack = LinfPGD(8 / 255, 2 / 255, 10)
+    attack = PGD("linf", 8 / 255, 2 / 255, 10)
     assert isinstance(attack, PGD) and attack.norm == "linf" and attack.random_start
     noise = attack.init_noise(x, torch.Generator().manual_seed(0))
-    own = LinfPGD(8 / 255, 2 / 255, 10)(model, x, y, noise=noise)
+    own = PGD("linf", 8 / 255, 2 / 255, 10)(model, x, y, noise=noise)
     torch.testing.assert_close(attack(model, x, y, cross_entropy_sum, noise), own, atol=1e-6, rtol=0)
     with torch.no_grad():
         clean_log_probs = F.log_softmax(model(x), dim=-1)

@@ -32,7 +32,7 @@ from metarobust.training.recipes import build_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=8", "model.drop_rate=0",
-        "at.batch_size=32", "at.schedule=constant", "at.lr=0.1", "device=cpu", "train_attack.eps=0.1",
+        "at.batch_size=32", "optim.schedule=constant", "optim.lr=0.1", "device=cpu", "train_attack.eps=0.1",
         "train_attack.steps=2", "train_attack.step_size=0.05", "train.log_every=2"]
 
 
@@ -152,19 +152,20 @@ def test_torchrun_cli_trains_with_two_processes_and_rank_zero_writes_the_run(mni
 # the embedded glyphs with a tiny Conv-4. Two settings keep the comparison below a float32 one:
 # - model.norm=none: with per-task BatchNorm after each conv, the convs' biases have a meta-
 #   gradient that is zero in exact arithmetic, so in float32 it is round-off (1e-10..1e-5), and
-#   Adam, which normalises every coordinate, turns round-off into steps of up to meta_lr: those
+#   Adam, which normalises every coordinate, turns round-off into steps of up to its lr: those
 #   biases are not determined by the maths, and drift ~1e-3 apart between any two summation orders.
 # - robust.form=ce: the TRADES KL's attack starts where the KL is ~0, and FGSM takes the sign of
 #   its near-zero input gradient; a perturbation of 1e-7 (relative) of the first meta-gradient
 #   moved the final TRADES weights by 2e-7 in 2 of 6 trials (a flipped sign), 1.5e-8 at most with CE.
-META_TINY = ["recipe=r_maml", "model.hidden=8", "model.norm=none", "meta.queries=2", "meta.inner_steps=1",
-             "meta.first_order=false", "meta.execution=loop", "robust.form=ce", "train.iterations=3",
-             "train.log_every=1", "device=cpu"]
+META_TINY = ["recipe=r_maml", "model.hidden=8", "model.norm=none", "meta.queries=2",
+             "meta.inner_steps=1", "meta.first_order=false", "meta.execution=loop", "robust.form=ce",
+             "train.iterations=3", "train.log_every=1", "device=cpu"]
 META_TASKS = 4  # the global meta-batch: 4 tasks in one process, 2 per rank in two
 
 
 def meta_config(tasks_per_rank: int):
-    return load_config(REPO / "configs" / "quickstart.yaml", [*META_TINY, f"meta.meta_batch_size={tasks_per_rank}"])
+    overrides = [*META_TINY, f"meta.meta_batch_size={tasks_per_rank}"]
+    return load_config(REPO / "configs" / "quickstart.yaml", overrides)
 
 
 def _meta_worker(rank: int, world: int, port: int, out: str, data: TrainingData) -> None:
@@ -218,6 +219,8 @@ def _meta_worker(rank: int, world: int, port: int, out: str, data: TrainingData)
             hook.remove()
         torch.save({"before": before, "after": params_of(trainer), "steps": trainer.step_count,
                     "trained": [n for n, _ in named], "first_grad": first_grad, "task_abs": task_abs,
+                    "optimizer": type(trainer.optimizer).__name__,
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
                     "episodes": episodes, "noises": noises}, Path(out) / f"meta_w{world}_r{rank}.pt")
     finally:
         if world > 1:
@@ -244,8 +247,9 @@ def test_two_gloo_processes_meta_train_like_one_process_with_the_whole_meta_batc
     data = load_training_data(cfg, build_recipe(cfg), torch.device("cpu"), with_test=False)
     ranks = _run_ranks(2, tmp_path, data)
     (single,) = _run_ranks(1, tmp_path, data)
-    iterations, eps, lr = cfg.train.iterations, torch.finfo(torch.float32).eps, cfg.meta.meta_lr
+    iterations, eps, lr = cfg.train.iterations, torch.finfo(torch.float32).eps, single["lr"]
     assert ranks[0]["steps"] == ranks[1]["steps"] == single["steps"] == iterations
+    assert single["optimizer"] == "Adam" and lr == ranks[0]["lr"]  # the meta-optimizer the bounds assume
     # The ranks together drew exactly the one process's episodes and attack noise, step by step
     # (rank r holding tasks 2r, 2r + 1 of the global meta-batch).
     for step in range(iterations):
@@ -285,7 +289,7 @@ def test_two_gloo_processes_meta_train_like_one_process_with_the_whole_meta_batc
     #   choice of norm and robust form above).
     # - rtol: each step rounds theta - step to float32, and steps a hair apart may land on
     #   neighbouring floats: one ulp (<= eps |theta|) per step, K eps.
-    atol = 2 * (META_TASKS - 1) * eps * iterations * lr  # 2.1e-9 (the measured need: < 1e-10)
+    atol = 2 * (META_TASKS - 1) * eps * iterations * lr  # 2.1e-9 at lr 1e-3 (measured need: < 1e-10)
     rtol = iterations * eps  # 3.6e-7
     for k, v in single["after"].items():
         assert torch.allclose(ranks[0]["after"][k], v, rtol=rtol, atol=atol), \

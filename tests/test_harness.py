@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import toy_classifier
 from torch import nn
 
 from metarobust.attacks import build_attack
@@ -15,18 +15,7 @@ from metarobust.config import AttackConfig, ExperimentConfig
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(0)
-    prototypes = torch.rand(4, 1, 8, 8, generator=g)
-    y = torch.arange(4).repeat(50)
-    x = (prototypes[y] + 0.15 * torch.randn(len(y), 1, 8, 8, generator=g)).clamp(0, 1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval(), x, y
+    return toy_classifier(points_per_class=50)
 
 
 class Quantized(nn.Module):

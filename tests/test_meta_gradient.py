@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metarobust.attacks import LinfPGD, cross_entropy_sum
+from metarobust.attacks import PGD, cross_entropy_sum
 from metarobust.config import ExperimentConfig, experiment_schema
 from metarobust.data.episode import EpisodeBatch
 from metarobust.meta.execution import meta_backward
@@ -71,7 +71,7 @@ def reference_meta_gradient(model, batch, lr, steps, first_order) -> list[torch.
 def our_meta_gradient(model, batch, lr, steps, first_order, execution, recipe="maml", noise=None):
     model.zero_grad(set_to_none=True)
     learner = MAML(functional_forward(model), lr, steps, first_order)
-    attack = LinfPGD(8 / 255, 10 / 255, 2)
+    attack = PGD("linf", 8 / 255, 10 / 255, 2)
     task_fn = RECIPES.get(recipe)(ExperimentConfig(recipe=recipe)).task(learner, attack)
     loss, _ = meta_backward(task_fn, params_of(model), batch, noise, execution)
     return loss, [p.grad.clone() for p in model.parameters()]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metarobust.attacks import LinfPGD, build_attack
+from metarobust.attacks import PGD, build_attack
 from metarobust.errors import ConfigError
 from metarobust.experiment import load_config
 from metarobust.meta.functional import functional_forward, params_of
@@ -221,7 +221,7 @@ def test_rfs_probe_is_attacked_through_features_and_the_fitted_head():
     qx = (protos[qy] + 0.05 * torch.randn(12, 1, 28, 28, generator=g)).clamp(0, 1)
     head = probe.adapt({}, sx, sy)
     clean = (probe.forward(head, qx).argmax(-1) == qy).float().mean()
-    x_adv = LinfPGD(0.3, 0.05, 10, random_start=False)(lambda x: probe.forward(head, x), qx, qy)
+    x_adv = PGD("linf", 0.3, 0.05, 10, random_start=False)(lambda x: probe.forward(head, x), qx, qy)
     robust = (probe.forward(head, x_adv).argmax(-1) == qy).float().mean()
     assert clean > 0.9 and robust < 0.2  # gradients reach the input through the head and features
     grad = torch.autograd.grad(probe.forward(head, qx.requires_grad_()).logsumexp(-1).sum(), qx)[0]
@@ -236,7 +236,7 @@ def test_rfs_recipes_pretrain_on_all_train_classes_and_score_episodes(tmp_path, 
     assert objectives.accuracy(torch.eye(3), torch.arange(3)) == 1  # (the objective helpers import)
     cfg = load_config(CONFIGS / "meta" / "glyphs_rfs_adversarial.yaml", [
         f"out_dir={tmp_path}", "model.hidden=8", "at.epochs=1", "at.train_size=128", "at.batch_size=64",
-        "at.milestones=[1]", "train_attack.steps=1", "train_attack.eps=0.1", "train_attack.step_size=0.05",
+        "optim.milestones=[1]", "train_attack.steps=1", "train_attack.eps=0.1", "train_attack.step_size=0.05",
         "meta.queries=3", "eval.episodes=4", "eval.batch_size=4", "train.log_every=2"])
     summary = train_and_evaluate(cfg, progress=False)
     assert summary["pretrain_classes"] == stores.train.num_classes

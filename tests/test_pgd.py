@@ -6,33 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import toy_classifier
 
-from metarobust.attacks import LinfPGD, build_attack
+from metarobust.attacks import PGD, build_attack
 from metarobust.config import AttackConfig
 from metarobust.meta.functional import functional_forward, params_of
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """A small classifier that is accurate on clean data (so attacks have something to break)."""
-    g = torch.Generator().manual_seed(0)
-    prototypes = torch.rand(4, 1, 8, 8, generator=g)
-    y = torch.arange(4).repeat(64)
-    x = (prototypes[y] + 0.15 * torch.randn(len(y), 1, 8, 8, generator=g)).clamp(0, 1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    return model, x, y
+    return toy_classifier(points_per_class=64)
 
 
 def robust_accuracy(model, x, y, eps, steps=10, seed=0):
-    attack = LinfPGD(eps, max(eps / 4, 1e-6), steps)
+    attack = PGD("linf", eps, max(eps / 4, 1e-6), steps)
     x_adv = attack(model, x, y, noise=attack.init_noise(x, torch.Generator().manual_seed(seed)))
     return (model(x_adv).argmax(1) == y).float().mean().item(), x_adv
 
@@ -76,7 +63,7 @@ def test_more_steps_never_help_the_model(trained):
 def test_random_start_requires_noise_and_fgsm_needs_none(trained):
     model, x, y = trained
     with pytest.raises(ValueError, match="init_noise"):
-        LinfPGD(0.1, 0.1, 1)(model, x, y)
+        PGD("linf", 0.1, 0.1, 1)(model, x, y)
     fgsm = build_attack(AttackConfig(name="fgsm", eps=0.1))
     assert fgsm.init_noise(x) is None
     step = (fgsm(model, x, y) - x).abs()
@@ -86,7 +73,7 @@ def test_random_start_requires_noise_and_fgsm_needs_none(trained):
 
 def test_negative_eps_is_rejected():
     with pytest.raises(ValueError, match="eps"):
-        LinfPGD(-0.1, 0.01, 10)
+        PGD("linf", -0.1, 0.01, 10)
 
 
 def test_attack_on_functional_model_under_vmap_equals_per_task_loop(trained):
@@ -94,7 +81,7 @@ def test_attack_on_functional_model_under_vmap_equals_per_task_loop(trained):
     forward = functional_forward(model)
     params = {k: v.detach() for k, v in params_of(model).items()}
     xs, ys = x[:60].view(3, 20, 1, 8, 8), y[:60].view(3, 20)
-    attack = LinfPGD(0.1, 0.02, 5)
+    attack = PGD("linf", 0.1, 0.02, 5)
     noise = attack.init_noise(xs, torch.Generator().manual_seed(0))
 
     def one(p, xi, yi, ni):

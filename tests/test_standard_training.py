@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_parameters, kill_and_resume
 from torch import nn
 
 from metarobust.cli import main
-from metarobust.config import DataConfig, StandardTrainingConfig
+from metarobust.config import DataConfig, OptimConfig
 from metarobust.data.datasets import load_split
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError, DataError, TrainingDiverged
@@ -33,7 +34,7 @@ from metarobust.training.standard.evaluate import evaluate_standard
 MINE = ["natural", "pgd_at", "trades", "mart", "free_at", "fast_at", "backward_smoothing"]
 
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=16", "model.drop_rate=0",
-        "at.batch_size=64", "at.schedule=constant", "at.lr=0.1", "device=cpu", "train_attack.eps=0.1",
+        "at.batch_size=64", "optim.schedule=constant", "optim.lr=0.1", "device=cpu", "train_attack.eps=0.1",
         "train_attack.steps=2", "train_attack.step_size=0.05", "at.replays=2", "attack.eps=0.1", "attack.steps=10",
         "attack.step_size=0.025", "eval.checks=false"]
 
@@ -93,7 +94,7 @@ def test_each_recipe_lowers_its_loss_fine_tuning_a_natural_model(mnist, natural_
     """12 steps from the naturally trained model (at.init): the recipe's own (adversarial) loss
     over the last 6 steps is below that of the first 6."""
     cfg = config(mnist, tmp_path, f"recipe={recipe}", f"at.init={natural_run[1]}", "at.epochs=2",
-                 "train.log_every=6", "at.lr=0.05")
+                 "train.log_every=6", "optim.lr=0.05")
     _, losses = train_logged(cfg, data_of(mnist, 2048, 384))
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert losses[1] < losses[0] - 0.05, losses
@@ -115,7 +116,7 @@ def test_pgd_at_is_more_robust_than_natural_training_under_pgd(mnist, natural_ru
 
 def test_free_at_replays_each_batch_m_times_with_a_persistent_perturbation(mnist, tmp_path):
     cfg = config(mnist, tmp_path, "recipe=free_at", "at.replays=3", "at.epochs=1", "train.log_every=1",
-                 "at.schedule=cyclic", "at.lr=0.1")
+                 "optim.schedule=cyclic", "optim.lr=0.1")
     trainer = Trainer(cfg, data=data_of(mnist, 0, 128), progress=False)  # 2 batches
     seen, deltas, lrs = [], [], []
     loss_fn = trainer.recipe.loss
@@ -136,7 +137,7 @@ def test_free_at_replays_each_batch_m_times_with_a_persistent_perturbation(mnist
     assert deltas[3].abs().max() > 0  # ...and the next batch starts from the last replay's delta
     assert deltas[3].abs().max() <= cfg.train_attack.eps + 1e-6
     # The cyclic schedule counts replays: six distinct lrs rising to the peak at 2/5 and back.
-    expected = [lr_at(cfg.at, (b + (r + 1) / 3) / 2) for b in range(2) for r in range(3)]
+    expected = [lr_at(trainer.optim, (b + (r + 1) / 3) / 2, cfg.at.epochs) for b in range(2) for r in range(3)]
     assert lrs == pytest.approx(expected) and len(set(lrs)) == 6
 
 
@@ -162,7 +163,7 @@ def test_fast_at_early_stop_restores_the_previous_epoch_on_a_collapse(mnist, tmp
 
 
 def test_fast_at_check_measures_pgd_accuracy_on_the_holdout(mnist, natural_run, tmp_path):
-    cfg = config(mnist, tmp_path, "recipe=fast_at", "at.epochs=1", "at.holdout=64", "at.lr=0.001",
+    cfg = config(mnist, tmp_path, "recipe=fast_at", "at.epochs=1", "at.holdout=64", "optim.lr=0.001",
                  f"at.init={natural_run[1]}")
     train, _, _ = mnist
     data = TrainingData(take(train, torch.arange(64), "t"), take(train, torch.arange(3000, 3064), "h"), None)
@@ -189,10 +190,6 @@ def test_mixed_precision_and_channels_last_train_on_cpu(mnist, tmp_path, amp):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_standard_run_resumes_to_the_same_parameters(mnist, tmp_path):
     """Fast AT (attack noise, epoch hooks with a best-weights snapshot, the check batch) with flip
     augmentation (its generator): killed after step 5 (checkpoint at 3), resumed, it ends with
@@ -200,27 +197,10 @@ def test_killed_standard_run_resumes_to_the_same_parameters(mnist, tmp_path):
     common = ["recipe=fast_at", "at.epochs=2", "at.augment=flip", "train.log_every=1", "train.checkpoint_every=3",
               "at.holdout=0"]
     data = data_of(mnist, 0, 256)  # 4 steps per epoch
-    cfg = config(mnist, tmp_path, *common, "name=whole")
-    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=data, progress=False)
-    whole.fit()
-
-    cfg_b = config(mnist, tmp_path, *common, "name=killed")
-
-    def kill(step, metrics):
-        if step == 5:
-            raise Killed
-
-    run = RunDir(cfg_b, tensorboard=False)
-    with pytest.raises(Killed):
-        Trainer(cfg_b, run, data=data, progress=False, callbacks=(kill,)).fit()
-    assert load_checkpoint(run.path)["step"] == 3
-    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=data,
-                              progress=False)
-    assert resumed.step_count == 3
-    resumed.fit()
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert RunDir(cfg, resume=True, tensorboard=False).metrics() == run.metrics()
+    whole, resumed, whole_run, run = kill_and_resume(
+        lambda name: config(mnist, tmp_path, *common, f"name={name}"), data, kill_at=5, checkpoint_at=3)
+    assert_same_parameters(whole.model, resumed.model)
+    assert whole_run.metrics() == run.metrics()
 
 
 def test_nan_stops_standard_training_and_keeps_the_last_good_checkpoint(mnist, tmp_path):
@@ -262,8 +242,8 @@ def test_cli_trains_and_evaluates_a_plain_classifier(mnist, tmp_path, capsys):
 def test_bad_standard_settings_fail_before_any_work(mnist, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="at.amp"):
         config(mnist, tmp_path, "recipe=pgd_at", "at.amp=fp8")
-    with pytest.raises(ConfigError, match="at.milestones"):
-        config(mnist, tmp_path, "recipe=pgd_at", "at.schedule=piecewise", "at.epochs=10", "at.milestones=[20]")
+    with pytest.raises(ConfigError, match="optim.milestones"):
+        config(mnist, tmp_path, "recipe=pgd_at", "optim.schedule=piecewise", "at.epochs=10", "optim.milestones=[20]")
     with pytest.raises(ConfigError, match="at.init"):
         config(mnist, tmp_path, "recipe=pgd_at", f"at.init={tmp_path / 'missing'}")
     with pytest.raises(ConfigError, match="GradScaler"):  # meta-gradients are accumulated task by task
@@ -284,15 +264,45 @@ def test_bad_standard_settings_fail_before_any_work(mnist, tmp_path, monkeypatch
 
 
 def test_lr_schedules_follow_the_papers():
-    cyclic = StandardTrainingConfig(schedule="cyclic", lr=0.2, epochs=15)
+    cyclic = OptimConfig(schedule="cyclic", lr=0.2)
     ts = np.linspace(0, 15, 31)
     # Wong et al.'s lambda t: np.interp([t], [0, epochs * 2 // 5, epochs], [0, lr_max, 0])
-    assert [lr_at(cyclic, t) for t in ts] == pytest.approx(np.interp(ts, [0, 6, 15], [0, 0.2, 0]).tolist())
-    piecewise = StandardTrainingConfig(schedule="piecewise", lr=0.1, epochs=200, milestones=[100, 150])
-    assert [lr_at(piecewise, t) for t in (0, 99.9, 100, 149.9, 150, 200)] == \
+    assert [lr_at(cyclic, t, 15) for t in ts] == pytest.approx(np.interp(ts, [0, 6, 15], [0, 0.2, 0]).tolist())
+    piecewise = OptimConfig(schedule="piecewise", lr=0.1, milestones=[100, 150])
+    assert [lr_at(piecewise, t, 200) for t in (0, 99.9, 100, 149.9, 150, 200)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    cosine = StandardTrainingConfig(schedule="cosine", lr=0.1, epochs=10)
-    assert [lr_at(cosine, t) for t in (0, 5, 10)] == pytest.approx([0.1, 0.05, 0.0])
+    cosine = OptimConfig(schedule="cosine", lr=0.1)
+    assert [lr_at(cosine, t, 10) for t in (0, 5, 10)] == pytest.approx([0.1, 0.05, 0.0])
+
+
+@pytest.mark.parametrize("recipe", ["maml", "natural"])
+def test_any_recipe_takes_any_optimizer_and_schedule(recipe, mnist, tmp_path):
+    """The meta recipe on SGD with a cosine schedule, the plain one on Adam with a cyclic one: the
+    optimizer is the config's and the learning rate follows the schedule at every step."""
+    name, schedule = ("sgd", "cosine") if recipe == "maml" else ("adam", "cyclic")
+    extra = ["optim.momentum=0.9"] if name == "sgd" else []
+    cfg = config(mnist, tmp_path, f"recipe={recipe}", f"optim.name={name}", f"optim.schedule={schedule}",
+                 "optim.lr=0.01", "at.epochs=2", "at.batch_size=32", "train.iterations=4", "meta.queries=2", "train.log_every=1",
+                 "meta.inner_steps=1", *extra)
+    trainer = Trainer(cfg, data=data_of(mnist, 0, 64), progress=False)
+    assert type(trainer.optimizer).__name__ == {"sgd": "SGD", "adam": "Adam"}[name]
+    lrs = []
+    trainer.callbacks = (lambda step, metrics: lrs.append(metrics["lr"]) if "lr" in metrics else None,)
+    trainer.fit()
+    total = trainer.total_steps / trainer.steps_per_epoch
+    per_epoch = trainer.steps_per_epoch
+    assert lrs == pytest.approx([lr_at(trainer.optim, s / per_epoch, total) for s in range(1, trainer.total_steps + 1)])
+    assert len(set(lrs)) > 1
+
+
+def test_optimizer_combinations_that_cannot_work_fail_before_any_work(mnist, tmp_path):
+    with pytest.raises(ConfigError, match="optim.name=adam takes no optim.momentum"):
+        config(mnist, tmp_path, "recipe=natural", "optim.name=adam", "optim.momentum=0.9")
+    with pytest.raises(ConfigError, match="optim.milestones"):  # meta-learning counts meta-updates
+        config(mnist, tmp_path, "recipe=maml", "optim.schedule=piecewise", "optim.milestones=[10]",
+               "train.iterations=5")
+    with pytest.raises(ConfigError, match="moved in metarobust 0.2; write 'optim.lr'"):
+        config(mnist, tmp_path, "recipe=natural", "at.lr=0.1")
 
 
 # -- the objectives against transcriptions of the reference code ----------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_parameters, kill_and_resume
 
 from metarobust.cli import main
 from metarobust.errors import ConfigError, TrainingDiverged
@@ -34,32 +35,11 @@ def small_cfg(tmp_path, *extra):
     return load_config(CONFIGS / "quickstart.yaml", [*SMALL, f"out_dir={tmp_path}", *extra])
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_run_resumes_to_the_same_parameters_and_metrics(tmp_path, stores):
-    cfg = small_cfg(tmp_path, "name=whole", "recipe=r_maml")
-    whole = Trainer(cfg, RunDir(cfg, tensorboard=False), data=stores, progress=False)
-    whole.fit()
-
-    cfg_b = small_cfg(tmp_path, "name=killed", "recipe=r_maml")
-
-    def kill_at_three(step, metrics):
-        if step == 3:
-            raise Killed
-
-    run = RunDir(cfg_b, tensorboard=False)
-    with pytest.raises(Killed):
-        Trainer(cfg_b, run, data=stores, callbacks=(kill_at_three,), progress=False).fit()
-    assert load_checkpoint(run.path)["step"] == 2  # step 3 was never checkpointed
-    resumed = Trainer(cfg_b, RunDir(cfg_b, resume=True, tensorboard=False), resume=True, data=stores,
-                      progress=False)
-    assert resumed.step_count == 2
-    resumed.fit()
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert RunDir(cfg, resume=True, tensorboard=False).metrics() == run.metrics()
+    whole, resumed, whole_run, run = kill_and_resume(
+        lambda name: small_cfg(tmp_path, f"name={name}", "recipe=r_maml"), stores, kill_at=3, checkpoint_at=2)
+    assert_same_parameters(whole.model, resumed.model)
+    assert whole_run.metrics() == run.metrics()
     assert [m["step"] for m in run.metrics()] == [1, 2, 3, 4, 5, 6]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from metarobust.attacks import apgd, pgd  # noqa: F401  (each registers its attacks)
 from metarobust.attacks.apgd import APGD
 from metarobust.attacks.losses import cross_entropy_sum, kl_from_clean
-from metarobust.attacks.pgd import PGD, LinfPGD, fgsm, fgsm_rs
+from metarobust.attacks.pgd import PGD, fgsm, fgsm_rs
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 
@@ -20,4 +20,4 @@ def build_attack(cfg: AttackConfig):
     return ATTACKS.get(cfg.name, "attack.name")(cfg)
 
 
-__all__ = ["APGD", "ATTACKS", "PGD", "LinfPGD", "fgsm", "fgsm_rs", "build_attack", "cross_entropy_sum", "kl_from_clean"]
+__all__ = ["APGD", "ATTACKS", "PGD", "fgsm", "fgsm_rs", "build_attack", "cross_entropy_sum", "kl_from_clean"]

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from metarobust.attacks import threat
 from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
+from metarobust.attacks.pgd import inside_func_transform
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 from metarobust.errors import ConfigError
@@ -34,7 +36,6 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 PerSampleLoss = Callable[..., torch.Tensor]
 """``(logits [B, N], y) -> [B]``; targeted: ``(logits, y, target [B]) -> [B]``; maximised."""
 
-NORMS = ("linf", "l2", "l1")
 
 
 def checkpoints(steps: int) -> dict[int, int]:
@@ -64,11 +65,6 @@ def l1_eps_schedule(eps: float, steps: int) -> list[tuple[float, int]]:
     # For steps < 4 the last stage gets no step (the reference's too) but still reports the
     # starting point projected onto the eps-ball, so the output never leaves it.
     return [(3.0 * eps, first), (2.0 * eps, first), (1.0 * eps, max(steps - 2 * first, 0))]
-
-
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``v [B]`` shaped to broadcast against ``like [B, ...]``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _l2(d: torch.Tensor) -> torch.Tensor:
@@ -186,8 +182,8 @@ class APGD:
     l1_large_eps: bool = True
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise ConfigError(f"attack.norm={self.norm!r}; APGD supports {', '.join(NORMS)}")
+        if self.norm not in threat.NORMS:
+            raise ConfigError(f"attack.norm={self.norm!r}; APGD supports {', '.join(threat.NORMS)}")
         if self.eps < 0:
             raise ConfigError(f"attack.eps={self.eps} must be >= 0")
         if self.steps < 1 or self.restarts < 1 or self.target_classes < 1:
@@ -225,7 +221,7 @@ class APGD:
         if self.norm == "l1":
             return (x + t + l1_projection(x, t, eps)).clamp(0, 1)
         size = t.abs().flatten(1).amax(1) if self.norm == "linf" else _l2(t)
-        return (x + eps * (t / (_per_sample(size, x) + 1e-12))).clamp(0, 1)
+        return (x + eps * (t / (threat.expand_per_sample(size, x) + 1e-12))).clamp(0, 1)
 
     def _project(self, x: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
         """``z`` onto the eps-ball around ``x``, then onto [0, 1] (the reference's order for
@@ -236,7 +232,7 @@ class APGD:
         d = z - x
         if self.norm == "l1":
             return (x + d + l1_projection(x, d, eps)).clamp(0, 1)  # the reference's rounding
-        size = _per_sample(_l2(d), d)
+        size = threat.expand_per_sample(_l2(d), d)
         return (x + d / (size + 1e-12) * size.clamp(max=eps)).clamp(0, 1)
 
     # -- one run -------------------------------------------------------------------------------
@@ -267,7 +263,7 @@ class APGD:
             return grad.detach(), loss.detach(), logits.detach()
 
         def per(v: torch.Tensor) -> torch.Tensor:
-            return _per_sample(v, x)
+            return threat.expand_per_sample(v, x)
 
         l1 = self.norm == "l1"
         x_adv = start
@@ -428,24 +424,24 @@ class APGD:
 
             for r in range(self.restarts):
                 if _all_broken(robust):
-                    return torch.where(_per_sample(robust, x), x_highest, out)
+                    return torch.where(threat.expand_per_sample(robust, x), x_highest, out)
                 x_best, still, loss_best, x_fooling = self._attack_once(
                     forward, x, labels, objective, noise[..., k * self.restarts + r])
                 # Keep a run's result only where the point was robust before it (the reference
                 # attacks only those): the first misclassified point found wins.
                 fooled = robust & ~still
-                out = torch.where(_per_sample(fooled, x), x_fooling, out)
+                out = torch.where(threat.expand_per_sample(fooled, x), x_fooling, out)
                 robust = robust & still
                 higher = loss_best > highest
-                x_highest = torch.where(_per_sample(higher, x), x_best, x_highest)
+                x_highest = torch.where(threat.expand_per_sample(higher, x), x_best, x_highest)
                 highest = torch.where(higher, loss_best, highest)
-        return torch.where(_per_sample(robust, x), x_highest, out)
+        return torch.where(threat.expand_per_sample(robust, x), x_highest, out)
 
 
 def _all_broken(robust: torch.Tensor) -> bool:
     """No robust point left: a host sync, taken only between runs and never under ``vmap``,
     where a Python branch on data is impossible (there the remaining runs just change nothing)."""
-    if torch._C._functorch.is_batchedtensor(robust):
+    if inside_func_transform():
         return False
     return not bool(robust.any())
 

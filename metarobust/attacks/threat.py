@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-NORMS = ("linf", "l2", "l1")
+from metarobust.config import NORMS
+
 Budget = float | torch.Tensor
 
 
@@ -39,11 +40,17 @@ def check_norm(norm: str) -> str:
     return norm
 
 
+def expand_per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value [B]`` as ``[B, 1, ..., 1]`` to broadcast against ``like [B, ...]`` (dtype kept: a
+    bool mask stays a mask)."""
+    return value.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 def per_sample(value: Budget, x: torch.Tensor) -> Budget:
-    """A float as is; a tensor ``[B]`` as ``[B, 1, ..., 1]`` to broadcast against ``x [B, ...]``
-    (a 0-dim tensor is returned unchanged)."""
+    """A float as is; a tensor ``[B]`` in ``x``'s dtype as ``[B, 1, ..., 1]`` to broadcast against
+    ``x [B, ...]`` (a 0-dim tensor is returned unchanged)."""
     if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return value.to(device=x.device, dtype=x.dtype).reshape(value.shape[0], *([1] * (x.dim() - 1)))
+        return expand_per_sample(value.to(device=x.device, dtype=x.dtype), x)
     return value
 
 
@@ -205,5 +212,5 @@ def in_threat_model(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: Budget
     return inside & box
 
 
-__all__ = ["NORMS", "check_norm", "clip_to_box", "draw_noise", "in_threat_model", "lp_norm", "per_sample",
+__all__ = ["NORMS", "check_norm", "clip_to_box", "draw_noise", "expand_per_sample", "in_threat_model", "lp_norm", "per_sample",
            "project", "project_ball", "project_l1_ball", "random_start", "step_direction", "unit_ball_point"]

@@ -5,7 +5,7 @@ Per step::
     batch = sampler.sample()                       # EpisodeBatch on the device (meta: T episodes;
                                                    # plain: one task, no support set)
     for replay in range(recipe.replays):           # 1; Free AT: m
-        set lr = recipe.lr_at(t)                   # every optimizer step (a closed form of t)
+        set lr = lr_at(optim, t)                   # every optimizer step (a closed form of t)
         loss, stats = recipe.backward(models, batch, ctx)   # under autocast; meta: per task
         recipe.after_backward(...); all-reduce (meta under torchrun); scaler.step(optimizer)
     after an epoch's last batch: recipe.on_epoch_end(trainer)
@@ -13,7 +13,7 @@ Per step::
 The trainer owns what every recipe shares: the models of the recipe's roles (built from
 ``cfg.model`` with a seeded, RNG-isolated initialisation, loaded from checkpoints, dual-BN,
 ``channels_last``, ``torch.compile``, DistributedDataParallel), one optimizer over every trainable
-parameter with its learning-rate schedule, mixed precision (``at.amp``: bf16 autocast, or fp16
+parameter with its learning-rate schedule (``optim``, any optimizer for any recipe), mixed precision (``at.amp``: bf16 autocast, or fp16
 with a GradScaler), metrics accumulated on the device and read on the host only every
 ``train.log_every`` steps, the run folder (metrics.jsonl, TensorBoard), atomic checkpoints every
 ``train.checkpoint_every`` steps (models, optimizer, scaler, sampler, every rank's noise
@@ -52,6 +52,7 @@ from metarobust.errors import ConfigError, TrainingDiverged
 from metarobust.models import build_model, convert_dual_bn
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
+from metarobust.training.optim import build_optimizer, lr_at, resolve_optim
 from metarobust.training.recipes import Models, Recipe, StepContext, build_recipe
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -88,14 +89,15 @@ class Trainer:
         self.total_steps, self.steps_per_epoch = self.recipe.schedule(train, world)
         self.sampler = self.recipe.sampler(train, self.dist.rank, world)
         self.models = self._build_models()
-        self.optimizer = self.recipe.optimizer(self._trainable_parameters())
+        self.optim = resolve_optim(cfg.optim, self.recipe.default_optim(), self.recipe.epochs(cfg))
+        self.optimizer = build_optimizer(self._trainable_parameters(), self.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.at.amp == "fp16")
         self.generator = torch.Generator(device=self.device)
         rank_offset = 0 if self.recipe.episodic else NOISE_RANK_STRIDE * self.dist.rank
         self.generator.manual_seed(cfg.seed + 1 + rank_offset)
         self.step_count = 0
         self.epoch = 0
-        self.lr = self.recipe.lr_at(0.0)
+        self.lr = self.lr_at(0.0)
         self.stopped: str | None = None
         """Why training ended early (set by :meth:`stop`); saved, so a resumed run stays stopped."""
         self.first_batch: EpisodeBatch | None = None
@@ -138,6 +140,10 @@ class Trainer:
         if not trainable:
             raise ConfigError(f"recipe {cfg.recipe!r} declares no trainable model role")
         return Models(wrapped, raw, modules, trainable)
+
+    def lr_at(self, epochs: float) -> float:
+        """The learning rate ``epochs`` (fractional) into training (``optim.schedule``)."""
+        return lr_at(self.optim, epochs, self.recipe.epochs(self.cfg))
 
     def _trainable_parameters(self) -> list[torch.Tensor]:
         return [p for name in self.models.trainable for p in self.models.modules[name].parameters()
@@ -202,7 +208,7 @@ class Trainer:
         total_updates = self.total_steps * replays
         for replay in range(replays):
             update = self.step_count * replays + replay
-            self.lr = self.recipe.lr_at((self.step_count + (replay + 1) / replays) / per_epoch)
+            self.lr = self.lr_at((self.step_count + (replay + 1) / replays) / per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
             ctx = StepContext(update, self.epoch, update / total_updates, replay, self.generator,

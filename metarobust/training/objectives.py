@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarobust.attacks import cross_entropy_sum, kl_from_clean
+from metarobust.attacks import cross_entropy_sum, kl_from_clean, threat
 from metarobust.attacks.losses import kl_divergence
 from metarobust.meta.functional import FunctionalForward, Params, bind, detached
 from metarobust.meta.maml import InnerLoss, StepLoss
@@ -93,8 +93,7 @@ class Tempered(nn.Module):
 
 
 def _per_sample_eps(eps: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    eps_t = torch.as_tensor(eps, device=x.device, dtype=x.dtype)
-    return eps_t.view(-1, *([1] * (x.dim() - 1))) if eps_t.dim() > 0 else eps_t
+    return torch.as_tensor(threat.per_sample(eps, x), device=x.device, dtype=x.dtype)
 
 
 def gaussian_start(x: torch.Tensor, sigma: float, eps: float | torch.Tensor,

@@ -113,7 +113,7 @@ class AdversarialFinetune(Recipe):
         a = self.cfg.train_attack
         eps = ramped_eps(a.eps, progress, self.ft.eps_ramp)
         step = a.step_size * (eps / a.eps if a.eps > 0 else 0.0)
-        return PGD(a.norm, eps, step, a.steps, random_start=a.random_start, early_stop=self.ft.early_stop)
+        return self.train_attack(eps=eps, step_size=step, early_stop=self.ft.early_stop)
 
     def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y

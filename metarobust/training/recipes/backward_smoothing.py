@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.losses import kl_divergence, kl_from_clean
-from metarobust.attacks.pgd import PGD
 from metarobust.data.episode import EpisodeBatch
+from metarobust.errors import ConfigError
 from metarobust.training.objectives import accuracy, full_precision, start_at, trades_kl
 from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
 
@@ -40,13 +40,12 @@ class BackwardSmoothing(Recipe):
 
     attack_bn = "eval"
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        if cfg.train_attack.norm != "linf":
-            from metarobust.errors import ConfigError
-
+    @classmethod
+    def config_check(cls, cfg) -> None:
+        if cfg.train_attack.norm != "linf":  # the ascent starts at the backward step's point (start_at)
             raise ConfigError(f"train_attack.norm={cfg.train_attack.norm!r}: backward_smoothing is defined for "
-                              f"linf only; set train_attack.norm=linf")
+                              f"linf only (Chen et al.; its ascent starts where the backward step ended); set "
+                              f"train_attack.norm=linf")
 
     def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         a = self.cfg.train_attack
@@ -55,9 +54,9 @@ class BackwardSmoothing(Recipe):
             clean_logits = full_precision(raw(x))
         u = 2 * torch.rand(clean_logits.shape, generator=ctx.generator, device=x.device) - 1
         target = F.log_softmax(clean_logits + self.at.smoothing_gamma * u, dim=-1)
-        backward_step = PGD("linf", a.eps, a.step_size, 1, random_start=False)
+        backward_step = self.train_attack(steps=1, random_start=False, restarts=1)
         x_bs = self.attack(raw, backward_step, x, target, toward_target)
-        ascent = PGD("linf", a.eps, a.step_size, a.steps, random_start=True)
+        ascent = self.train_attack(random_start=True)
         x_adv = self.attack(raw, ascent, x, F.log_softmax(clean_logits, dim=-1), kl_from_clean,
                             start_at(x_bs, x, a.eps))
         model = models["model"]

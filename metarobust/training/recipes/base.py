@@ -9,7 +9,7 @@ recipe on :class:`~metarobust.data.episode.EpisodeBatch`\\ es::
         batch = sampler.sample()                            # EpisodeBatch on the device
         for replay in range(recipe.replays):                # 1; Free AT: m
             loss, stats = recipe.backward(models, batch, ctx)   # loss + backward (meta: per task)
-            optimizer.step()                                # Adam or SGD, lr from the schedule
+            optimizer.step()                                # optim: Adam or SGD, lr from the schedule
         recipe.on_epoch_end(trainer)                        # after an epoch's last batch
 
 A recipe names its pieces (``shared/ARCHITECTURE.md``):
@@ -61,7 +61,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -69,7 +69,7 @@ from torch import nn
 
 from metarobust.attacks import build_attack
 from metarobust.attacks.pgd import PGD
-from metarobust.config import ExperimentConfig, ModelConfig
+from metarobust.config import AttackConfig, ExperimentConfig, ModelConfig, OptimConfig
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import BatchSampler, EpisodicSampler
 from metarobust.data.store import ImageStore
@@ -80,7 +80,6 @@ from metarobust.meta.logistic import LogisticProbe
 from metarobust.meta.maml import MAML, adapted_names
 from metarobust.models.dual_bn import strip_aux_bn
 from metarobust.registry import Registry
-from metarobust.training.optim import lr_at
 
 Stats = dict[str, torch.Tensor]
 
@@ -231,7 +230,7 @@ class Recipe:
     episodic: ClassVar[bool] = False
     evaluation: ClassVar[str] = "classifier"
     attack_bn: ClassVar[str] = "train"
-    divergence_hint: ClassVar[str] = "lower at.lr (or use at.amp=none) and --resume"
+    divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none) and --resume"
     """Appended to the error raised when training diverges."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -273,19 +272,33 @@ class Recipe:
                               f"{len(train)} training images; lower at.batch_size")
         return at.epochs * per_epoch, per_epoch
 
-    def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """SGD with momentum, weight decay and ``at.nesterov`` (the AT papers' optimizer)."""
-        at = self.at
-        return torch.optim.SGD(params, lr=at.lr, momentum=at.momentum, weight_decay=at.weight_decay,
-                               nesterov=at.nesterov)
+    @classmethod
+    def epochs(cls, cfg: ExperimentConfig) -> int:
+        """The run's length in the schedule's epochs: ``at.epochs`` passes over the images."""
+        return cfg.at.epochs
 
-    def lr_at(self, epochs: float) -> float:
-        """The learning rate ``epochs`` (fractional) into training (``at.schedule``)."""
-        return lr_at(self.at, epochs)
+    @classmethod
+    def default_optim(cls) -> OptimConfig:
+        """The ``optim`` settings a ``null`` field takes: SGD 0.1, momentum 0.9, weight decay 2e-4,
+        x0.1 at epochs 100 and 150 (Madry et al.'s CIFAR-10 PGD-AT, the AT papers' optimizer)."""
+        return OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=2e-4, schedule="piecewise",
+                           milestones=[100.0, 150.0])
 
     def train_attack(self, **changes: Any) -> PGD:
-        """The ``train_attack`` section as an attack (fields overridden by ``changes``)."""
-        return build_attack(replace(self.cfg.train_attack, **changes))
+        """The ``train_attack`` section as an attack (``metarobust list attacks``), with
+        ``changes`` to its fields (a recipe's own radius, steps...) or to options of the attack
+        itself (e.g. PGD's ``early_stop``; :class:`ConfigError` if the configured attack has none)."""
+        section = {f.name for f in fields(AttackConfig)}
+        attack = build_attack(replace(self.cfg.train_attack, **{k: v for k, v in changes.items() if k in section}))
+        options = {k: v for k, v in changes.items() if k not in section}
+        if options:
+            known = {f.name for f in fields(attack)} if is_dataclass(attack) else set()
+            if not set(options) <= known:
+                raise ConfigError(f"train_attack.name={self.cfg.train_attack.name!r} has no option "
+                                  f"{sorted(set(options) - known)}, which recipe {self.name!r} sets; use "
+                                  f"train_attack.name=pgd")
+            attack = replace(attack, **options)
+        return attack
 
     def attack(self, model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor,
                loss: Callable | None = None, noise: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
@@ -368,7 +381,7 @@ class MetaRecipe(Recipe):
     noise: ClassVar[tuple[str, ...]] = ()
     adapt: ClassVar[str | None] = None
     """Forces ``meta.adapt`` (``"head"`` for ANIL); ``None``: the config's value."""
-    divergence_hint: ClassVar[str] = "lower meta.meta_lr or meta.inner_lr and --resume"
+    divergence_hint: ClassVar[str] = "lower optim.lr or meta.inner_lr and --resume"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -406,16 +419,18 @@ class MetaRecipe(Recipe):
                                rank=rank, world_size=world_size)
 
     def schedule(self, train: ImageStore, world_size: int) -> tuple[int, int]:
-        """``train.iterations`` meta-updates, one epoch."""
-        iterations = self.cfg.train.iterations
-        return iterations, iterations
+        """``train.iterations`` meta-updates, each an epoch of the learning-rate schedule."""
+        return self.cfg.train.iterations, 1
 
-    def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """Adam at ``meta.meta_lr`` (MAML's meta-optimizer)."""
-        return torch.optim.Adam(params, lr=self.cfg.meta.meta_lr)
+    @classmethod
+    def epochs(cls, cfg: ExperimentConfig) -> int:
+        """``train.iterations``: every meta-update is an epoch of the schedule."""
+        return cfg.train.iterations
 
-    def lr_at(self, epochs: float) -> float:
-        return self.cfg.meta.meta_lr
+    @classmethod
+    def default_optim(cls) -> OptimConfig:
+        """Adam at 1e-3, constant (MAML's and R-MAML's meta-optimizer)."""
+        return OptimConfig(name="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, schedule="constant", milestones=[])
 
     def learner(self, model: nn.Module, steps: int | None = None, first_order: bool | None = None) -> MAML:
         """MAML over ``model``'s parameters, adapting all of them or only the head (``meta.adapt``,

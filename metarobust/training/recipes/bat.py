@@ -15,6 +15,7 @@ from metarobust.attacks import threat
 from metarobust.attacks.losses import kl_from_clean
 from metarobust.config import check_value, config_section
 from metarobust.data.episode import EpisodeBatch
+from metarobust.errors import ConfigError
 from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, trades_kl
 from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
 from metarobust.training.recipes.trades import trades_attack_target
@@ -144,8 +145,6 @@ class BAT(Recipe):
     @classmethod
     def config_check(cls, cfg) -> None:
         if cfg.train_attack.norm != "linf":
-            from metarobust.errors import ConfigError
-
             raise ConfigError(f"train_attack.norm={cfg.train_attack.norm!r}: bat's early-stopped searches "
                               f"are L-inf sign ascent; set train_attack.norm=linf")
 

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metarobust.attacks.pgd import PGD
 from metarobust.data.episode import EpisodeBatch
 from metarobust.training.objectives import accuracy
 from metarobust.training.recipes.base import (
@@ -56,8 +55,7 @@ class FastAT(Recipe):
         self.best: dict[str, dict[str, torch.Tensor]] | None = None
 
     def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
-        a = self.cfg.train_attack
-        attack = PGD(a.norm, a.eps, a.step_size, 1, random_start=True)
+        attack = self.train_attack(steps=1, random_start=True)  # FGSM-RS: one step from a random start
         x_adv = self.attack(models.raw["model"], attack, batch.x, batch.y,
                             noise=attack.init_noise(batch.x, ctx.generator))
         logits = models["model"](x_adv)
@@ -65,10 +63,11 @@ class FastAT(Recipe):
 
     def check_accuracy(self, trainer: TrainerView) -> float:
         """PGD-5 robust accuracy of the deployed model on the check batch (all ranks agree)."""
-        a = self.cfg.train_attack
         batch = trainer.check_batch()
         model = trainer.models.raw["model"]
-        attack = PGD(a.norm, a.eps, CHECK_STEP_SIZE, CHECK_STEPS, random_start=True)
+        # Wong et al.'s early-stop check is a fixed PGD-5, whatever the training attack.
+        attack = self.train_attack(name="pgd", step_size=CHECK_STEP_SIZE, steps=CHECK_STEPS, random_start=True,
+                                   restarts=1)
         generator = torch.Generator(device=batch.x.device)
         generator.manual_seed(self.cfg.seed + trainer.epoch)
         with bn_mode(model, "eval"), trainer.autocast():

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks.losses import kl_divergence, kl_from_clean
-from metarobust.attacks.pgd import PGD
 from metarobust.config import STEP_2, ExperimentConfig, check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
@@ -185,11 +184,12 @@ class FRL(Recipe):
     # -- the validation pass and the multipliers (once per epoch) --------------------------------
     def validate(self, trainer: TrainerView) -> ClassErrors:
         """Per-class clean and PGD errors of the deployed model on the held-out images."""
-        a, frl = self.cfg.train_attack, self.frl
+        frl = self.frl
         k = trainer.num_classes
         batch = trainer.check_batch()
         model = trainer.models.raw["model"]
-        attack = PGD(a.norm, a.eps, frl.val_step_size, frl.val_steps, random_start=True)
+        # FRL's validation pass is a fixed PGD (its code), whatever the training attack.
+        attack = self.train_attack(name="pgd", step_size=frl.val_step_size, steps=frl.val_steps, random_start=True)
         generator = torch.Generator(device=batch.x.device)
         generator.manual_seed(self.cfg.seed + 7919 * (trainer.epoch + 1))
         counts = torch.zeros(k, device=batch.x.device)
@@ -237,7 +237,7 @@ class FRL(Recipe):
         step = eps.max() / 4 if self.frl.compat_step else a.step_size * scale
         raw = models.raw["model"]
         # Built from floats: the per-sample radius and step go in at the call (no host sync).
-        attack = PGD(a.norm, a.eps, a.step_size, a.steps, random_start=True)
+        attack = self.train_attack(random_start=True)
         target = trades_attack_target(raw, x, self.bn)
         noise = (gaussian_start(x, TRADES_START_SIGMA, eps, ctx.generator) if a.norm == "linf"
                  else attack.init_noise(x, ctx.generator))

@@ -70,7 +70,7 @@ class LocalBalls(Recipe):
         """The second-stage attack inside ``B(x', r)`` (centred at its input)."""
         a, lb = self.cfg.train_attack, self.cfg.local_balls
         r = lb.radius * a.eps
-        return PGD(a.norm, r, r, lb.steps, random_start=True)
+        return self.train_attack(eps=r, step_size=r, steps=lb.steps, random_start=True)
 
     def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x, y = batch.x, batch.y

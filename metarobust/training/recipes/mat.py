@@ -124,7 +124,7 @@ class MAT(Recipe):
         if m.norms:
             def threat_model(norm: str) -> PGD:
                 eps = m.eps[norm]
-                return PGD(norm, eps, 2.5 * eps / a.steps, a.steps, random_start=True)
+                return self.train_attack(norm=norm, eps=eps, step_size=2.5 * eps / a.steps, random_start=True)
 
             peers = [Peer(f"specialist_{n}", (threat_model(n),)) for n in m.norms]
             if m.generalist:

@@ -63,8 +63,8 @@ def render_standard_report(cfg: ExperimentConfig, summary: dict[str, Any], last_
     lines = [
         f"# {cfg.name}: {cfg.recipe} on {cfg.data.dataset}",
         "",
-        f"- model: {cfg.model.name}; {at.epochs} epochs, batch {at.batch_size}, SGD lr {at.lr} ({at.schedule}), "
-        f"momentum {at.momentum}, weight decay {at.weight_decay}, amp {at.amp}",
+        f"- model: {cfg.model.name}; {at.epochs} epochs, batch {at.batch_size}, {summary.get('optimizer', '')}, "
+        f"amp {at.amp}",
         f"- training attack: {ta.name}-{ta.steps} {ta.norm} eps {ta.eps:.4f} step {ta.step_size:.4f}",
         f"- evaluation: suite {cfg.eval.suite}, {a.name}-{a.steps} {a.norm} eps {a.eps:.4f} step {a.step_size:.4f}, "
         f"{summary['points']} test images",
