@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import float64_copy, vmap_attack_atol
 from torch import nn
 
 from metarobust.attacks import ATTACKS, build_attack, cross_entropy_sum, kl_from_clean, threat
@@ -292,10 +293,12 @@ def test_attacking_an_eval_mode_batchnorm_model_leaves_its_running_stats_alone(b
 @pytest.mark.parametrize("norm", NORMS)
 def test_attack_under_vmap_over_tasks_equals_the_per_task_loop(trained, norm):
     model, x, y = trained
+    # float64: in float32 the two kernels' round-off flips near-tied gradient signs (numerics.py)
+    model = float64_copy(model)
     forward = functional_forward(model)
     params = {k: v.detach() for k, v in params_of(model).items()}
-    xs, ys = x[:120].reshape(3, 40, *SHAPE), y[:120].reshape(3, 40)
-    eps = EPS[norm] * torch.linspace(0.5, 1.5, 40)
+    xs, ys = x[:120].double().reshape(3, 40, *SHAPE), y[:120].reshape(3, 40)
+    eps = EPS[norm] * torch.linspace(0.5, 1.5, 40, dtype=torch.float64)
     attack = pgd(norm, steps=5, eps=eps, restarts=2, early_stop=True)
     noise = attack.init_noise(xs, torch.Generator().manual_seed(0))
     assert noise.shape == (*xs.shape, 2)
@@ -305,7 +308,10 @@ def test_attack_under_vmap_over_tasks_equals_the_per_task_loop(trained, norm):
 
     batched = torch.func.vmap(one, in_dims=(None, 0, 0, 0))(params, xs, ys, noise)
     looped = torch.stack([one(params, xs[t], ys[t], noise[t]) for t in range(3)])
-    torch.testing.assert_close(batched, looped)
+    # Reductions per step over the DIM pixels of a sample: L2, two norms (the direction's, the
+    # projection's); L1, the projection's cumulative sum. Each restart starts afresh.
+    atol = vmap_attack_atol(norm, attack.steps, float(eps.max()), terms=2 * DIM)
+    torch.testing.assert_close(batched, looped, atol=atol, rtol=0)
 
 
 def test_attack_inside_no_grad_equals_outside_and_leaves_parameters_alone(trained):
