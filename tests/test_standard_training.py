@@ -31,7 +31,7 @@ from metarobust.training.recipes import RECIPES, Models, StepContext, bn_mode, b
 from metarobust.training.recipes.mart import boosted_ce, weighted_kl
 from metarobust.training.standard.evaluate import evaluate_standard
 
-MINE = ["natural", "pgd_at", "trades", "mart", "free_at", "fast_at", "backward_smoothing"]
+MINE = ["natural", "pgd_at", "trades", "mart", "free_at", "fast_at", "backward_smoothing", "mixed_at"]
 
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=16", "model.drop_rate=0",
         "at.batch_size=64", "optim.schedule=constant", "optim.lr=0.1", "device=cpu", "train_attack.eps=0.1",
@@ -358,6 +358,27 @@ def test_trades_loss_equals_the_reference_code():
     got, stats = recipe.loss(models, EpisodeBatch.plain(x, y, torch.arange(16)), ctx)
     assert got.item() == pytest.approx(expected.item(), rel=1e-9)
     assert set(stats) == {"clean_acc", "adv_acc", "kl"}
+
+
+def test_mixed_at_is_goodfellows_objective_with_fgsm():
+    """The worked example of docs/architecture.md: alpha CE(x) + (1 - alpha) CE(x + eps sign grad),
+    written out with plain autograd (FGSM: one step of eps from the clean input, clipped to [0, 1])."""
+    torch.manual_seed(0)
+    model = TinyBN().double().train()
+    x = torch.rand(16, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (16,))
+    cfg = load_config(None, ["recipe=mixed_at", "train_attack.name=fgsm", "train_attack.eps=0.1", "mixed_at.alpha=0.3"])
+    x_req = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x_req), y, reduction="sum"), x_req)
+    x_adv = (x + 0.1 * g.sign()).clamp(0, 1)
+    expected = 0.3 * F.cross_entropy(model(x), y) + 0.7 * F.cross_entropy(model(x_adv), y)
+    models = Models({"model": model}, {"model": model}, {"model": model}, ["model"])
+    ctx = StepContext(0, 0, 0.0, 0, torch.Generator().manual_seed(1), 5)
+    got, stats = build_recipe(cfg).loss(models, EpisodeBatch.plain(x, y, torch.arange(16)), ctx)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert set(stats) == {"clean_acc", "adv_acc"}
+    with pytest.raises(ConfigError, match="mixed_at.alpha"):
+        load_config(None, ["recipe=mixed_at", "mixed_at.alpha=1.5"])
 
 
 def test_mart_terms_equal_the_reference_code():
