@@ -88,7 +88,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_id(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from metarobust.analysis.run import analyse_run, id_headline, id_table
+    from metarobust.analysis.run_analysis import analyse_run, id_headline, id_table
 
     bar = None if args.quiet else (lambda it: tqdm(it, desc="id: episodes", dynamic_ncols=True))
     _, report, paths = analyse_run(args.run, args.overrides, bar)

@@ -73,7 +73,7 @@ class ModelConfig:
     """Base width. 64 is every model's paper size (Conv-4: 64 filters per block, Vinyals et al.,
     Finn et al.; ResNet-12: 64-160-320-640; WRN-34-10: 16-160-320-640); other values scale every
     width by hidden/64."""
-    norm: str = "auto"
+    batch_norm: str = "auto"
     """BatchNorm: ``batch`` (per-forward batch statistics at training and test, as MAML),
     ``running`` (standard BN with running statistics), ``none``, or ``auto``: ``batch`` for
     ``conv4`` and ``resnet12`` (meta-learning), ``running`` for the adversarial-training models,
@@ -408,7 +408,7 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 MOVED = {**{f"at.{name}": name for name in ("mat", "ltd", "advprop", "finetune", "local_balls", "bat", "frl")},
          **{f"at.{name}": f"optim.{name}" for name in ("lr", "momentum", "nesterov", "weight_decay", "schedule",
                                                         "milestones", "gamma", "cyclic_peak")},
-         "meta.meta_lr": "optim.lr"}
+         "meta.meta_lr": "optim.lr", "model.norm": "model.batch_norm"}
 """Sections that moved in 0.2 (old key prefix -> new), for the unknown-key message."""
 
 
@@ -449,7 +449,7 @@ def check_fields(cfg: ExperimentConfig) -> None:
     _check(cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size",
            cfg.data.image_size, "an integer >= 8, or null for the dataset's standard size")
     _check(cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden, "a positive integer")
-    _check(cfg.model.norm in ("auto", "batch", "running", "none"), "model.norm", cfg.model.norm,
+    _check(cfg.model.batch_norm in ("auto", "batch", "running", "none"), "model.batch_norm", cfg.model.batch_norm,
            "auto, batch (per-batch statistics), running (standard BN) or none")
     _check(cfg.model.drop_rate is None or 0 <= cfg.model.drop_rate < 1, "model.drop_rate",
            cfg.model.drop_rate, "a rate in [0, 1), or null for the model's default")

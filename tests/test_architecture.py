@@ -18,10 +18,10 @@ LAYERS = [
     ("training.recipes",),
     ("training.data", "training.engine"),
     ("evaluation", "analysis", "meta.evaluate", "training.standard"),
-    ("experiment", "analysis.run"),
+    ("experiment", "analysis.run_analysis"),
     ("cli", "__main__"),
 ]
-"""Bottom to top: a module may import its own layer and the layers below it. ``analysis.run`` is
+"""Bottom to top: a module may import its own layer and the layers below it. ``analysis.run_analysis`` is
 the ``metarobust id`` command (it loads a run as ``metarobust eval`` does), hence its layer."""
 
 

@@ -211,7 +211,7 @@ def test_ltd_needs_a_teacher_that_exists(mnist, tmp_path):
 
 @pytest.mark.parametrize("attack_bn", ["eval", "train"])
 def test_advprop_main_batchnorms_only_ever_see_clean_batches(mnist, tmp_path, attack_bn):
-    cfg = config(mnist, tmp_path, "recipe=advprop", "model.name=conv4", "model.norm=running",
+    cfg = config(mnist, tmp_path, "recipe=advprop", "model.name=conv4", "model.batch_norm=running",
                  "model.hidden=8", f"at.attack_bn={attack_bn}", "at.epochs=1")
     trainer = trainer_of(cfg, data_of(mnist, 64))
     module = trainer.models.modules["model"]
@@ -239,7 +239,7 @@ def test_advprop_main_batchnorms_only_ever_see_clean_batches(mnist, tmp_path, at
 
 
 def test_advprop_needs_batchnorm(mnist, tmp_path):
-    with pytest.raises(ConfigError, match="model.norm"):
+    with pytest.raises(ConfigError, match="model.batch_norm"):
         config(mnist, tmp_path, "recipe=advprop")  # the small CNN has no BatchNorm
 
 

@@ -150,14 +150,14 @@ def test_torchrun_cli_trains_with_two_processes_and_rank_zero_writes_the_run(mni
 
 # R-MAML (second order, adversarial CE on FGSM-RS queries, so the ranks' attack noise matters) on
 # the embedded glyphs with a tiny Conv-4. Two settings keep the comparison below a float32 one:
-# - model.norm=none: with per-task BatchNorm after each conv, the convs' biases have a meta-
+# - model.batch_norm=none: with per-task BatchNorm after each conv, the convs' biases have a meta-
 #   gradient that is zero in exact arithmetic, so in float32 it is round-off (1e-10..1e-5), and
 #   Adam, which normalises every coordinate, turns round-off into steps of up to its lr: those
 #   biases are not determined by the maths, and drift ~1e-3 apart between any two summation orders.
 # - robust.form=ce: the TRADES KL's attack starts where the KL is ~0, and FGSM takes the sign of
 #   its near-zero input gradient; a perturbation of 1e-7 (relative) of the first meta-gradient
 #   moved the final TRADES weights by 2e-7 in 2 of 6 trials (a flipped sign), 1.5e-8 at most with CE.
-META_TINY = ["recipe=r_maml", "model.hidden=8", "model.norm=none", "meta.queries=2",
+META_TINY = ["recipe=r_maml", "model.hidden=8", "model.batch_norm=none", "meta.queries=2",
              "meta.inner_steps=1", "meta.first_order=false", "meta.execution=loop", "robust.form=ce",
              "train.iterations=3", "train.log_every=1", "device=cpu"]
 META_TASKS = 4  # the global meta-batch: 4 tasks in one process, 2 per rank in two

@@ -271,7 +271,7 @@ def test_hooks_take_the_named_layers_also_under_fast_weights():
 
 def test_plain_classifier_units_pool_distinct_images_clean_and_adversarial():
     torch.manual_seed(0)
-    model = Conv4(1, 4, 16, hidden=4, norm="none")
+    model = Conv4(1, 4, 16, hidden=4, batch_norm="none")
     images = torch.randint(0, 256, (70, 1, 16, 16), dtype=torch.uint8)
     store = ImageStore(images, torch.arange(70) % 4, ["a", "b", "c", "d"], "toy/test")
     cfg = load_config(CONFIGS / "quickstart.yaml", ["attack.steps=2"])

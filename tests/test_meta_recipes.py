@@ -212,7 +212,7 @@ def test_rfs_logistic_regression_matches_scikit_learn(per_class, dim, classes):
 
 def test_rfs_probe_is_attacked_through_features_and_the_fitted_head():
     torch.manual_seed(0)
-    model = Conv4(1, 20, 28, hidden=8, norm="running").eval()
+    model = Conv4(1, 20, 28, hidden=8, batch_norm="running").eval()
     probe = LogisticProbe(model.features, ways=3)
     g = torch.Generator().manual_seed(0)
     protos = torch.rand(3, 1, 28, 28, generator=g)

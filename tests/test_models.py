@@ -121,7 +121,7 @@ def test_channels_last_gives_the_same_logits(name):
     # by up to summed_terms(model) * u of the logits' scale, ~5e-13 here. (float32 rounds 5e8
     # times coarser: 6e-6 measured on WRN-28's logits of ~40, most of a fixed atol of 1e-5 for
     # a logit near 0.) A layout bug is off by O(1).
-    model = small(name, norm="running").eval().double()
+    model = small(name, batch_norm="running").eval().double()
     x = torch.rand(3, channels, size, size, dtype=torch.float64)
     expected = model(x)
     model = model.to(memory_format=torch.channels_last)
@@ -163,14 +163,14 @@ def test_resnet18_equals_torchvision_resnet18_with_a_3x3_stem():
 def test_norm_choices_build_the_right_layers():
     kinds = {"batch": TaskBatchNorm2d, "running": nn.BatchNorm2d}
     for norm, layer in kinds.items():
-        model = small("resnet12", norm=norm)
+        model = small("resnet12", batch_norm=norm)
         assert isinstance(model.layer2[0].bn2, layer) and isinstance(model.layer2[0].downsample[1], layer)
     assert not any(isinstance(m, (nn.BatchNorm2d, TaskBatchNorm2d))
-                   for m in small("wrn28_10", norm="none").modules())
+                   for m in small("wrn28_10", batch_norm="none").modules())
     assert isinstance(small("wrn28_10").bn1, nn.BatchNorm2d)  # auto -> running for AT models
     assert isinstance(small("conv4").encoder[0][1], TaskBatchNorm2d)  # auto -> batch for conv4
     with pytest.raises(ConfigError, match="small_cnn.*no BatchNorm"):
-        small("small_cnn", norm="running")
+        small("small_cnn", batch_norm="running")
 
 
 # -- input normalisation ----------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_too_small_image_size_is_a_config_error(name, size, minimum):
 
 @pytest.mark.parametrize("override, message", [
     (["model.name=resnet12", "data.image_size=12"], r"data.image_size=12 is invalid; expected at least 16"),
-    (["model.norm=group"], r"model.norm='group' is invalid; expected auto, batch"),
+    (["model.batch_norm=group"], r"model.batch_norm='group' is invalid; expected auto, batch"),
     (["model.normalize=cifar"], r"model.normalize='cifar' is invalid"),
     (["model.drop_rate=1.5"], r"model.drop_rate=1.5 is invalid"),
 ])

@@ -9,10 +9,10 @@ Example:
 
 from __future__ import annotations
 
-from metarobust.analysis.estimator import IDEstimator
 from metarobust.analysis.estimators import ESTIMATORS, build_estimators
 from metarobust.analysis.features import default_layers, extract_features
 from metarobust.analysis.fewshot import fewshot_id_report, fewshot_intrinsic_dimension
+from metarobust.analysis.id_estimator import IDEstimator
 from metarobust.analysis.mle import MLE
 from metarobust.analysis.pca import PCADimension
 from metarobust.analysis.points import PointCloud

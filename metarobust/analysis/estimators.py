@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metarobust.analysis.estimator import IDEstimator
+from metarobust.analysis.id_estimator import IDEstimator
 from metarobust.analysis.mle import MLE
 from metarobust.analysis.pca import PCADimension
 from metarobust.analysis.twonn import TwoNN

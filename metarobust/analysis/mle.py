@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from metarobust.analysis.estimator import IDEstimator, check_param
+from metarobust.analysis.id_estimator import IDEstimator, check_param
 from metarobust.analysis.points import PointCloud
 
 

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from metarobust.analysis.estimator import IDEstimator
+from metarobust.analysis.id_estimator import IDEstimator
 from metarobust.analysis.points import PointCloud
 from metarobust.errors import ConfigError
 

@@ -8,7 +8,7 @@ from metarobust.config import ModelConfig
 from metarobust.models import preact_resnet, resnet, resnet12, small_cnn, wide_resnet
 from metarobust.models.conv4 import Conv4
 from metarobust.models.dual_bn import DualBatchNorm, bn_route, convert_dual_bn, strip_aux_bn
-from metarobust.models.options import input_stats, require_image_size, require_no_dropout, resolve_norm
+from metarobust.models.options import input_stats, require_image_size, require_no_dropout, resolve_batch_norm
 from metarobust.models.preact_resnet import PreActResNet
 from metarobust.models.resnet import ResNet
 from metarobust.models.resnet12 import ResNet12
@@ -35,7 +35,7 @@ def _conv4(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
     require_no_dropout("conv4", cfg.drop_rate)
     mean, std = input_stats(cfg.normalize, in_channels, dataset, default="half")
     return Conv4(in_channels, num_classes, image_size, hidden=cfg.hidden,
-                 norm=resolve_norm(cfg.norm, "batch"), mean=mean, std=std)
+                 batch_norm=resolve_batch_norm(cfg.batch_norm, "batch"), mean=mean, std=std)
 
 
 _register("conv4", "Conv-4: 4 x (3x3 conv 64, batch norm, ReLU, max-pool) + linear head", _conv4, 16)

@@ -12,10 +12,10 @@ from torch import nn
 from metarobust.models.layers import Normalize, norm2d
 
 
-def conv_block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, batch_norm: str) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1)]
-    if norm != "none":  # no placeholder, so that state_dict keys stay those of earlier runs
-        layers.append(norm2d(norm, out_channels))
+    if batch_norm != "none":  # no placeholder, so that state_dict keys stay those of earlier runs
+        layers.append(norm2d(batch_norm, out_channels))
     layers += [nn.ReLU(), nn.MaxPool2d(2)]
     return nn.Sequential(*layers)
 
@@ -28,7 +28,7 @@ class Conv4(nn.Module):
         num_classes: the head's outputs (N, the ways).
         image_size: input side length, to size the head.
         hidden: filters per block (64 in the papers).
-        norm: ``batch`` (:class:`TaskBatchNorm2d`), ``running`` (``nn.BatchNorm2d``) or ``none``.
+        batch_norm: ``batch`` (:class:`TaskBatchNorm2d`), ``running`` (``nn.BatchNorm2d``) or ``none``.
         mean, std: input normalisation per channel.
 
     Shapes: ``[B, C, H, W]`` in [0, 1] ``-> [B, num_classes]`` logits; ``features(x)`` gives
@@ -46,17 +46,17 @@ class Conv4(nn.Module):
         num_classes: int,
         image_size: int,
         hidden: int = 64,
-        norm: str = "batch",
+        batch_norm: str = "batch",
         mean: list[float] | None = None,
         std: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean or [0.5] * in_channels, std or [0.5] * in_channels)
         self.encoder = nn.Sequential(
-            conv_block(in_channels, hidden, norm),
-            conv_block(hidden, hidden, norm),
-            conv_block(hidden, hidden, norm),
-            conv_block(hidden, hidden, norm),
+            conv_block(in_channels, hidden, batch_norm),
+            conv_block(hidden, hidden, batch_norm),
+            conv_block(hidden, hidden, batch_norm),
+            conv_block(hidden, hidden, batch_norm),
         )
         side = image_size
         for _ in range(4):

@@ -7,8 +7,8 @@ from torch import nn
 
 from metarobust.errors import ConfigError
 
-NORMS = ("batch", "running", "none")
-"""BatchNorm kinds a model can be built with (``model.norm``)."""
+BATCH_NORMS = ("batch", "running", "none")
+"""BatchNorm kinds a model can be built with (``model.batch_norm``)."""
 
 
 class Normalize(nn.Module):
@@ -59,7 +59,7 @@ class TaskBatchNorm2d(nn.Module):
 
 
 def norm2d(kind: str, channels: int) -> nn.Module:
-    """The BatchNorm of kind ``kind`` (``model.norm``) over ``channels`` channels.
+    """The BatchNorm of kind ``kind`` (``model.batch_norm``) over ``channels`` channels.
 
     - ``batch``: :class:`TaskBatchNorm2d`, statistics of the batch at hand at training and test
       time alike (MAML's transductive convention; vmap- and second-order-safe).
@@ -73,4 +73,4 @@ def norm2d(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "none":
         return nn.Identity()
-    raise ConfigError(f"model.norm={kind!r} is invalid; expected one of {list(NORMS)}")
+    raise ConfigError(f"model.batch_norm={kind!r} is invalid; expected one of {list(BATCH_NORMS)}")

@@ -6,8 +6,8 @@ Every model reads the same few options (``metarobust/config.py``, :class:`ModelC
   filters; ResNet-12: 64-160-320-640; ResNet-18 / PreAct-ResNet-18: 64-512; WRN-34-10:
   16-160-320-640; small CNN: 32-64); other values scale every width by ``hidden / 64``
   (:func:`scale_width`), so tests can build a tiny network of the same shape.
-- ``model.norm``: ``batch`` / ``running`` / ``none`` (see :func:`metarobust.models.layers.norm2d`),
-  or ``auto``: the model's convention (:func:`resolve_norm`).
+- ``model.batch_norm``: ``batch`` / ``running`` / ``none`` (see :func:`metarobust.models.layers.norm2d`),
+  or ``auto``: the model's convention (:func:`resolve_batch_norm`).
 - ``model.normalize``: the input statistics of the model's first layer (:func:`input_stats`).
 - ``model.drop_rate``: dropout / DropBlock rate, ``None`` for the model's paper default.
 
@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from metarobust.errors import ConfigError
-from metarobust.models.layers import NORMS
+from metarobust.models.layers import BATCH_NORMS
 
 PAPER_WIDTH = 64
 """``model.hidden`` at which every model has its published size."""
@@ -94,11 +94,11 @@ def _dataset_stats(dataset: str | None) -> str | None:
     return next((stats for prefix, stats in _DATASET_STATS if key.startswith(prefix)), None)
 
 
-def resolve_norm(norm: str, default: str) -> str:
-    """``model.norm`` with ``auto`` replaced by the model's convention ``default``."""
-    kind = default if norm == "auto" else norm
-    if kind not in NORMS:
-        raise ConfigError(f"model.norm={norm!r} is invalid; expected auto or one of {list(NORMS)}")
+def resolve_batch_norm(batch_norm: str, default: str) -> str:
+    """``model.batch_norm`` with ``auto`` replaced by the model's convention ``default``."""
+    kind = default if batch_norm == "auto" else batch_norm
+    if kind not in BATCH_NORMS:
+        raise ConfigError(f"model.batch_norm={batch_norm!r} is invalid; expected auto or one of {list(BATCH_NORMS)}")
     return kind
 
 

@@ -25,7 +25,7 @@ from metarobust.models.options import (
     input_stats,
     require_image_size,
     require_no_dropout,
-    resolve_norm,
+    resolve_batch_norm,
     scale_width,
 )
 
@@ -40,11 +40,11 @@ class PreActBlock(nn.Module):
     in the reference code. Shapes: ``[B, in_planes, H, W] -> [B, planes, H/stride, W/stride]``.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "running") -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, batch_norm: str = "running") -> None:
         super().__init__()
-        self.bn1 = norm2d(norm, in_planes)
+        self.bn1 = norm2d(batch_norm, in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm2d(norm, planes)
+        self.bn2 = norm2d(batch_norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_planes != planes:
@@ -66,7 +66,7 @@ class PreActResNet(nn.Module):
         in_channels: 3 (CIFAR) or 1 (MNIST).
         num_classes: outputs of the head.
         widths: filters per stage (``(64, 128, 256, 512)`` in the papers).
-        norm: ``running`` (standard BN, the papers'), ``batch`` (per-batch statistics) or ``none``.
+        batch_norm: ``running`` (standard BN, the papers'), ``batch`` (per-batch statistics) or ``none``.
         mean, std: input normalisation (CIFAR-10's by default).
 
     Shapes: ``[B, C, H, W]`` in [0, 1] ``-> [B, num_classes]``; ``features(x)`` is the pooled
@@ -82,7 +82,7 @@ class PreActResNet(nn.Module):
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), in_channels: int = 3,
                  num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256, 512),
-                 norm: str = "running", mean: list[float] | None = None,
+                 batch_norm: str = "running", mean: list[float] | None = None,
                  std: list[float] | None = None) -> None:
         super().__init__()
         default_mean, default_std = input_stats("auto", in_channels)
@@ -93,10 +93,10 @@ class PreActResNet(nn.Module):
             stride = 1 if i == 0 else 2
             stage = []
             for b in range(blocks):
-                stage.append(PreActBlock(planes, width, stride if b == 0 else 1, norm))
+                stage.append(PreActBlock(planes, width, stride if b == 0 else 1, batch_norm))
                 planes = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        self.bn = norm2d(norm, planes)
+        self.bn = norm2d(batch_norm, planes)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = planes
         self.head = nn.Linear(planes, num_classes)
@@ -112,11 +112,11 @@ class PreActResNet(nn.Module):
 
 
 def preact_resnet18(in_channels: int = 3, num_classes: int = 10, width: int = 64,
-                    norm: str = "running", mean: list[float] | None = None,
+                    batch_norm: str = "running", mean: list[float] | None = None,
                     std: list[float] | None = None) -> PreActResNet:
     """PreAct-ResNet-18 (11.17M parameters at ``width=64`` on CIFAR-10)."""
     widths = tuple(scale_width(c, width) for c in (64, 128, 256, 512))
-    return PreActResNet((2, 2, 2, 2), in_channels, num_classes, widths, norm, mean, std)
+    return PreActResNet((2, 2, 2, 2), in_channels, num_classes, widths, batch_norm, mean, std)
 
 
 def build_preact_resnet18(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int,
@@ -125,5 +125,5 @@ def build_preact_resnet18(cfg: ModelConfig, in_channels: int, num_classes: int, 
     require_image_size("preact_resnet18", image_size, MIN_IMAGE_SIZE, "three stride-2 stages")
     require_no_dropout("preact_resnet18", cfg.drop_rate)
     mean, std = input_stats(cfg.normalize, in_channels, dataset)
-    return preact_resnet18(in_channels, num_classes, cfg.hidden, resolve_norm(cfg.norm, "running"),
+    return preact_resnet18(in_channels, num_classes, cfg.hidden, resolve_batch_norm(cfg.batch_norm, "running"),
                            mean, std)

@@ -23,7 +23,7 @@ from metarobust.models.options import (
     input_stats,
     require_image_size,
     require_no_dropout,
-    resolve_norm,
+    resolve_batch_norm,
     scale_width,
 )
 
@@ -37,16 +37,16 @@ class BasicBlock(nn.Module):
     Shapes: ``[B, in_planes, H, W] -> [B, planes, H/stride, W/stride]``.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "running") -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, batch_norm: str = "running") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = norm2d(norm, planes)
+        self.bn1 = norm2d(batch_norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = norm2d(norm, planes)
+        self.bn2 = norm2d(batch_norm, planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          norm2d(norm, planes))
+                                          norm2d(batch_norm, planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -61,7 +61,7 @@ class ResNet(nn.Module):
         num_blocks: blocks per stage (``(2, 2, 2, 2)``: ResNet-18).
         in_channels, num_classes: input channels and head outputs.
         widths: filters per stage (``(64, 128, 256, 512)``).
-        norm: ``running`` (standard BN), ``batch`` (per-batch statistics) or ``none``.
+        batch_norm: ``running`` (standard BN), ``batch`` (per-batch statistics) or ``none``.
         mean, std: input normalisation (CIFAR-10's by default).
 
     Shapes: ``[B, C, H, W]`` in [0, 1] ``-> [B, num_classes]``; ``features(x)``:
@@ -76,19 +76,19 @@ class ResNet(nn.Module):
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), in_channels: int = 3,
                  num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256, 512),
-                 norm: str = "running", mean: list[float] | None = None,
+                 batch_norm: str = "running", mean: list[float] | None = None,
                  std: list[float] | None = None) -> None:
         super().__init__()
         default_mean, default_std = input_stats("auto", in_channels)
         self.normalize = Normalize(mean or default_mean, std or default_std)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = norm2d(norm, widths[0])
+        self.bn1 = norm2d(batch_norm, widths[0])
         planes = widths[0]
         for i, (blocks, width) in enumerate(zip(num_blocks, widths)):
             stride = 1 if i == 0 else 2
             stage = []
             for b in range(blocks):
-                stage.append(BasicBlock(planes, width, stride if b == 0 else 1, norm))
+                stage.append(BasicBlock(planes, width, stride if b == 0 else 1, batch_norm))
                 planes = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -105,11 +105,11 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def resnet18(in_channels: int = 3, num_classes: int = 10, width: int = 64, norm: str = "running",
+def resnet18(in_channels: int = 3, num_classes: int = 10, width: int = 64, batch_norm: str = "running",
              mean: list[float] | None = None, std: list[float] | None = None) -> ResNet:
     """ResNet-18, CIFAR variant (11.17M parameters at ``width=64`` on CIFAR-10)."""
     widths = tuple(scale_width(c, width) for c in (64, 128, 256, 512))
-    return ResNet((2, 2, 2, 2), in_channels, num_classes, widths, norm, mean, std)
+    return ResNet((2, 2, 2, 2), in_channels, num_classes, widths, batch_norm, mean, std)
 
 
 def build_resnet18(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int,
@@ -118,4 +118,4 @@ def build_resnet18(cfg: ModelConfig, in_channels: int, num_classes: int, image_s
     require_image_size("resnet18", image_size, MIN_IMAGE_SIZE, "three stride-2 stages")
     require_no_dropout("resnet18", cfg.drop_rate)
     mean, std = input_stats(cfg.normalize, in_channels, dataset)
-    return resnet18(in_channels, num_classes, cfg.hidden, resolve_norm(cfg.norm, "running"), mean, std)
+    return resnet18(in_channels, num_classes, cfg.hidden, resolve_batch_norm(cfg.batch_norm, "running"), mean, std)

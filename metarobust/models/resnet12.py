@@ -10,7 +10,7 @@ global average pooling (RFS' ``avg_pool=True``) and a linear head. 12,424,320 pa
 body, 12,427,525 with a 5-way head (12.4M), at any input size (84x84 miniImageNet ends at
 640x5x5, 32x32 CIFAR-FS at 640x2x2, 28x28 Omniglot at 640x1x1).
 
-BatchNorm (``model.norm``):
+BatchNorm (``model.batch_norm``):
 - ``batch`` (``auto``'s choice): :class:`~metarobust.models.layers.TaskBatchNorm2d`, statistics of
   the batch at hand at training and test time, as Conv-4 in MAML. Built from plain tensor ops,
   so ``torch.func.functional_call``, ``vmap`` over tasks and second-order meta-gradients are
@@ -40,8 +40,8 @@ from metarobust.models.layers import Normalize, norm2d
 from metarobust.models.options import (
     input_stats,
     require_image_size,
+    resolve_batch_norm,
     resolve_drop_rate,
-    resolve_norm,
     scale_width,
 )
 
@@ -100,16 +100,16 @@ class ResNet12Block(nn.Module):
     Shapes: ``[B, in_planes, H, W] -> [B, planes, H // 2, W // 2]``.
     """
 
-    def __init__(self, in_planes: int, planes: int, norm: str = "batch", drop_rate: float = 0.0,
+    def __init__(self, in_planes: int, planes: int, batch_norm: str = "batch", drop_rate: float = 0.0,
                  drop_block: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=False)
-        self.bn1 = norm2d(norm, planes)
+        self.bn1 = norm2d(batch_norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = norm2d(norm, planes)
+        self.bn2 = norm2d(batch_norm, planes)
         self.conv3 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn3 = norm2d(norm, planes)
-        self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, bias=False), norm2d(norm, planes))
+        self.bn3 = norm2d(batch_norm, planes)
+        self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, bias=False), norm2d(batch_norm, planes))
         self.drop: nn.Module = nn.Identity()
         if drop_rate > 0:
             self.drop = DropBlock(drop_rate) if drop_block else nn.Dropout(drop_rate)
@@ -129,7 +129,7 @@ class ResNet12(nn.Module):
         in_channels: 3 (miniImageNet, CIFAR-FS, FC100) or 1 (Omniglot).
         num_classes: head outputs (N ways for MAML; 64 for RFS pre-training on miniImageNet).
         widths: filters of the four blocks (``(64, 160, 320, 640)``).
-        norm: ``batch`` (per-batch statistics, MAML), ``running`` (standard BN, RFS) or ``none``.
+        batch_norm: ``batch`` (per-batch statistics, MAML), ``running`` (standard BN, RFS) or ``none``.
         drop_rate: dropout (blocks 1-2) and DropBlock (blocks 3-4) rate; 0 disables both.
         mean, std: input normalisation (miniImageNet's, as RFS, by default).
 
@@ -145,7 +145,7 @@ class ResNet12(nn.Module):
     feature_layers = ("layer1", "layer2", "layer3", "layer4", "pool")
 
     def __init__(self, in_channels: int = 3, num_classes: int = 5,
-                 widths: tuple[int, ...] = WIDTHS, norm: str = "batch", drop_rate: float = 0.0,
+                 widths: tuple[int, ...] = WIDTHS, batch_norm: str = "batch", drop_rate: float = 0.0,
                  mean: list[float] | None = None, std: list[float] | None = None) -> None:
         super().__init__()
         default_mean, default_std = input_stats(
@@ -153,7 +153,7 @@ class ResNet12(nn.Module):
         self.normalize = Normalize(mean or default_mean, std or default_std)
         planes = in_channels
         for i, width in enumerate(widths):
-            block = ResNet12Block(planes, width, norm, drop_rate, drop_block=i >= 2)
+            block = ResNet12Block(planes, width, batch_norm, drop_rate, drop_block=i >= 2)
             setattr(self, f"layer{i + 1}", nn.Sequential(block))
             planes = width
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -172,12 +172,12 @@ class ResNet12(nn.Module):
         return self.head(self.features(x))
 
 
-def resnet12(in_channels: int = 3, num_classes: int = 5, width: int = 64, norm: str = "batch",
+def resnet12(in_channels: int = 3, num_classes: int = 5, width: int = 64, batch_norm: str = "batch",
              drop_rate: float = 0.0, mean: list[float] | None = None,
              std: list[float] | None = None) -> ResNet12:
     """ResNet-12 (64-160-320-640 at ``width=64``: 12.4M parameters with a 5-way head)."""
     widths = tuple(scale_width(c, width) for c in WIDTHS)
-    return ResNet12(in_channels, num_classes, widths, norm, drop_rate, mean, std)
+    return ResNet12(in_channels, num_classes, widths, batch_norm, drop_rate, mean, std)
 
 
 def build_resnet12(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int,
@@ -186,5 +186,5 @@ def build_resnet12(cfg: ModelConfig, in_channels: int, num_classes: int, image_s
     require_image_size("resnet12", image_size, MIN_IMAGE_SIZE, "four 2x2 max-pools")
     mean, std = input_stats(cfg.normalize, in_channels, dataset,
                             fallback="mini_imagenet" if in_channels == 3 else "half")
-    return resnet12(in_channels, num_classes, cfg.hidden, resolve_norm(cfg.norm, "batch"),
+    return resnet12(in_channels, num_classes, cfg.hidden, resolve_batch_norm(cfg.batch_norm, "batch"),
                     resolve_drop_rate(cfg.drop_rate, 0.0), mean, std)

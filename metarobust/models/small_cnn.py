@@ -98,8 +98,8 @@ def build_small_cnn(cfg: ModelConfig, in_channels: int, num_classes: int, image_
     """Registry builder (``model.name=small_cnn``); ``model.hidden`` scales the conv widths."""
     require_image_size("small_cnn", image_size, MIN_IMAGE_SIZE,
                        "four unpadded 3x3 convolutions and two 2x2 max-pools")
-    if cfg.norm not in ("auto", "none"):
-        raise ConfigError(f"model.norm={cfg.norm!r} is not supported by model 'small_cnn' (TRADES' "
+    if cfg.batch_norm not in ("auto", "none"):
+        raise ConfigError(f"model.batch_norm={cfg.batch_norm!r} is not supported by model 'small_cnn' (TRADES' "
                           f"small CNN has no BatchNorm); use auto or none")
     mean, std = input_stats(cfg.normalize, in_channels, dataset, default="none")
     widths = (scale_width(32, cfg.hidden), scale_width(64, cfg.hidden))

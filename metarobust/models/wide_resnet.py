@@ -36,8 +36,8 @@ from metarobust.models.layers import Normalize, norm2d
 from metarobust.models.options import (
     input_stats,
     require_image_size,
+    resolve_batch_norm,
     resolve_drop_rate,
-    resolve_norm,
     scale_width,
 )
 
@@ -54,11 +54,11 @@ class WideBasicBlock(nn.Module):
     """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0,
-                 norm: str = "running") -> None:
+                 batch_norm: str = "running") -> None:
         super().__init__()
-        self.bn1 = norm2d(norm, in_planes)
+        self.bn1 = norm2d(batch_norm, in_planes)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm2d(norm, out_planes)
+        self.bn2 = norm2d(batch_norm, out_planes)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.drop_rate = drop_rate
         self.equal_in_out = in_planes == out_planes
@@ -81,11 +81,11 @@ class NetworkBlock(nn.Module):
     """A group of ``num_layers`` blocks; the first one changes width and stride."""
 
     def __init__(self, num_layers: int, in_planes: int, out_planes: int, stride: int,
-                 drop_rate: float = 0.0, norm: str = "running") -> None:
+                 drop_rate: float = 0.0, batch_norm: str = "running") -> None:
         super().__init__()
         self.layer = nn.Sequential(*[
             WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1,
-                           drop_rate, norm)
+                           drop_rate, batch_norm)
             for i in range(num_layers)
         ])
 
@@ -101,7 +101,7 @@ class WideResNet(nn.Module):
         widen_factor: k (10 in the robustness papers).
         in_channels, num_classes: input channels and head outputs.
         drop_rate: dropout between the two convolutions of a block (0 in the robustness papers).
-        norm: ``running`` (standard BN), ``batch`` (per-batch statistics) or ``none``.
+        batch_norm: ``running`` (standard BN), ``batch`` (per-batch statistics) or ``none``.
         mean, std: input normalisation (CIFAR-10's by default).
         width_scale: every width times this (tests build tiny WRNs with it).
 
@@ -116,7 +116,7 @@ class WideResNet(nn.Module):
     feature_layers = ("conv1", "block1", "block2", "block3", "pool")
 
     def __init__(self, depth: int = 34, widen_factor: int = 10, in_channels: int = 3,
-                 num_classes: int = 10, drop_rate: float = 0.0, norm: str = "running",
+                 num_classes: int = 10, drop_rate: float = 0.0, batch_norm: str = "running",
                  mean: list[float] | None = None, std: list[float] | None = None,
                  width: int = 64) -> None:
         super().__init__()
@@ -128,10 +128,10 @@ class WideResNet(nn.Module):
         default_mean, default_std = input_stats("auto", in_channels)
         self.normalize = Normalize(mean or default_mean, std or default_std)
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False)
-        self.block1 = NetworkBlock(n, channels[0], channels[1], 1, drop_rate, norm)
-        self.block2 = NetworkBlock(n, channels[1], channels[2], 2, drop_rate, norm)
-        self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate, norm)
-        self.bn1 = norm2d(norm, channels[3])
+        self.block1 = NetworkBlock(n, channels[0], channels[1], 1, drop_rate, batch_norm)
+        self.block2 = NetworkBlock(n, channels[1], channels[2], 2, drop_rate, batch_norm)
+        self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate, batch_norm)
+        self.bn1 = norm2d(batch_norm, channels[3])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = channels[3]
         self.head = nn.Linear(channels[3], num_classes)
@@ -154,17 +154,17 @@ class WideResNet(nn.Module):
 
 
 def wrn34_10(in_channels: int = 3, num_classes: int = 10, width: int = 64, drop_rate: float = 0.0,
-             norm: str = "running", mean: list[float] | None = None,
+             batch_norm: str = "running", mean: list[float] | None = None,
              std: list[float] | None = None) -> WideResNet:
     """WRN-34-10 (46.16M parameters at ``width=64`` on CIFAR-10)."""
-    return WideResNet(34, 10, in_channels, num_classes, drop_rate, norm, mean, std, width)
+    return WideResNet(34, 10, in_channels, num_classes, drop_rate, batch_norm, mean, std, width)
 
 
 def wrn28_10(in_channels: int = 3, num_classes: int = 10, width: int = 64, drop_rate: float = 0.0,
-             norm: str = "running", mean: list[float] | None = None,
+             batch_norm: str = "running", mean: list[float] | None = None,
              std: list[float] | None = None) -> WideResNet:
     """WRN-28-10 (36.48M parameters at ``width=64`` on CIFAR-10)."""
-    return WideResNet(28, 10, in_channels, num_classes, drop_rate, norm, mean, std, width)
+    return WideResNet(28, 10, in_channels, num_classes, drop_rate, batch_norm, mean, std, width)
 
 
 def _builder(name: str, constructor):
@@ -173,7 +173,7 @@ def _builder(name: str, constructor):
         require_image_size(name, image_size, MIN_IMAGE_SIZE, "two stride-2 groups")
         mean, std = input_stats(cfg.normalize, in_channels, dataset)
         return constructor(in_channels, num_classes, cfg.hidden, resolve_drop_rate(cfg.drop_rate, 0.0),
-                           resolve_norm(cfg.norm, "running"), mean, std)
+                           resolve_batch_norm(cfg.batch_norm, "running"), mean, std)
 
     build.__doc__ = f"Registry builder (``model.name={name}``)."
     return build

@@ -101,8 +101,8 @@ class AdversarialFinetune(Recipe):
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
         if cfg.finetune.aux_bn and not has_batchnorm(cfg.model):
-            raise ConfigError(f"finetune.aux_bn=true but model.name={cfg.model.name!r} with model.norm="
-                              f"{cfg.model.norm!r} has no BatchNorm to double; set finetune.aux_bn=false")
+            raise ConfigError(f"finetune.aux_bn=true but model.name={cfg.model.name!r} with model.batch_norm="
+                              f"{cfg.model.batch_norm!r} has no BatchNorm to double; set finetune.aux_bn=false")
 
     def roles(self) -> list[Role]:
         return [Role("model", checkpoint=self.at.init, dual_bn=self.cfg.finetune.aux_bn),

@@ -27,9 +27,9 @@ class AdvPropConfig:
 
 
 def has_batchnorm(model: ModelConfig) -> bool:
-    """Whether ``model`` is built with BatchNorm layers to double (``model.norm`` none, and the
+    """Whether ``model`` is built with BatchNorm layers to double (``model.batch_norm`` none, and the
     BN-free small CNN under ``auto``, have none)."""
-    return not (model.norm == "none" or (model.norm == "auto" and model.name == "small_cnn"))
+    return not (model.batch_norm == "none" or (model.batch_norm == "auto" and model.name == "small_cnn"))
 
 
 def random_wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,8 +78,8 @@ class AdvProp(Recipe):
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
         if not has_batchnorm(cfg.model):
-            raise ConfigError(f"model.norm={cfg.model.norm!r} with model.name={cfg.model.name!r} has no "
-                              f"BatchNorm; advprop gives each BN an auxiliary twin: use model.norm=running "
+            raise ConfigError(f"model.batch_norm={cfg.model.batch_norm!r} with model.name={cfg.model.name!r} has no "
+                              f"BatchNorm; advprop gives each BN an auxiliary twin: use model.batch_norm=running "
                               f"(or a model with BN)")
 
     def roles(self) -> list[Role]:

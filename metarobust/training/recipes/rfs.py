@@ -18,7 +18,7 @@ Need?", ECCV 2020; META.md 5): the non-meta reference of the robust few-shot stu
 Left out (documented in ``docs/robust_meta_learning.md``): RFS's 5x augmented support copies,
 its data augmentation during pre-training on miniImageNet (``at.augment`` applies the
 engine's crop+flip to CIFAR-sized colour images only) and the self-distillation stage
-(RFS-distill). EpisodeBatch norm: ``model.norm=running`` (standard BN, eval mode at test) in the
+(RFS-distill). EpisodeBatch norm: ``model.batch_norm=running`` (standard BN, eval mode at test) in the
 shipped configs, as RFS's code; ``batch`` (the MAML convention) also runs.
 
 Example:

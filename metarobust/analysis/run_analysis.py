@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from metarobust.analysis.fewshot import fewshot_id_report
-from metarobust.analysis.plot import plot_id_per_layer
+from metarobust.analysis.id_plot import plot_id_per_layer
 from metarobust.analysis.report import IDReport, intrinsic_dimension_of_units
 from metarobust.analysis.units import classifier_feature_units
 from metarobust.config import ExperimentConfig
