@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from metarobust.errors import DataError
+from metarobust.precision import LOW_PRECISION
 
 # Bytes of scratch memory one chunk of distance rows may use.
 _CHUNK_BYTES = 1 << 27
@@ -42,7 +43,7 @@ def as_points(X, name: str = "X", device: torch.device | str | None = None) -> t
                         f"flatten features first (x.flatten(1))")
     if X.is_complex() or X.dtype == torch.bool:
         raise DataError(f"{name} must be real numbers, got dtype {X.dtype}")
-    if not X.is_floating_point() or X.dtype in (torch.float16, torch.bfloat16):
+    if not X.is_floating_point() or X.dtype in LOW_PRECISION:
         X = X.float()  # integer pixels; half precision features (AMP) are promoted
     if device is not None:
         X = X.to(device)

@@ -27,15 +27,10 @@ from metarobust.attacks import threat
 from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
+from metarobust.precision import full_precision
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _as_float32(logits: torch.Tensor) -> torch.Tensor:
-    """Losses are computed in float32 when the model runs in half precision (AMP)."""
-    return logits.float() if logits.dtype in _LOW_PRECISION else logits
 
 
 def inside_func_transform() -> bool:
@@ -240,7 +235,7 @@ class PGD:
                 targeted_fn = TARGETED_LOSSES[self.loss]
                 if labels is None and self.loss == "dlr":
                     with torch.no_grad():
-                        labels = _as_float32(forward(x)).argmax(dim=-1).detach()
+                        labels = full_precision(forward(x)).argmax(dim=-1).detach()
                 true = y if labels is None else labels
 
                 def per_sample_loss(logits):
@@ -273,7 +268,7 @@ class PGD:
             delta = torch.zeros_like(x)
 
         def objective(d: torch.Tensor):
-            logits = _as_float32(forward(x + d))
+            logits = full_precision(forward(x + d))
             return batch_loss(logits), logits.detach()
 
         gradient = input_gradient(objective)
@@ -292,7 +287,7 @@ class PGD:
         if not score:
             return delta, None, None
         with torch.no_grad():
-            logits = _as_float32(forward(x + delta)).detach()
+            logits = full_precision(forward(x + delta)).detach()
             value = per_sample_loss(logits).detach()
             won = success(logits) if success is not None else torch.zeros_like(value, dtype=torch.bool)
         return delta, value, won

@@ -29,6 +29,7 @@ from torch.func import vmap
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.meta.functional import Params
+from metarobust.precision import full_precision
 
 Stats = dict[str, torch.Tensor]
 TaskFn = Callable[..., tuple[torch.Tensor, Stats]]
@@ -87,23 +88,18 @@ def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, noise: N
     if execution == "vmap":
         with autocast():
             losses, stats = run_tasks(task_fn, params, batch, noise, "vmap")
-        _full(losses).mean().backward()
+        full_precision(losses).mean().backward()
         return losses.detach().mean(), {k: v.detach().mean() for k, v in stats.items()}
     inputs = _task_inputs(batch, noise)
     total, sums = None, {}
     for t in range(tasks):
         with autocast():
             loss, stats = task_fn(params, *_task(inputs, t))
-        (_full(loss) / tasks).backward()  # frees this task's graph before the next is built
+        (full_precision(loss) / tasks).backward()  # frees this task's graph before the next is built
         total = loss.detach() if total is None else total + loss.detach()
         for k, v in stats.items():
             sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
-    return _full(total) / tasks, {k: v / tasks for k, v in sums.items()}
-
-
-def _full(value: torch.Tensor) -> torch.Tensor:
-    """A half-precision (autocast) loss in float32 before backward; float32/float64 unchanged."""
-    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    return full_precision(total) / tasks, {k: v / tasks for k, v in sums.items()}
 
 
 def _stack(values: list) -> object:

@@ -24,17 +24,13 @@ from metarobust.attacks import cross_entropy_sum, kl_from_clean, threat
 from metarobust.attacks.losses import kl_divergence
 from metarobust.meta.functional import FunctionalForward, Params, bind, detached
 from metarobust.meta.maml import InnerLoss, StepLoss
+from metarobust.precision import full_precision
 
 Stats = dict[str, torch.Tensor]
 ROBUST_FORMS = ("trades", "ce")
 TRADES_START_SIGMA = 0.001
 """TRADES' attack starts at ``x + 0.001 N(0, I)`` (its code), not at a uniform point of the ball;
 MART, FRL, BAT and LTD start there too."""
-
-
-def full_precision(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision (autocast) logits as float32 for losses; float32/float64 unchanged."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
