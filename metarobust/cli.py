@@ -23,66 +23,38 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from metarobust.evaluation import console_table, headline
     from metarobust.experiment import load_config, train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
     summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
     if summary is None:  # a non-zero torchrun rank: rank 0 reports
         return
-    from metarobust.training.recipes import RECIPES
-
-    if RECIPES.get(cfg.recipe).evaluation == "classifier":  # a plain classifier: the harness's summary
-        from metarobust.training.standard.evaluate import format_summary, headline
-
-        print(format_summary(summary))
-        print(json.dumps(headline(summary)))
-        return
-    print(_table({cfg.recipe: summary}))
-    print(json.dumps(summary))
+    print(console_table({cfg.recipe: summary}))
+    print(json.dumps(headline(summary)))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-    from tqdm.auto import tqdm
-
-    from metarobust.attacks.harness import evaluate_units
-    from metarobust.experiment import model_from_checkpoint, resolve_manifest
-    from metarobust.meta.evaluate import fewshot_units
-    from metarobust.plots import plot_robustness_curve
+    """``metarobust eval``: the evaluation the end of training runs, on a run or checkpoint."""
+    from metarobust.evaluation import console_table, headline
+    from metarobust.experiment import evaluate, model_from_checkpoint
     from metarobust.runs import RunDir
     from metarobust.training.data import load_training_data, resolve_device
     from metarobust.training.recipes import build_recipe
 
     cfg, model, state = model_from_checkpoint(args.run, args.overrides)
     recipe = build_recipe(cfg)
-    if recipe.evaluation == "classifier":
-        return _eval_standard(args, cfg, model, state)
-    stores = load_training_data(cfg, recipe, resolve_device(cfg.device))
+    data = load_training_data(cfg, recipe, resolve_device(cfg.device))
     run_path = Path(args.run)
     run = None
     if run_path.is_dir():
         cfg.out_dir, cfg.name = str(run_path.parent), run_path.name
         run = RunDir(cfg, resume=True, tensorboard=False)
-    manifest = resolve_manifest(cfg, stores.test, run)
-    units = fewshot_units(model, stores.test, manifest, cfg)
-    bar = (lambda it: tqdm(it, total=len(manifest), desc="eval", dynamic_ncols=True)) if not args.quiet else None
-    with torch.no_grad():  # torch.func.grad still differentiates inside the attacks
-        report = evaluate_units(units, cfg, cfg.meta.ways, stores.test.class_names, bar)
-    summary = {"run": str(run_path), "recipe": cfg.recipe, "step": int(state["step"]),
-               "episodes": len(manifest), "suite": cfg.eval.suite, "norm": cfg.attack.norm,
-               "eps": cfg.attack.eps, **report.as_dict()}
-    out_dir = run.path if run is not None else run_path.parent
-    if run is not None:
-        run.write_json("eval.json", summary)
-    if report.eps_sweep:
-        title = f"{cfg.recipe} on {cfg.data.dataset}: robust accuracy vs eps ({cfg.attack.norm})"
-        summary["plot"] = str(plot_robustness_curve(report.eps_sweep, out_dir / "robustness_vs_eps.png", title))
-    print(_report_table(report))
-    headline = {k: summary[k] for k in ("run", "recipe", "suite", "norm", "eps", "points", "clean_acc",
-                                        "robust_acc")}
-    headline["after"] = report.after
-    headline["checks_failed"] = [c.name for c in report.checks if not c.passed]
-    print(json.dumps(headline))
+    result = evaluate(cfg, model, recipe, data.test, run, progress=not args.quiet, step=int(state["step"]))
+    result.run = str(run_path)
+    summary = result.as_dict()
+    print(console_table({cfg.recipe: summary}))
+    print(json.dumps(headline(summary)))
 
 
 def _cmd_id(args: argparse.Namespace) -> None:
@@ -97,43 +69,8 @@ def _cmd_id(args: argparse.Namespace) -> None:
     print(json.dumps(id_headline(report)))
 
 
-def _eval_standard(args: argparse.Namespace, cfg, model, state: dict) -> None:
-    """``metarobust eval`` of a plain classifier: the harness on the test split (``eval.points``)."""
-    from tqdm.auto import tqdm
-
-    from metarobust.data.datasets import load_split
-    from metarobust.runs import RunDir
-    from metarobust.training.data import resolve_device
-    from metarobust.training.standard.evaluate import evaluate_standard, format_summary, headline
-
-    test = load_split(cfg.data, "test").to(resolve_device(cfg.device))
-    run_path = Path(args.run)
-    run = None
-    if run_path.is_dir():
-        cfg.out_dir, cfg.name = str(run_path.parent), run_path.name
-        run = RunDir(cfg, resume=True, tensorboard=False)
-    bar = (lambda it: tqdm(it, desc="eval", dynamic_ncols=True)) if not args.quiet else None
-    summary, _ = evaluate_standard(cfg, model, test, run, bar, extra={"run": str(run_path), "step": int(state["step"])})
-    print(format_summary(summary))
-    print(json.dumps(headline(summary)))
-
-
-def _report_table(report) -> str:
-    lines = [f"{'':<28} {'accuracy (%)':>12}", f"{'clean':<28} {100 * report.clean_acc:>12.2f}"]
-    for name, acc in report.after.items():
-        lines.append(f"{'after ' + name:<28} {100 * acc:>12.2f}")
-    lines.append(f"{'robust (worst case)':<28} {100 * report.robust_acc:>12.2f}   over {report.points} points")
-    classes = sorted(report.per_class.items(), key=lambda kv: kv[1]["robust_acc"])
-    if classes:
-        worst, best = classes[0], classes[-1]
-        lines.append(f"per class robust: worst {worst[0]} {100 * worst[1]['robust_acc']:.1f}%, "
-                     f"best {best[0]} {100 * best[1]['robust_acc']:.1f}% ({len(classes)} classes)")
-    for c in report.checks:
-        lines.append(f"[{'ok' if c.passed else 'WARNING'}] {c.name}: {c.detail}")
-    return "\n".join(lines)
-
-
 def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from metarobust.evaluation import console_table
     from metarobust.experiment import load_config, train_and_evaluate
     from metarobust.plots import plot_clean_vs_robust
     from metarobust.training.data import load_training_data, resolve_device
@@ -160,7 +97,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     title = (f"{cfg.data.dataset}: {cfg.meta.ways}-way {cfg.meta.test_shots}-shot, held-out classes\n"
              f"robust = PGD-{cfg.attack.steps}, eps {cfg.attack.eps:.3g}")
     plot = plot_clean_vs_robust(results, out / "quickstart.png", title, chance)
-    print(_table(results))
+    print(console_table(results))
     print(f"plot: {plot}\nruns: {out}")
     headline = {"dataset": cfg.data.dataset, "ways": cfg.meta.ways, "test_shots": cfg.meta.test_shots,
                 "train_shots": cfg.meta.train_shots, "eps": round(cfg.attack.eps, 5), "chance": chance}
@@ -205,14 +142,6 @@ def _cmd_list(args: argparse.Namespace) -> None:
     width = max(len(n) for n in registry.names())
     for name, description in registry.describe():
         print(f"{name:<{width}}  {description}")
-
-
-def _table(results: dict[str, dict]) -> str:
-    lines = [f"{'method':<22} {'clean acc (%)':>16} {'robust acc (%)':>16} {'episodes':>9}"]
-    for name, r in results.items():
-        lines.append(f"{name:<22} {100 * r['clean_acc']:>9.2f} ± {100 * r['clean_ci95']:<4.2f} "
-                     f"{100 * r['robust_acc']:>9.2f} ± {100 * r['robust_ci95']:<4.2f} {r['episodes']:>9}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from metarobust import distributed
 from metarobust.analysis.estimators import ESTIMATORS
@@ -25,7 +24,8 @@ from metarobust.data.manifest import (
     save_manifest,
 )
 from metarobust.data.store import ImageStore
-from metarobust.meta.evaluate import FewShotResult, evaluate_fewshot
+from metarobust.evaluation import EvalResult, evaluate_run
+from metarobust.evaluation import render_report as render_evaluation
 from metarobust.models import MIN_IMAGE_SIZES, MODELS, build_model
 from metarobust.models.options import NORMALIZE_CHOICES
 from metarobust.runs import RunDir, load_checkpoint
@@ -33,8 +33,7 @@ from metarobust.training.data import TrainingData, load_training_data, resolve_d
 from metarobust.training.engine import Trainer
 from metarobust.training.optim import describe as describe_optim
 from metarobust.training.optim import resolve_optim
-from metarobust.training.recipes import RECIPES, build_recipe
-from metarobust.training.standard.evaluate import evaluate_standard, render_standard_report
+from metarobust.training.recipes import RECIPES, Recipe, build_recipe
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -106,13 +105,19 @@ def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | Non
     return manifest
 
 
-def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore, run: RunDir | None = None,
-             progress: bool = True) -> FewShotResult:
+def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, recipe: Recipe, test: ImageStore,
+             run: RunDir | None = None, progress: bool = True, step: int | None = None,
+             extra: dict[str, Any] | None = None) -> EvalResult:
+    """Score ``model`` with :func:`~metarobust.evaluation.evaluate_run`, the one evaluation that
+    the end of training and ``metarobust eval`` share: on the frozen test episodes
+    (:func:`resolve_manifest`) adapted by the recipe's evaluation learner for a few-shot recipe, on
+    the test images for a plain classifier. Writes ``eval.json`` into ``run``."""
+    if recipe.evaluation == "classifier":
+        return evaluate_run(cfg, model, test, run=run, step=step, progress=progress, extra=extra)
     manifest = resolve_manifest(cfg, test, run)
-    result, _ = evaluate_fewshot(model, test, manifest, cfg, progress=progress)
-    if run is not None:
-        run.write_json("eval.json", {"config_name": cfg.name, "recipe": cfg.recipe, **result.as_dict()})
-    return result
+    learner = recipe.evaluation_learner(model, manifest.ways)
+    return evaluate_run(cfg, model, test, manifest=manifest, learner=learner, run=run, step=step, progress=progress,
+                        extra=extra)
 
 
 def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
@@ -141,23 +146,16 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
         model = trainer.fit().eval()
         if not info.is_main:
             return None
-        train_seconds = round(time.perf_counter() - start, 1)
         last = run.metrics()[-1] if run.metrics() else {}
-        optimizer = describe_optim(trainer.optim)
-        if recipe.evaluation == "classifier":
-            extra = {"run": str(run.path), "train_seconds": train_seconds, "steps": trainer.step_count,
-                     "stopped": trainer.stopped, "optimizer": optimizer}
-            bar = (lambda it: tqdm(it, desc="eval", dynamic_ncols=True)) if progress else None
-            summary, _ = evaluate_standard(cfg, model, data.test, run, bar, extra=extra)
-            run.write_report(render_standard_report(cfg, summary, last))
-            return summary
-        result = evaluate(cfg, model, data.test, run, progress=progress)
-        summary = {"run": str(run.path), "recipe": cfg.recipe, "train_seconds": train_seconds,
-                   "optimizer": optimizer, **result.as_dict()}
-        if not recipe.episodic:
-            summary["pretrain_classes"] = data.train.num_classes
-        report = render_rfs_report(cfg, summary) if not recipe.episodic else render_report(cfg, summary, [last])
-        run.write_report(report)
+        extra = {"train_seconds": round(time.perf_counter() - start, 1), "optimizer": describe_optim(trainer.optim),
+                 "stopped": trainer.stopped}
+        if recipe.evaluation == "fewshot" and not recipe.episodic:
+            extra["pretrain_classes"] = data.train.num_classes
+        result = evaluate(cfg, model, recipe, data.test, run, progress=progress, step=trainer.step_count,
+                          extra=extra)
+        result.run = str(run.path)
+        summary = result.as_dict()
+        run.write_report(render_evaluation(cfg, summary, training_lines(cfg, recipe, summary), last))
         return summary
     finally:
         if run is not None:
@@ -196,51 +194,20 @@ def _shape_from_weights(cfg: ExperimentConfig, weights: dict[str, torch.Tensor])
             "image_size": image_size_of(cfg.data)}
 
 
-def render_rfs_report(cfg: ExperimentConfig, summary: dict[str, Any]) -> str:
-    at, m, a = cfg.at, cfg.meta, cfg.attack
-    pretrain = "clean images" if cfg.recipe == "rfs" else (
-        f"PGD-AT ({cfg.train_attack.name}-{cfg.train_attack.steps}, eps {cfg.train_attack.eps:.4f})")
-    return "\n".join([
-        f"# {cfg.name}: {cfg.recipe} on {cfg.data.dataset}",
-        "",
-        f"- pre-training: {summary['pretrain_classes']}-way classifier on {pretrain}; {summary['optimizer']}, "
-        f"batch {at.batch_size}, {at.epochs} epochs",
-        f"- evaluation: {m.ways}-way {m.test_shots}-shot, {m.queries} queries; logistic regression (C = 1) on "
-        f"L2-normalised {cfg.model.name} features per episode",
-        f"- evaluation attack: {a.name}-{a.steps} eps {a.eps:.4f} step {a.step_size:.4f}, through features "
-        f"and the fitted head",
-        "",
-        *fewshot_metric_rows(summary),
-        "",
-    ])
-
-
-def render_report(cfg: ExperimentConfig, summary: dict[str, Any], last_metrics: list[dict]) -> str:
-    m, a = cfg.meta, cfg.attack
-    return "\n".join([
-        f"# {cfg.name}: {cfg.recipe} on {cfg.data.dataset}",
-        "",
-        f"- episodes: {m.ways}-way, {m.train_shots} shots at training, {m.test_shots} at test, "
-        f"{m.queries} queries per class",
-        f"- MAML: inner lr {m.inner_lr}, {m.inner_steps} inner steps (test {m.test_inner_steps}), "
-        f"{'first' if m.first_order else 'second'} order, meta-batch {m.meta_batch_size}, "
-        f"{summary['optimizer']}, {cfg.train.iterations} iterations",
-        f"- training attack: {cfg.train_attack.name}-{cfg.train_attack.steps} eps {cfg.train_attack.eps:.4f}",
-        f"- evaluation attack: {a.name}-{a.steps} eps {a.eps:.4f} step {a.step_size:.4f}",
-        "",
-        *fewshot_metric_rows(summary),
-        f"| last training metrics | {last_metrics[0]} |",
-        "",
-    ])
-
-
-def fewshot_metric_rows(summary: dict[str, Any]) -> list[str]:
-    """The report's Markdown table of few-shot accuracies (all but its last rows)."""
-    return [
-        "| metric | value |",
-        "|---|---|",
-        f"| clean accuracy | {100 * summary['clean_acc']:.2f} ± {100 * summary['clean_ci95']:.2f} % |",
-        f"| robust accuracy | {100 * summary['robust_acc']:.2f} ± {100 * summary['robust_ci95']:.2f} % |",
-        f"| test episodes | {summary['episodes']} |",
-        f"| training time | {summary['train_seconds']} s |",
-    ]
+def training_lines(cfg: ExperimentConfig, recipe: Recipe, summary: dict[str, Any]) -> list[str]:
+    """How the run was trained, as the Markdown list items that head its ``report.md``."""
+    m, ta, at = cfg.meta, cfg.train_attack, cfg.at
+    attack = f"- training attack: {ta.name}-{ta.steps} {ta.norm} eps {ta.eps:.4f} step {ta.step_size:.4f}"
+    if recipe.episodic:
+        return [f"- episodes: {m.ways}-way, {m.train_shots} shots at training, {m.test_shots} at test, "
+                f"{m.queries} queries per class",
+                f"- MAML: inner lr {m.inner_lr}, {m.inner_steps} inner steps (test {m.test_inner_steps}), "
+                f"{'first' if m.first_order else 'second'} order, meta-batch {m.meta_batch_size}, "
+                f"{summary['optimizer']}, {cfg.train.iterations} iterations", attack]
+    lines = [f"- model: {cfg.model.name}; {at.epochs} epochs, batch {at.batch_size}, {summary['optimizer']}, "
+             f"amp {at.amp}", attack]
+    if recipe.evaluation == "fewshot":  # RFS: plain pre-training, then the probe per episode
+        lines.append(f"- few-shot evaluation: {summary.get('pretrain_classes')}-way pre-training, then "
+                     f"{m.ways}-way {m.test_shots}-shot episodes, logistic regression (C = 1) on L2-normalised "
+                     f"features, attacked through features and head")
+    return lines

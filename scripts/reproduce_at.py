@@ -46,13 +46,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from metarobust.config import load_config  # noqa: E402
 from metarobust.data.datasets import load_split  # noqa: E402
+from metarobust.evaluation import evaluate_run  # noqa: E402
 from metarobust.experiment import (  # noqa: E402
     model_from_state,
     train_and_evaluate,
 )
 from metarobust.plots import plot_clean_vs_robust  # noqa: E402
 from metarobust.runs import load_checkpoint  # noqa: E402
-from metarobust.training.standard.evaluate import evaluate_standard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGED = ROOT.parent / "shared" / "data" / "cifar10-jpg" / "cifar10_jpg.tar.gz"
@@ -129,7 +129,7 @@ def main() -> None:
         state = load_checkpoint(Path(summary["run"]) / "checkpoints" / "last.pt")
         model = model_from_state(aa_cfg, state)
         test = load_split(aa_cfg.data, "test").to(next(model.parameters()).device)
-        aa, _ = evaluate_standard(aa_cfg, model, test)
+        aa = evaluate_run(aa_cfg, model, test).as_dict()
         failed = [c["name"] for c in summary.get("checks", []) if not c["passed"]]
         results[method] = {
             "clean_acc": summary["clean_acc"], "pgd20_acc": summary["robust_acc"],

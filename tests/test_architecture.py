@@ -17,7 +17,7 @@ LAYERS = [
     ("training.objectives", "training.optim"),
     ("training.recipes",),
     ("training.data", "training.engine"),
-    ("evaluation", "analysis", "meta.evaluate", "training.standard"),
+    ("evaluation", "analysis"),
     ("experiment", "analysis.run_analysis"),
     ("cli", "__main__"),
 ]

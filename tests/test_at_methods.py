@@ -20,6 +20,7 @@ from metarobust.attacks.pgd import PGD
 from metarobust.config import to_dict
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
+from metarobust.evaluation import evaluate_run
 from metarobust.experiment import load_config, model_from_state
 from metarobust.models import build_model
 from metarobust.models.dual_bn import DualBatchNorm, bn_route, dual_bn_layers
@@ -30,7 +31,6 @@ from metarobust.training.recipes import StepContext, bn_mode, build_recipe
 from metarobust.training.recipes.adversarial_finetune import ramped_eps
 from metarobust.training.recipes.bat import boundary_points
 from metarobust.training.recipes.frl import class_weights, normalize_multipliers
-from metarobust.training.standard.evaluate import evaluate_standard
 
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=16",
         "model.drop_rate=0", "at.batch_size=32", "optim.schedule=constant", "optim.lr=0.05", "device=cpu",
@@ -150,7 +150,7 @@ def test_multi_perturbation_mat_has_specialists_a_generalist_and_a_union_score(m
     assert float(linf.max()) <= 0.1 + 1e-6 and float(l2.max()) <= 1.0 + 1e-5
     assert float(threat.lp_norm(by_role["specialist_l2"][0], "linf").max()) > 0.1  # a real L2 example
     test = take(mnist[1], torch.arange(48), "mnist/test")
-    summary, _ = evaluate_standard(cfg, trainer.model.eval(), test)
+    summary = evaluate_run(cfg, trainer.model.eval(), test).as_dict()
     assert {k.split("/")[0] for k in summary["after"]} == {"linf", "l2"}
     assert summary["robust_acc"] <= min(summary["after"].values()) + 1e-9
 

@@ -10,8 +10,9 @@ from numerics import float64_copy
 from torch import nn
 
 from metarobust.attacks import build_attack
-from metarobust.attacks.harness import Unit, cascade, evaluate_units, robust_accuracy
 from metarobust.config import AttackConfig, ExperimentConfig
+from metarobust.evaluation import classifier_unit, classifier_units, evaluate_units
+from metarobust.evaluation.harness import Unit, cascade, robust_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def config(**eval_fields) -> ExperimentConfig:
 
 
 def units(model, x, y, batch=100):
-    return [Unit(model, x[i : i + batch], y[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
+    return list(classifier_units(model, x, y, batch))
 
 
 def test_report_on_an_honest_model_passes_every_check(data):
@@ -58,6 +59,10 @@ def test_report_on_an_honest_model_passes_every_check(data):
     assert total == 200 and robust / total == pytest.approx(report.robust_acc)
     sweep = [s["robust_acc"] for s in report.eps_sweep]
     assert sweep[0] == pytest.approx(report.clean_acc) and sweep[-1] < sweep[0]
+    # a plain classifier's intervals are binomial over its test points
+    p = report.robust_acc
+    assert report.interval == "points" and report.episodes is None and report.check_points == 200
+    assert report.robust_ci95 == pytest.approx(1.959964 * (p * (1 - p) / 200) ** 0.5)
 
 
 def test_checks_flag_a_gradient_masking_model(data):
@@ -77,7 +82,7 @@ def test_cascade_is_the_pointwise_worst_case_of_its_attacks(data):
     model, x = float64_copy(model), x.double()
     fgsm = AttackConfig(name="fgsm", eps=0.1)
     pgd = AttackConfig(eps=0.1, steps=5, step_size=0.03, random_start=False)
-    unit = Unit(model, x, y, y)
+    unit = classifier_unit(model, x, y)
     g = torch.Generator().manual_seed(0)
     clean, robust, after = cascade(unit, [("fgsm", build_attack(fgsm)), ("pgd", build_attack(pgd))], g)
     alone = [robust_accuracy(unit, c, g)[0] for c in (fgsm, pgd)]
@@ -105,3 +110,19 @@ def test_union_of_threat_models_is_no_more_robust_than_any_one(data):
     assert list(union.after) == ["linf/pgd-10", "l2/pgd-10"]
     assert union.after["linf/pgd-10"] == single.robust_acc
     assert union.robust_acc < single.robust_acc  # L2 at 2.0 breaks points L-inf at 0.2 did not
+
+
+def test_a_unit_of_several_groups_gives_each_group_its_own_verdicts(data):
+    """Groups stacked in one unit (few-shot: episodes, in a loop or under vmap) are attacked
+    whole; for a model that treats points independently that changes no point's verdict."""
+    model, x, y = data
+    pgd = [("pgd", build_attack(AttackConfig(eps=0.2, steps=10, step_size=0.05, random_start=False)))]
+    g = torch.Generator().manual_seed(0)
+    alone = torch.cat([cascade(classifier_unit(model, x[i : i + 50], y[i : i + 50]), pgd, g)[1]
+                       for i in range(0, 200, 50)])
+    assert 0 < int(alone.sum()) < 200
+    for execution in ("loop", "vmap"):
+        unit = Unit(lambda _, inputs: model(inputs), x.view(4, 50, 1, 8, 8), y.view(4, 50), y.view(4, 50),
+                    execution=execution)
+        _, robust, _ = cascade(unit, pgd, g)
+        assert robust.shape == alone.shape == (4, 50) and torch.equal(robust, alone), execution

@@ -151,9 +151,9 @@ def test_anil_adapts_only_the_head_in_training_and_at_test(stores):
                 assert value is params[name], name  # the body's fast weights are the initial tensors
     full = build_recipe(tiny_cfg("recipe=maml")).learner(model).adapt(params, batch.support_x[0], batch.support_y[0])
     assert not torch.equal(full["encoder.0.0.weight"], params["encoder.0.0.weight"])
-    from metarobust.meta.evaluate import evaluation_learner
-
-    assert evaluation_learner(tiny_cfg("recipe=anil"), model).adapted == frozenset({"head.weight", "head.bias"})
+    assert build_recipe(tiny_cfg("recipe=anil")).evaluation_learner(model, 5).adapted == frozenset(
+        {"head.weight", "head.bias"})
+    assert build_recipe(tiny_cfg("recipe=maml")).evaluation_learner(model, 5).adapted is None  # all of them
 
 
 def test_its_maml_trains_with_more_shots_than_it_tests(stores):

@@ -1,7 +1,7 @@
 """What the intrinsic-dimension analysis feeds forward: *feature units*.
 
 A unit is a forward function plus the points it sees, as in the robust-evaluation harness
-(:mod:`metarobust.attacks.harness`): for a few-shot learner one frozen test episode, with
+(:mod:`metarobust.evaluation.harness`): for a few-shot learner one frozen test episode, with
 ``forward`` at the weights fine-tuned on its support set and the query set as the points; for a
 plain classifier a batch of test images with the model itself. Each unit also carries the
 points' image ids (store indices), so an image that appears in several episodes is pooled once:
@@ -21,6 +21,8 @@ from torch import nn
 from metarobust.config import ExperimentConfig
 from metarobust.data.manifest import Manifest
 from metarobust.data.store import ImageStore
+from metarobust.evaluation import adapted_episodes
+from metarobust.training.recipes import build_recipe
 
 
 @dataclass
@@ -37,13 +39,13 @@ class FeatureUnit:
 def fewshot_feature_units(model: nn.Module, store: ImageStore, manifest: Manifest,
                           cfg: ExperimentConfig) -> Iterator[FeatureUnit]:
     """One unit per frozen episode, in manifest order, as few-shot evaluation scores it
-    (:func:`metarobust.meta.evaluate.fewshot_units`): the recipe's evaluation learner on the
+    (:func:`metarobust.evaluation.fewshot_units`): the recipe's evaluation learner on the
     support set (``meta.test_inner_steps`` clean SGD steps of MAML/ANIL, or RFS's logistic
     regression), model in eval mode; points = the query set.
     Adaptation runs lazily, so stopping early costs nothing for the remaining episodes."""
-    from metarobust.meta.evaluate import adapted_episodes
 
-    for forward, episode, query_index in adapted_episodes(model, store, manifest, cfg):
+    learner = build_recipe(cfg).evaluation_learner(model, manifest.ways)
+    for forward, episode, query_index in adapted_episodes(model, store, manifest, cfg, learner):
         yield FeatureUnit(forward, episode.query_x, episode.query_y, query_index)
 
 

@@ -1,0 +1,24 @@
+"""One evaluation for few-shot learners and plain classifiers.
+
+- :func:`evaluate_run` (``run.py``): what ``metarobust train`` ends with and ``metarobust eval``
+  re-runs; writes ``eval.json`` (:class:`EvalResult`, ``result.py``, whose docstring is the schema).
+- The harness (``harness.py``): :class:`Unit` s, the survivor cascade, the gradient-masking
+  checks and the eps sweep.
+- Units: few-shot (``fewshot.py``: frozen episodes fitted by :func:`evaluation_learner`) and
+  plain classifiers (``classifier.py``).
+- One rendering (``report.py``): ``report.md``, the console table and the JSON headline.
+
+Layering: this package imports data, models, attacks, meta, config, runs and plots; never
+``metarobust.training`` or the command line.
+"""
+
+from metarobust.evaluation.classifier import classifier_unit, classifier_units
+from metarobust.evaluation.fewshot import Learner, adapted_episodes, evaluation_learner, fewshot_units
+from metarobust.evaluation.harness import Unit, evaluate_units
+from metarobust.evaluation.report import console_table, headline, render_report, robust_name
+from metarobust.evaluation.result import CheckResult, EvalResult
+from metarobust.evaluation.run import evaluate_run
+
+__all__ = ["CheckResult", "EvalResult", "Learner", "Unit", "adapted_episodes", "classifier_unit", "classifier_units",
+           "console_table", "evaluate_run", "evaluate_units", "evaluation_learner", "fewshot_units", "headline",
+           "render_report", "robust_name"]

@@ -1,0 +1,81 @@
+"""One evaluation for every run: ``metarobust train`` ends with it, ``metarobust eval`` re-runs it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metarobust.config import ExperimentConfig
+from metarobust.data.manifest import Manifest
+from metarobust.data.store import ImageStore
+from metarobust.evaluation.classifier import EVAL_BATCH, classifier_units, evaluation_points
+from metarobust.evaluation.fewshot import Learner, fewshot_units
+from metarobust.evaluation.harness import evaluate_units
+from metarobust.evaluation.result import EvalResult
+from metarobust.plots import plot_robustness_curve
+from metarobust.runs import RunDir
+
+
+def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore, *,
+                 manifest: Manifest | None = None, learner: Learner | None = None, run: RunDir | None = None,
+                 step: int | None = None, progress: bool = False, extra: dict[str, Any] | None = None
+                 ) -> EvalResult:
+    """Clean and robust accuracy of ``model`` on the test split, through the harness.
+
+    Few-shot when ``manifest`` is given: each frozen episode is fitted on its support set by
+    ``learner`` (default :func:`~metarobust.evaluation.fewshot.evaluation_learner`: MAML with
+    ``meta.test_inner_steps`` steps; pass the RFS probe or ANIL's head-only learner for those
+    recipes) and its query set is scored; ``eval.batch_size`` episodes per harness unit;
+    intervals over episodes. Plain classifier otherwise: ``eval.points`` test images (a fixed
+    seeded subset; 0: all), the model in eval mode, binomial intervals over the images. Both go
+    through the same cascade (``eval.suite``, ``eval.union``), checks and eps sweep
+    (``eval.checks``, ``eval.check_points``, ``eval.eps_sweep``), with attack noise from
+    ``cfg.seed``: the same model, config and episodes give the same numbers every time.
+
+    Args:
+        cfg: the run's config (``attack``, ``eval``, ``meta``, ``seed``...).
+        model: the trained model, on ``test``'s device; left in the mode it came in.
+        test: the test split.
+        manifest: the frozen test episodes (few-shot); ``None``: plain classifier.
+        learner: few-shot only: what fits each support set.
+        run: when given, ``eval.json`` (:meth:`EvalResult.as_dict`) and, with a sweep,
+            ``robustness_vs_eps.png`` are written into its folder.
+        step: the checkpoint's training step, recorded in the result.
+        progress: a progress bar over the harness's units.
+        extra: keys added to ``eval.json`` (e.g. ``train_seconds``); they never replace a
+            key of the schema.
+
+    Returns: the :class:`~metarobust.evaluation.result.EvalResult`.
+
+    Example:
+        >>> result = evaluate_run(cfg, model, stores.test, manifest=resolve_manifest(cfg, stores.test))
+        >>> result.clean_acc, result.robust_acc, result.robust_ci95
+    """
+    was_training = model.training
+    model.eval()
+    if manifest is not None:
+        units = fewshot_units(model, test, manifest, cfg, learner)
+        count, num_classes, interval = math.ceil(len(manifest) / cfg.eval.batch_size), manifest.ways, "episodes"
+    else:
+        index = evaluation_points(test, cfg.eval.points)
+        units = classifier_units(model, test.images[index], test.labels[index], EVAL_BATCH)
+        count, num_classes, interval = math.ceil(len(index) / EVAL_BATCH), test.num_classes, "points"
+    bar: Callable[[Iterable], Iterable] | None = None
+    if progress:
+        bar = lambda it: tqdm(it, total=count, desc="eval", dynamic_ncols=True)
+    try:
+        result = evaluate_units(units, cfg, num_classes, test.class_names, bar, interval)
+    finally:
+        model.train(was_training)
+    result.step, result.extra = step, dict(extra or {})
+    if run is not None:
+        result.run = str(run.path)
+        if result.eps_sweep:
+            title = f"{cfg.recipe} on {cfg.data.dataset}: robust accuracy vs eps ({cfg.attack.norm})"
+            result.plot = str(plot_robustness_curve(result.eps_sweep, run.path / "robustness_vs_eps.png", title))
+        run.write_json("eval.json", result.as_dict())
+    return result

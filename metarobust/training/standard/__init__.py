@@ -1,1 +1,0 @@
-"""The robust evaluation of plain classifiers (moving to the evaluation package)."""
