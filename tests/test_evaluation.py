@@ -45,6 +45,10 @@ def stores():
     return load_training_data(cfg, build_recipe(cfg), torch.device("cpu"))
 
 
+def learner_of(cfg, model, manifest):
+    return build_recipe(cfg).evaluation_learner(model, manifest.ways)
+
+
 def small_cfg(tmp_path, *extra):
     return load_config(CONFIGS / "quickstart.yaml", [*SMALL, f"out_dir={tmp_path}", *extra])
 
@@ -84,13 +88,13 @@ def test_a_coupled_episode_is_scored_as_the_attacked_query_set(learner, stores):
     the harness attacks the whole set and scores it as the attack left it (no per-point
     mixture of clean and adversarial inputs, which no attack optimised)."""
     cfg, model, manifest = learner
-    unit = next(fewshot_units(model, stores.test, manifest, cfg))
+    unit = next(fewshot_units(model, stores.test, manifest, cfg, learner_of(cfg, model, manifest)))
     assert unit.coupled and unit.groups == cfg.eval.batch_size
     attack = build_attack(cfg.attack)
     clean, robust, after = cascade(unit, [("pgd", attack)], torch.Generator().manual_seed(5))
     noise = attack.init_noise(unit.x, torch.Generator().manual_seed(5))
     expected = torch.zeros_like(robust)
-    for t, (forward, episode, _) in zip(range(unit.groups), adapted_episodes(model, stores.test, manifest, cfg)):
+    for t, (forward, episode, _) in zip(range(unit.groups), adapted_episodes(model, stores.test, manifest, cfg, learner_of(cfg, model, manifest))):
         x_adv = attack(forward, episode.query_x, episode.query_y, noise=noise[t])
         with torch.no_grad():
             expected[t] = (forward(x_adv).argmax(-1) == episode.query_y) & (
@@ -103,10 +107,10 @@ def test_fewshot_intervals_are_over_episodes(learner, stores):
     cfg, model, manifest = learner
     cfg = copy.deepcopy(cfg)
     cfg.eval.checks = False
-    result = evaluate_units(fewshot_units(model, stores.test, manifest, cfg), cfg, manifest.ways,
+    result = evaluate_units(fewshot_units(model, stores.test, manifest, cfg, learner_of(cfg, model, manifest)), cfg, manifest.ways,
                             stores.test.class_names, interval="episodes")
     per_episode = []
-    for forward, episode, _ in adapted_episodes(model, stores.test, manifest, cfg):
+    for forward, episode, _ in adapted_episodes(model, stores.test, manifest, cfg, learner_of(cfg, model, manifest)):
         with torch.no_grad():
             per_episode.append(float((forward(episode.query_x).argmax(-1) == episode.query_y).float().mean()))
     accs = torch.tensor(per_episode, dtype=torch.float64)
@@ -127,7 +131,7 @@ def test_vmap_and_the_per_task_loop_score_the_same(learner, stores):
     results = {}
     for execution in ("loop", "vmap"):
         cfg.meta.execution = execution
-        results[execution] = evaluate_run(cfg, model, stores.test, manifest=manifest)
+        results[execution] = evaluate_run(cfg, model, stores.test, manifest=manifest, learner=learner_of(cfg, model, manifest))
     loop, vmapped = results["loop"], results["vmap"]
     assert vmapped.clean_acc == loop.clean_acc
     # the same attack; float rounding of batched kernels may flip a rare near-tie point

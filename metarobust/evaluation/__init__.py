@@ -4,7 +4,7 @@
   re-runs; writes ``eval.json`` (:class:`EvalResult`, ``result.py``, whose docstring is the schema).
 - The harness (``harness.py``): :class:`Unit` s, the survivor cascade, the gradient-masking
   checks and the eps sweep.
-- Units: few-shot (``fewshot.py``: frozen episodes fitted by :func:`evaluation_learner`) and
+- Units: few-shot (``fewshot.py``: frozen episodes fitted by the recipe's evaluation learner) and
   plain classifiers (``classifier.py``).
 - One rendering (``report.py``): ``report.md``, the console table and the JSON headline.
 
@@ -13,12 +13,12 @@ Layering: this package imports data, models, attacks, meta, config, runs and plo
 """
 
 from metarobust.evaluation.classifier import classifier_unit, classifier_units
-from metarobust.evaluation.fewshot import Learner, adapted_episodes, evaluation_learner, fewshot_units
+from metarobust.evaluation.fewshot import Learner, adapted_episodes, fewshot_units
 from metarobust.evaluation.harness import Unit, evaluate_units
 from metarobust.evaluation.report import console_table, headline, render_report, robust_name
 from metarobust.evaluation.result import CheckResult, EvalResult
 from metarobust.evaluation.run import evaluate_run
 
 __all__ = ["CheckResult", "EvalResult", "Learner", "Unit", "adapted_episodes", "classifier_unit", "classifier_units",
-           "console_table", "evaluate_run", "evaluate_units", "evaluation_learner", "fewshot_units", "headline",
+           "console_table", "evaluate_run", "evaluate_units", "fewshot_units", "headline",
            "render_report", "robust_name"]

@@ -24,9 +24,7 @@ from metarobust.data.manifest import Manifest, manifest_batches
 from metarobust.data.store import ImageStore
 from metarobust.evaluation.harness import Unit, batch_coupled
 from metarobust.meta.execution import resolve_execution, run_tasks
-from metarobust.meta.functional import Params, bind, detached, functional_forward, params_of
-from metarobust.meta.logistic import LogisticProbe, feature_extractor
-from metarobust.meta.maml import MAML, adapted_names
+from metarobust.meta.functional import Params, bind, detached, params_of
 
 
 class Learner(Protocol):
@@ -36,32 +34,6 @@ class Learner(Protocol):
     def adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> Params: ...
 
     def forward(self, fast: Params, x: torch.Tensor) -> torch.Tensor: ...
-
-
-def evaluation_learner(cfg: ExperimentConfig, model: nn.Module, ways: int | None = None, *,
-                       probe: bool = False, adapt: str | None = None) -> Learner:
-    """The learner that fine-tunes ``model`` on a test episode's support set.
-
-    Args:
-        cfg: ``meta.inner_lr``, ``meta.test_inner_steps``, ``meta.adapt`` and ``meta.ways``.
-        model: the trained model (its parameters are the starting point).
-        ways: classes of an episode (the probe's outputs); default ``meta.ways``.
-        probe: RFS's :class:`~metarobust.meta.logistic.LogisticProbe` on the penultimate
-            features instead of MAML (the caller knows the recipe; evaluation does not ask).
-        adapt: which parameters MAML adapts, ``"all"`` or ``"head"`` (ANIL); default ``meta.adapt``.
-
-    Returns: a MAML/ANIL learner with ``meta.test_inner_steps`` first-order steps at
-    ``meta.inner_lr``, or the probe.
-
-    Example:
-        >>> learner = evaluation_learner(cfg, model, manifest.ways, adapt="head")  # ANIL
-        >>> fast = learner.adapt(params_of(model), episode.support_x, episode.support_y)
-    """
-    if probe:
-        return LogisticProbe(feature_extractor(model), cfg.meta.ways if ways is None else ways)
-    m = cfg.meta
-    return MAML(functional_forward(model), m.inner_lr, m.test_inner_steps, True,
-                adapted_names(model, adapt or m.adapt))
 
 
 def adapted_batches(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig,
@@ -88,18 +60,17 @@ def adapted_batches(model: nn.Module, store: ImageStore, manifest: Manifest, cfg
 
 
 def adapted_episodes(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig,
-                     learner: Learner | None = None
-                     ) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tensor], Episode, torch.Tensor]]:
+                     learner: Learner) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tensor], Episode, torch.Tensor]]:
     """Each frozen episode of ``manifest`` with the model fine-tuned on its support set, lazily
     (a batch of ``eval.batch_size`` episodes at a time).
 
     Yields ``(forward, episode, query_index)``: ``forward(x) -> logits`` at the weights
-    ``learner`` (default :func:`evaluation_learner`) fitted on the episode's support set, the
+    ``learner`` (the recipe's :meth:`~metarobust.training.recipes.Recipe.evaluation_learner`)
+    fitted on the episode's support set, the
     :class:`~metarobust.data.episode.Episode`, and the store indices of its query images.
     The model is put in eval mode. Shared by the harness's units (:func:`fewshot_units`) and the
     ID analysis, so both see exactly what evaluation scores.
     """
-    learner = learner or evaluation_learner(cfg, model, manifest.ways)
     for batch, shared, fast in adapted_batches(model, store, manifest, cfg, learner):
         for t in range(batch.num_tasks):
             weights = {**shared, **{k: v[t] for k, v in fast.items()}}
@@ -107,20 +78,19 @@ def adapted_episodes(model: nn.Module, store: ImageStore, manifest: Manifest, cf
 
 
 def fewshot_units(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig,
-                  learner: Learner | None = None) -> Iterator[Unit]:
+                  learner: Learner) -> Iterator[Unit]:
     """Harness units for a few-shot learner: one per batch of ``eval.batch_size`` frozen
     episodes; group ``t`` is episode ``t``'s query set ``[N*Q, C, H, W]`` at the weights
-    ``learner`` (default :func:`evaluation_learner`) fitted on its support set; classes = the
+    ``learner`` (the recipe's evaluation learner) fitted on its support set; classes = the
     store's class ids (for per-class accuracies). Coupled when the model normalises by batch
     statistics (:class:`~metarobust.models.layers.TaskBatchNorm2d`); groups run as
     ``meta.execution`` says.
 
     Example:
-        >>> units = fewshot_units(model, stores.test, manifest, cfg)
+        >>> units = fewshot_units(model, stores.test, manifest, cfg, recipe.evaluation_learner(model, manifest.ways))
         >>> result = evaluate_units(units, cfg, manifest.ways, stores.test.class_names, interval="episodes")
     """
     model.eval()
-    learner = learner or evaluation_learner(cfg, model, manifest.ways)
     coupled = batch_coupled(model)
     execution = resolve_execution(cfg.meta.execution, store.device)
     for batch, shared, fast in adapted_batches(model, store, manifest, cfg, learner):

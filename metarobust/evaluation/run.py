@@ -27,9 +27,9 @@ def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore
     """Clean and robust accuracy of ``model`` on the test split, through the harness.
 
     Few-shot when ``manifest`` is given: each frozen episode is fitted on its support set by
-    ``learner`` (default :func:`~metarobust.evaluation.fewshot.evaluation_learner`: MAML with
-    ``meta.test_inner_steps`` steps; pass the RFS probe or ANIL's head-only learner for those
-    recipes) and its query set is scored; ``eval.batch_size`` episodes per harness unit;
+    ``learner`` (required: the recipe's
+    :meth:`~metarobust.training.recipes.Recipe.evaluation_learner`, MAML/ANIL fine-tuning or the
+    RFS probe) and its query set is scored; ``eval.batch_size`` episodes per harness unit;
     intervals over episodes. Plain classifier otherwise: ``eval.points`` test images (a fixed
     seeded subset; 0: all), the model in eval mode, binomial intervals over the images. Both go
     through the same cascade (``eval.suite``, ``eval.union``), checks and eps sweep
@@ -58,6 +58,8 @@ def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore
     was_training = model.training
     model.eval()
     if manifest is not None:
+        if learner is None:
+            raise ValueError("a few-shot evaluation (manifest given) needs learner=recipe.evaluation_learner(model, ways)")
         units = fewshot_units(model, test, manifest, cfg, learner)
         count, num_classes, interval = math.ceil(len(manifest) / cfg.eval.batch_size), manifest.ways, "episodes"
     else:
