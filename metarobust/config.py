@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from metarobust.errors import ConfigError
+from metarobust.errors import ConfigError, ConfigWarning
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
@@ -353,48 +356,187 @@ def experiment_schema() -> type:
 def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, typed and with each
     section's own checks. The registry checks come on top in
-    :func:`metarobust.experiment.load_config`, which every command uses."""
-    schema = OmegaConf.structured(experiment_schema())
-    layers: list[Any] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as exc:  # yaml.YAMLError and friends
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. meta.train_shots=5")
-        layers.append(OmegaConf.from_dotlist([item]))
-    return _merge(schema, layers)
+    :func:`metarobust.experiment.load_config`, which every command uses.
+
+    A file that sets nothing (empty, or only comments) runs every default (R-MAML on the embedded
+    glyphs for 15,000 meta-updates): it is accepted with a :class:`~metarobust.errors.ConfigWarning`.
+    """
+    layers = [] if path is None else [_read_yaml(Path(path))]
+    return _merge(layers + _override_layers(overrides))
 
 
-def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint), typed and
-    section-checked."""
-    return _merge(OmegaConf.structured(experiment_schema()), [values])
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint), then
+    ``key=value`` overrides, typed and section-checked exactly as :func:`parse_config` checks a
+    file and its overrides."""
+    _check_sections(values, "the saved config")
+    return _merge([values, *_override_layers(overrides)])
 
 
-def _merge(schema: Any, layers: list[Any]) -> ExperimentConfig:
+def _read_yaml(path: Path) -> Any:
+    """The mapping a config file holds (a list, a scalar or invalid YAML is a ConfigError)."""
+    import yaml
+
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}; give a YAML file, see configs/ for examples")
     try:
-        merged = schema
+        raw = yaml.safe_load(path.read_text())
+    except Exception as exc:  # yaml.YAMLError, a decoding error and friends
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} holds a {_kind(raw)} ({_short(raw)}); a config is a "
+                          f"mapping of sections and keys, e.g. `recipe: maml` then `meta:` with `ways: 5` "
+                          f"indented below it (see configs/quickstart.yaml)")
+    try:  # OmegaConf's own loader: it reads 1e-3 as a number, where plain YAML 1.1 reads a string
+        layer = OmegaConf.load(path) if raw else OmegaConf.create({})
+    except Exception as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not raw:
+        defaults = ExperimentConfig()
+        warnings.warn(
+            f"config file {str(path)!r} sets nothing (it is empty or holds only comments): EVERY DEFAULT "
+            f"APPLIES, i.e. recipe {defaults.recipe} on dataset {defaults.data.dataset} with model "
+            f"{defaults.model.name} for {defaults.train.iterations:,} meta-updates (train.iterations; plain "
+            f"recipes: {defaults.at.epochs} epochs, at.epochs), unless the command line overrides them. Start "
+            f"from a file under configs/ (e.g. configs/quickstart.yaml) if this is not what you meant",
+            ConfigWarning, stacklevel=3)
+    _check_sections(OmegaConf.to_container(layer), f"config file {str(path)!r}")
+    return layer
+
+
+def _override_layers(overrides: list[str] | None) -> list[Any]:
+    """One OmegaConf layer per ``key=value`` argument, each checked for its shape."""
+    layers = []
+    for item in overrides or []:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. meta.train_shots=5")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r} cannot be parsed ({str(exc).splitlines()[0]}); write "
+                              f"key=value, e.g. meta.train_shots=5 or eval.eps_sweep=[0,1,2]") from None
+        _check_sections(OmegaConf.to_container(layer), f"override {item!r}")
+        layers.append(layer)
+    return layers
+
+
+def _check_sections(values: Any, source: str, cls: type | None = None, prefix: str = "") -> None:
+    """Refuse a section given a plain value (``meta=5``, ``meta: 5``, a list), naming the section
+    and its fields; unknown keys and wrong types of plain fields are left to the merge's message."""
+    cls = cls or experiment_schema()
+    if not isinstance(values, dict):
+        return
+    hints = _hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            continue
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _check_sections(value, source, hint, full + ".")
+            continue
+        fields = [f.name for f in dataclasses.fields(hint)]
+        raise ConfigError(f"{source}: {full!r} is a config section, not a value (given {_short(value)}); set "
+                          f"its fields one by one, e.g. {full}.{fields[0]}=..., or in YAML as a mapping "
+                          f"below `{full}:`; its fields: {fields}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of the dataclass ``cls`` (annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", dict: "mapping", str: "string", bool: "boolean", int: "number",
+            float: "number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _merge(layers: list[Any]) -> ExperimentConfig:
+    try:
+        merged = OmegaConf.structured(experiment_schema())
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as exc:
         raise ConfigError(_unknown_key_message(exc)) from None
     except ValidationError as exc:
-        raise ConfigError(
-            f"{exc.full_key}: {exc.msg.splitlines()[0]}; give a value of the field's type "
-            f"(see metarobust/config.py or the section's recipe)"
-        ) from None
+        raise ConfigError(_wrong_type_message(exc)) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     assert isinstance(cfg, ExperimentConfig)
     check_fields(cfg)
     return cfg
+
+
+def _wrong_type_message(exc: ValidationError) -> str:
+    """``<key>=<value> is invalid; expected <the field's type>, e.g. <key>=<its default>``."""
+    if not exc.full_key:  # OmegaConf gives no key (a shape _check_sections did not foresee)
+        return f"invalid config value ({(exc.msg or str(exc) or type(exc).__name__).splitlines()[0]})"
+    value = exc.value
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    key = re.sub(r"\[\d+\]$", "", exc.full_key)  # eval.eps_sweep[0]: an element of a list field
+    found = _field(key)
+    if found is None:
+        return (f"{exc.full_key}={_short(value)} is invalid: {(exc.msg or '').splitlines()[0]}; give a value "
+                f"of the field's type (see metarobust/config.py or the section's recipe)")
+    hint, default = found
+    return (f"{exc.full_key}={_short(value)} is invalid; expected {_describe_type(hint)}, e.g. "
+            f"{key}={_yaml_value(default)} (its default)")
+
+
+def _field(full_key: str) -> tuple[Any, Any] | None:
+    """The type and default of the field at the dotted ``full_key`` (``None`` if not a field)."""
+    cls: Any = experiment_schema()
+    parts = full_key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return None
+        f, hint = fields[part], _hints(cls)[part]
+        if i == len(parts) - 1:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            return hint, default
+        cls = hint
+    return None
+
+
+def _describe_type(hint: Any) -> str:
+    """``int`` -> "an integer", ``float | None`` -> "a number, or null", ``list[str]`` -> ...."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{_describe_type(rest[0])}, or null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s in brackets"
+    if origin is dict:
+        return "a mapping in braces, {key: value, ...}"
+    return {int: "an integer", float: "a number", bool: "a boolean (true or false)",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -20,3 +20,8 @@ class DataError(MetarobustError, ValueError):
 
 class TrainingDiverged(MetarobustError, RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that is valid but likely not what was meant (e.g. an empty config file: every
+    default applies)."""
