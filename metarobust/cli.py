@@ -43,6 +43,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from metarobust.training.recipes import build_recipe
 
     cfg, model, state = model_from_checkpoint(args.run, args.overrides)
+    _check_run_outputs(args.run, ("eval.json", "report.md", "robustness_vs_eps.png"))
     recipe = build_recipe(cfg)
     data = load_training_data(cfg, recipe, resolve_device(cfg.device))
     run_path = Path(args.run)
@@ -55,6 +56,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     summary = result.as_dict()
     print(console_table({cfg.recipe: summary}))
     print(json.dumps(headline(summary)))
+
+
+def _check_run_outputs(run: str, names: tuple[str, ...]) -> None:
+    """Refuse, before any work, outputs that cannot be written into the run folder ``run`` (a
+    folder where a file goes, a read-only folder); a checkpoint file gets no outputs."""
+    from metarobust.config import check_output_path
+
+    if Path(run).is_dir():
+        for name in names:
+            check_output_path("RUN", Path(run) / name)
 
 
 def _cmd_id(args: argparse.Namespace) -> None:
@@ -70,12 +81,14 @@ def _cmd_id(args: argparse.Namespace) -> None:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from metarobust.config import check_output_path
     from metarobust.evaluation import console_table
     from metarobust.experiment import load_config, train_and_evaluate
     from metarobust.plots import plot_clean_vs_robust
     from metarobust.training.data import load_training_data, resolve_device
     from metarobust.training.recipes import build_recipe
 
+    check_output_path("--out-dir", args.out_dir, "folder")  # the runs and quickstart.png go there
     start = time.perf_counter()
     base = Path(args.out_dir)
     out = base / "quickstart"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 import warnings
@@ -583,10 +584,33 @@ def check_value(condition: bool, key: str, value: Any, accepted: str) -> None:
 _check = check_value
 
 
+def check_output_path(key: str, path: str | Path, kind: str = "file") -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: for ``kind="folder"``
+    an existing file (or a file where a parent folder must go), for ``kind="file"`` an existing
+    folder; and a place the user may not write. ``key`` names where the path came from
+    (``out_dir``, ``--out-dir``, ``RUN``)."""
+    path = Path(path).expanduser()
+    if kind == "folder":
+        _check(not path.exists() or path.is_dir(), key, str(path),
+               "a folder (created if missing), not an existing file")
+    else:
+        _check(not path.is_dir(), key, str(path), f"a file path to write, not a folder; move the folder "
+                                                   f"{str(path)!r} away")
+    existing = path if kind == "folder" else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    _check(existing.is_dir(), key, str(path), f"a path whose parent folders can be made, but {str(existing)!r} "
+                                              f"is a file")
+    _check(os.access(existing, os.W_OK | os.X_OK), key, str(path), f"a place you may write: folder "
+                                                                   f"{str(existing)!r} is not writable")
+    _check(kind == "folder" or not path.exists() or os.access(path, os.W_OK), key, str(path),
+           "a file you may write: it exists and is read-only")
+
+
 def check_fields(cfg: ExperimentConfig) -> None:
     """The checks every section can make on its own fields (no registry needed); then the
     declared sections' ``check()``."""
-    _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+    _check(cfg.device == "auto" or re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", cfg.device) is not None,
            "device", cfg.device, "auto, cpu, cuda or cuda:<index>")
     _check(cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size",
            cfg.data.image_size, "an integer >= 8, or null for the dataset's standard size")
@@ -679,5 +703,5 @@ def _check_at(at: StandardTrainingConfig) -> None:
 
 
 __all__ = ["EPS_8", "NORMS", "OPTIMIZERS", "SCHEDULES", "STEP_2", "OptimConfig", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
-           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields", "check_value",
+           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields", "check_output_path", "check_value",
            "config_from_dict", "config_section", "experiment_schema", "parse_config", "to_dict", "to_yaml"]

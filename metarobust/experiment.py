@@ -12,7 +12,7 @@ import torch
 from metarobust import distributed
 from metarobust.analysis.estimators import ESTIMATORS
 from metarobust.attacks import ATTACKS
-from metarobust.config import ExperimentConfig, check_value, parse_config
+from metarobust.config import ExperimentConfig, check_output_path, check_value, parse_config
 from metarobust.config import config_from_dict as parse_dict
 from metarobust.data.augment import AUGMENTATIONS
 from metarobust.data.datasets import DATASETS, image_size_of
@@ -24,6 +24,7 @@ from metarobust.data.manifest import (
     save_manifest,
 )
 from metarobust.data.store import ImageStore
+from metarobust.errors import ConfigError
 from metarobust.evaluation import EvalResult, evaluate_run
 from metarobust.evaluation import render_report as render_evaluation
 from metarobust.models import MIN_IMAGE_SIZES, MODELS, build_model
@@ -46,22 +47,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     cfg = parse_config(path, overrides)
     validate(cfg)
+    check_output_path("out_dir", cfg.out_dir, "folder")  # where a command run from a config writes
     return cfg
 
 
-def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """A validated :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint)."""
-    cfg = parse_dict(values)
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """A validated :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint),
+    then ``key=value`` overrides, checked as :func:`load_config` checks a file's."""
+    cfg = parse_dict(values, overrides)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """The checks that need a registry: the names of the recipe, model, dataset, attacks,
+    """The checks that need a registry or the machine: the device, the names of the recipe, model, dataset, attacks,
     augmentation, input normalisation and estimators, the model's minimum image size, and the
     recipe's own :meth:`~metarobust.training.recipes.Recipe.config_check` (every section's field
     checks ran when the config was parsed)."""
     recipe = RECIPES.get(cfg.recipe, "recipe")
+    check_device(cfg.device)
     MODELS.get(cfg.model.name, "model.name")
     DATASETS.get(cfg.data.dataset, "data.dataset")
     for section in ("train_attack", "attack"):
@@ -77,6 +81,23 @@ def validate(cfg: ExperimentConfig) -> None:
         ESTIMATORS.get(name, "analysis.estimators")
     resolve_optim(cfg.optim, recipe.default_optim(), recipe.epochs(cfg))
     recipe.config_check(cfg)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have (``cuda`` without a visible GPU, ``cuda:3`` with
+    two, ``mps`` off Apple silicon) before any work, naming the fix."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        check_value(count > 0, "device", device, "cpu or auto: torch sees no CUDA GPU on this machine "
+                    "(torch.cuda.is_available() is False); pass device=cpu, or device=auto to use a GPU when "
+                    "there is one")
+        check_value(not index or int(index) < count, "device", device,
+                    f"cuda:0 .. cuda:{count - 1} (this machine has {count} GPU{'s' if count > 1 else ''}), "
+                    f"cuda, or auto")
+    elif kind == "mps":
+        check_value(torch.backends.mps.is_available(), "device", device,
+                    "cpu or auto: torch sees no Apple MPS device on this machine; pass device=cpu")
 
 
 def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | None = None) -> Manifest:
@@ -165,25 +186,86 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
 
 def model_from_checkpoint(path: str | Path, overrides: list[str] | None = None,
                           device: str | None = None) -> tuple[ExperimentConfig, torch.nn.Module, dict]:
-    """Rebuild the config (with ``overrides`` applied) and the trained (deployed) model of a run,
-    on ``cfg.device`` in eval mode."""
-    from omegaconf import OmegaConf
+    """Rebuild the config (with ``overrides`` applied, checked as ``metarobust train`` checks its
+    own) and the trained (deployed) model of a run, on ``cfg.device`` in eval mode, whatever the
+    model. A file that is not a checkpoint of ``metarobust train`` (a bare ``state_dict``, a
+    tensor, another pickle, a truncated file) is a :class:`ConfigError` saying what is expected.
 
-    state = load_checkpoint(path)
-    values = state["config"]
-    if overrides:
-        values = OmegaConf.to_container(OmegaConf.merge(values, OmegaConf.from_dotlist(overrides)))
-    if device:
-        values["device"] = device
-    cfg = config_from_dict(values)
-    return cfg, model_from_state(cfg, state), state
+    Example:
+        >>> cfg, model, state = model_from_checkpoint("runs/quickstart/r_maml", ["attack.steps=20"])
+    """
+    state = read_run_checkpoint(path)
+    cfg = config_from_dict(state["config"], [*(overrides or []), *([f"device={device}"] if device else [])])
+    try:
+        model = model_from_state(cfg, state)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg, model, state
+
+
+CHECKPOINT_ENTRIES = ("config", "model", "step")
+"""What a checkpoint of ``metarobust train`` holds at least (``Trainer.state_dict``)."""
+
+
+def read_run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint of the run at ``path`` (a run folder or a ``.pt`` file), refused with a
+    :class:`ConfigError` unless it is one ``metarobust train`` wrote."""
+    given = Path(path)
+    file = given / "checkpoints" / "last.pt" if given.is_dir() else given
+    expected = ("expected a run folder (runs/<name>) or its checkpoints/last.pt, as `metarobust train` writes "
+                f"them: a dict with {list(CHECKPOINT_ENTRIES)} entries (model: the weights, config: the run's "
+                f"resolved config)")
+    if not file.is_file():
+        return load_checkpoint(path)  # its message: no checkpoint there
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            state = load_checkpoint(file)
+    except ConfigError as exc:
+        unpickling = "UnpicklingError" in str(exc)
+        why = ("it holds Python objects other than tensors and plain containers, which are not loaded "
+               "(unpickling them could run arbitrary code)" if unpickling else
+               f"it cannot be read: truncated, or not a torch file ({_first_sentence(str(exc).split('(', 1)[-1])})")
+        raise ConfigError(f"{file} is not a metarobust checkpoint: {why}; {expected}") from None
+    if not isinstance(state, dict):
+        what = (f"a tensor of shape {list(state.shape)}" if isinstance(state, torch.Tensor)
+                else f"a {type(state).__name__}")
+        raise ConfigError(f"{file} is not a metarobust checkpoint: it holds {what}; {expected}")
+    missing = [key for key in CHECKPOINT_ENTRIES if key not in state]
+    if missing:
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            what = f"a bare state_dict ({len(state)} tensor{'s' * (len(state) > 1)}, e.g. {next(iter(state))!r})"
+        else:
+            what = f"a dict with the entries {sorted(map(str, state))[:8]}, without {missing}"
+        raise ConfigError(f"{file} is not a metarobust checkpoint: it holds {what}; {expected}. To score "
+                          f"weights trained elsewhere, load them into `build_model(...)` yourself")
+    weights = state["model"]
+    if not isinstance(state["config"], dict) or not isinstance(weights, dict) or not all(
+            isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ConfigError(f"{file} is not a metarobust checkpoint: its 'config' must be a dict and its 'model' "
+                          f"a dict of tensors; {expected}")
+    return state
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(")")[:160]
 
 
 def model_from_state(cfg: ExperimentConfig, state: dict[str, Any]) -> torch.nn.Module:
     """The deployed model of a checkpoint's ``state``, on ``cfg.device``, in eval mode."""
-    shape = state.get("data") or _shape_from_weights(cfg, state["model"])
+    try:
+        shape = state.get("data") or _shape_from_weights(cfg, state["model"])
+    except (StopIteration, KeyError):
+        raise ConfigError("the checkpoint records no model shape ('data') and its weights have no conv layer "
+                          "and 'head.weight' to read it from; it was not written by `metarobust train`") from None
     model = build_model(cfg.model, shape["in_channels"], shape["num_classes"], shape["image_size"], cfg.data.dataset)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # another architecture: a model.* override, or an edited checkpoint
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"the checkpoint's weights do not fit the model its config builds (model.name="
+                          f"{cfg.model.name}, model.hidden={cfg.model.hidden}, model.batch_norm={cfg.model.batch_norm}); "
+                          f"drop the model.* overrides that change the architecture ({detail})") from None
     return model.to(resolve_device(cfg.device)).eval()
 
 
