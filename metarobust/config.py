@@ -703,5 +703,6 @@ def _check_at(at: StandardTrainingConfig) -> None:
 
 
 __all__ = ["EPS_8", "NORMS", "OPTIMIZERS", "SCHEDULES", "STEP_2", "OptimConfig", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
-           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields", "check_output_path", "check_value",
+           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields",
+           "check_output_path", "check_value",
            "config_from_dict", "config_section", "experiment_schema", "parse_config", "to_dict", "to_yaml"]

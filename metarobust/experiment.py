@@ -18,6 +18,7 @@ from metarobust.data.augment import AUGMENTATIONS
 from metarobust.data.datasets import DATASETS, image_size_of
 from metarobust.data.manifest import (
     Manifest,
+    check_head,
     default_manifest_path,
     freeze_episodes,
     load_manifest,
@@ -27,6 +28,7 @@ from metarobust.data.store import ImageStore
 from metarobust.errors import ConfigError
 from metarobust.evaluation import EvalResult, evaluate_run
 from metarobust.evaluation import render_report as render_evaluation
+from metarobust.meta.maml import MAML
 from metarobust.models import MIN_IMAGE_SIZES, MODELS, build_model
 from metarobust.models.options import NORMALIZE_CHOICES
 from metarobust.runs import RunDir, load_checkpoint
@@ -100,10 +102,13 @@ def check_device(device: str) -> None:
                     "cpu or auto: torch sees no Apple MPS device on this machine; pass device=cpu")
 
 
-def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | None = None) -> Manifest:
+def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | None = None,
+                     model: torch.nn.Module | None = None, recipe: Recipe | None = None) -> Manifest:
     """The frozen test episodes for ``cfg``: ``eval.manifest`` if given, else the default file
     under ``episodes/``; if that is absent, freeze them (seed 0) into the run folder, with a
-    warning, so the numbers can still be reproduced."""
+    warning, so the numbers can still be reproduced. Given the ``model`` and ``recipe`` that will
+    score them, episodes with more ways than the model's head scores (a MAML learner's classifier)
+    are refused before any work."""
     m = cfg.meta
     if cfg.eval.manifest:
         manifest = load_manifest(cfg.eval.manifest)
@@ -123,6 +128,10 @@ def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | Non
     if (manifest.ways, manifest.shots, manifest.queries) != (m.ways, m.test_shots, m.queries):
         warnings.warn(f"manifest episodes are {manifest.ways}-way {manifest.shots}-shot "
                       f"{manifest.queries}-query; the config's meta.* episode shape is ignored", stacklevel=2)
+    if model is not None and recipe is not None:
+        head = getattr(model, "head", None)
+        if isinstance(recipe.evaluation_learner(model, manifest.ways), MAML) and isinstance(head, torch.nn.Linear):
+            check_head(manifest, head.out_features, "the model's head (model.head)")
     return manifest
 
 
@@ -135,7 +144,7 @@ def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, recipe: Recipe, test
     the test images for a plain classifier. Writes ``eval.json`` into ``run``."""
     if recipe.evaluation == "classifier":
         return evaluate_run(cfg, model, test, run=run, step=step, progress=progress, extra=extra)
-    manifest = resolve_manifest(cfg, test, run)
+    manifest = resolve_manifest(cfg, test, run, model=model, recipe=recipe)
     learner = recipe.evaluation_learner(model, manifest.ways)
     return evaluate_run(cfg, model, test, manifest=manifest, learner=learner, run=run, step=step, progress=progress,
                         extra=extra)
@@ -263,9 +272,10 @@ def model_from_state(cfg: ExperimentConfig, state: dict[str, Any]) -> torch.nn.M
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # another architecture: a model.* override, or an edited checkpoint
         detail = " ".join(str(exc).split())[:300]
-        raise ConfigError(f"the checkpoint's weights do not fit the model its config builds (model.name="
-                          f"{cfg.model.name}, model.hidden={cfg.model.hidden}, model.batch_norm={cfg.model.batch_norm}); "
-                          f"drop the model.* overrides that change the architecture ({detail})") from None
+        m = cfg.model
+        raise ConfigError(f"the checkpoint's weights do not fit the model its config builds (model.name={m.name}, "
+                          f"model.hidden={m.hidden}, model.batch_norm={m.batch_norm}); drop the model.* "
+                          f"overrides that change the architecture ({detail})") from None
     return model.to(resolve_device(cfg.device)).eval()
 
 

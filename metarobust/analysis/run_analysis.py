@@ -41,7 +41,7 @@ def analyse_run(path: str | Path, overrides: list[str] | None = None,
         report = intrinsic_dimension_of_units(units, model, cfg.analysis, cfg.attack, cfg.seed, progress)
         report.meta = {"recipe": cfg.recipe, "dataset": cfg.data.dataset}
     else:
-        manifest = resolve_manifest(cfg, stores.test)
+        manifest = resolve_manifest(cfg, stores.test, model=model, recipe=recipe)
         report = fewshot_id_report(cfg, model, stores.test, manifest, progress)
     report.meta = {"run": str(path), "step": int(state["step"]), **report.meta}
     atomic_write_text(json_path, json.dumps(report.as_dict(), indent=2) + "\n")
