@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except MetarobustError as exc:
         print(f"metarobust: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return 0
 
 

@@ -238,3 +238,30 @@ def test_evaluation_imports_only_the_layers_below_it():
         for path, names in imported_modules(package / layer).items():
             assert not {n for n in names if n.startswith("metarobust.evaluation")}, path
     assert imported_modules(package / "evaluation")  # the scan saw the package
+
+
+def test_strict_evaluation_makes_a_failed_masking_check_an_error(tmp_path):
+    """A model that ignores its input is 'robust' at every eps: the large-eps and random-noise
+    checks fail. A warning by default; with eval.strict an error (exit code 3 from the CLI)
+    raised after eval.json is written."""
+    from metarobust.data.store import ImageStore
+    from metarobust.errors import ConfigError, MaskingCheckFailed
+    from metarobust.runs import RunDir
+
+    images = torch.randint(0, 256, (32, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    store = ImageStore(images, torch.arange(32) % 4, ["a", "b", "c", "d"], "toy/test")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    overrides = [f"out_dir={tmp_path}", "name=blind", "attack.steps=2", "eval.check_points=16",
+                 "eval.eps_sweep=[0.0,1.0]"]
+    with pytest.warns(UserWarning, match="possible gradient masking"):
+        lenient = evaluate_run(load_config(CONFIGS / "quickstart.yaml", overrides), model, store)
+    assert not all(c.passed for c in lenient.checks)
+    cfg = load_config(CONFIGS / "quickstart.yaml", [*overrides, "eval.strict=true"])
+    run = RunDir(cfg, tensorboard=False)
+    with pytest.warns(UserWarning), pytest.raises(MaskingCheckFailed, match="a large eps breaks") as failed:
+        evaluate_run(cfg, model, store, run=run)
+    assert failed.value.exit_code == 3 and (run.path / "eval.json").is_file()
+    with pytest.raises(ConfigError, match="eval.strict"):
+        load_config(CONFIGS / "quickstart.yaml", ["eval.strict=true", "eval.checks=false"])
