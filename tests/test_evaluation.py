@@ -79,6 +79,7 @@ def test_end_of_training_and_metarobust_eval_write_the_same_eval_json(tmp_path, 
     # every number, interval, class, check and sweep point; training adds what only it knows
     assert {k: at_training[k] for k in rescored} == rescored
     assert set(at_training) - set(rescored) == {"train_seconds", "optimizer", "stopped"}
+    assert rescored["meta_order"] == "second"  # MAML's order is part of every meta-learning number
     for key in ("clean_acc", "clean_ci95", "robust_acc", "robust_ci95", "episodes"):
         assert key in printed, key
     report = (run / "report.md").read_text()
