@@ -208,8 +208,10 @@ class OptimConfig:
     milestones: list[float] | None = None
     """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
     gamma: float = 0.1
-    cyclic_peak: float = 0.4
-    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
+    cyclic_peak: float = 0.5
+    """Where the cyclic schedule peaks, as a fraction of training: 1/2 in Wong et al.'s CIFAR-10
+    scripts for Fast and Free AT (``train_fgsm.py``, ``train_free.py``: torch's ``CyclicLR`` with
+    equal up and down phases), 2/5 in their MNIST script."""
 
     def filled(self, defaults: OptimConfig) -> OptimConfig:
         """These settings with every ``null`` field taken from ``defaults``."""
