@@ -319,3 +319,23 @@ def test_divergence_in_the_api_names_the_checkpoint_step_and_the_advice(tmp_path
     with pytest.raises(TrainingDiverged, match="lower optim.lr or meta.inner_lr") as info:
         trainer.fit()
     assert info.value.checkpoint_step == 2 and info.value.advice == ["optim.lr=0.0001"]
+
+
+def test_every_setting_the_nan_advice_names_can_change_on_resume(tmp_path):
+    """Each recipe's ``divergence_hint`` names settings to lower; --resume must accept them all."""
+    import re
+
+    from metarobust.config import to_dict
+    from metarobust.runs import RESUME_APPLIED, resume_changes
+    from metarobust.training.recipes import RECIPES
+
+    named = {key for name in RECIPES.names() for key in re.findall(r"\b[a-z_]+\.[a-z_]+\b",
+                                                                   RECIPES.get(name, "recipe").divergence_hint)}
+    assert named >= {"optim.lr", "meta.inner_lr", "at.amp"} and named <= set(RESUME_APPLIED)
+    saved = small_cfg(tmp_path, "optim.lr=0.002")
+    changed = small_cfg(tmp_path, "optim.lr=0.0001", "meta.inner_lr=0.1", "at.amp=bf16", "attack.steps=20")
+    assert set(resume_changes(to_dict(saved), changed)) == {"optim.lr", "meta.inner_lr", "at.amp", "attack.steps"}
+    old = to_dict(saved)
+    old["meta"]["meta_lr"] = old["optim"].pop("lr")  # a 0.1 checkpoint: the key has moved since
+    assert resume_changes(old, saved) == {}
+    assert resume_changes(old, changed)["optim.lr"] == (0.002, 0.0001)
