@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MetarobustError as exc:
         print(f"metarobust: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return 0
 
 

@@ -137,6 +137,8 @@ def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, recipe: Recipe, test
     manifest = resolve_manifest(cfg, test, run)
     learner = recipe.evaluation_learner(model, manifest.ways)
     extra = {"manifest": describe_manifest(cfg, manifest), **(extra or {})}
+    if recipe.episodic:  # R-MAML's and AQ's reference codes are first order in effect: say which was trained
+        extra = {"meta_order": "first" if cfg.meta.first_order else "second", **(extra or {})}
     return evaluate_run(cfg, model, test, manifest=manifest, learner=learner, run=run, step=step, progress=progress,
                         extra=extra, output=output)
 
@@ -183,12 +185,14 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, na
     folder = run_folder_of(path)
     output = f"{EVAL_DIR}/{eval_name(overrides, name)}.json"
     extra = {"overrides": overrides, "attack": asdict(cfg.attack), "eval": asdict(cfg.eval), "provenance": provenance()}
-    result = evaluate(cfg, model, recipe, data.test, folder, progress=progress, step=int(state["step"]),
-                      extra=extra, output=output)
+    try:
+        result = evaluate(cfg, model, recipe, data.test, folder, progress=progress, step=int(state["step"]),
+                          extra=extra, output=output)
+    finally:  # eval.strict=true raises after writing the result: the report shows it too
+        if folder is not None and (folder.path / output).is_file():
+            trained = config_from_dict(checkpoint_config(state))
+            write_run_report(folder, trained, RECIPES.get(trained.recipe, "recipe"))
     result.run = str(path)
-    if folder is not None:
-        trained = config_from_dict(checkpoint_config(state))
-        write_run_report(folder, trained, RECIPES.get(trained.recipe, "recipe"))
     return result.as_dict()
 
 
