@@ -339,3 +339,12 @@ def test_every_setting_the_nan_advice_names_can_change_on_resume(tmp_path):
     old["meta"]["meta_lr"] = old["optim"].pop("lr")  # a 0.1 checkpoint: the key has moved since
     assert resume_changes(old, saved) == {}
     assert resume_changes(old, changed)["optim.lr"] == (0.002, 0.0001)
+
+
+def test_the_runs_doc_lists_every_setting_resume_applies():
+    from metarobust.runs import RESUME_APPLIED
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "runs.md").read_text()
+    table = doc[doc.index("### What `--resume` may change"):doc.index("## When training stops early")]
+    missing = [key for key in RESUME_APPLIED if f"`{key}`" not in table and f"`{key}.*`" not in table]
+    assert not missing, f"docs/runs.md's table lacks {missing}"
