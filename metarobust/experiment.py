@@ -179,11 +179,11 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, na
         >>> summary = evaluate_checkpoint("runs/omniglot_rmaml", ["attack.steps=20"])  # eval/attack.steps=20.json
     """
     overrides = list(overrides or [])
+    output = f"{EVAL_DIR}/{eval_name(overrides, name)}.json"  # a bad --name fails before any work
     cfg, model, state = model_from_checkpoint(path, overrides)
     recipe = build_recipe(cfg)
     data = load_training_data(cfg, recipe, resolve_device(cfg.device))
     folder = run_folder_of(path)
-    output = f"{EVAL_DIR}/{eval_name(overrides, name)}.json"
     extra = {"overrides": overrides, "attack": asdict(cfg.attack), "eval": asdict(cfg.eval), "provenance": provenance()}
     try:
         result = evaluate(cfg, model, recipe, data.test, folder, progress=progress, step=int(state["step"]),

@@ -329,13 +329,15 @@ def clean_outputs(folder: Path) -> None:
 
 
 # -- what --resume may change -------------------------------------------------------------------
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}, "seed": 0}`` -> ``{"optim.lr": 0.1, "seed": 0}``: sections to their
+    fields, whose values (lists, ``eval.union``'s dict...) are compared whole."""
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict) and not (prefix + key).startswith("eval.union"):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": list(v) if isinstance(v, tuple) else v for k, v in value.items()})
         else:
-            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+            out[key] = value
     return out
 
 
