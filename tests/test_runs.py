@@ -284,11 +284,13 @@ def test_a_checkpoint_config_never_downloads_or_points_at_the_training_machine(t
 
     monkeypatch.setattr(experiment, "load_training_data", recorded)
     monkeypatch.setattr(data, "load_training_data", recorded)  # metarobust id imports it when it runs
+    config = (run.path / "config.yaml").read_bytes()
     assert main(["eval", str(run.path), "--quiet"]) == 0
     assert main(["eval", str(run.path), "data.download=true", "--quiet"]) == 0
     assert main(["id", str(run.path), "analysis.points=45", "analysis.bootstrap=0", "analysis.mle_neighbors=5",
                  "attack.steps=2", "--quiet"]) == 0
     assert seen == [False, True, False] and not elsewhere.exists()
+    assert (run.path / "config.yaml").read_bytes() == config
     loaded, _, _ = model_from_checkpoint(run.path)
     assert loaded.data.download is False and loaded.at.init is None
 
