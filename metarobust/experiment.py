@@ -29,7 +29,7 @@ from metarobust.data.manifest import (
     save_manifest,
 )
 from metarobust.data.store import ImageStore
-from metarobust.errors import ConfigError
+from metarobust.errors import ConfigError, MetarobustError
 from metarobust.evaluation import EvalResult, evaluate_run
 from metarobust.evaluation import render_report as render_evaluation
 from metarobust.evaluation.report import render_later_evaluations
@@ -231,7 +231,7 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
         start = time.perf_counter()
         recipe = build_recipe(cfg)  # the recipe's own checks (a teacher, a starting checkpoint) first
         data = data or load_training_data(cfg, recipe, info.device)  # every data check before any work
-        run = RunDir(cfg, resume=resume, device=info.device) if info.is_main else None
+        run = _open_run(cfg, resume, info)
         trainer = Trainer(cfg, run, resume=resume, data=data, progress=progress and info.is_main, dist=info,
                           recipe=recipe)
         model = trainer.fit().eval()
@@ -250,6 +250,24 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
         if run is not None:
             run.close()
         distributed.cleanup(info)
+
+
+def _open_run(cfg: ExperimentConfig, resume: bool, info: distributed.DistInfo) -> RunDir | None:
+    """Rank 0's :class:`RunDir` (the only rank that owns the folder); under ``torchrun`` every rank
+    learns whether it could be opened, so a refusal (locked, changed config) stops them all
+    instead of leaving the others waiting in the first collective."""
+    run, error = None, None
+    if info.is_main:
+        try:
+            run = RunDir(cfg, resume=resume, device=info.device)
+        except MetarobustError as exc:
+            error = exc
+    failed = distributed.all_sum(torch.tensor(float(error is not None), device=info.device), info)
+    if error is not None:
+        raise error
+    if bool(failed > 0):
+        raise ConfigError(f"rank 0 could not open the run folder {Path(cfg.out_dir) / cfg.name} (its message says why)")
+    return run
 
 
 def model_from_checkpoint(path: str | Path, overrides: list[str] | None = None,
