@@ -98,7 +98,7 @@ def render_later_evaluations(evaluations: dict[str, dict[str, Any]]) -> str:
     """
     if not evaluations:
         return ""
-    lines = ["## Later evaluations (`metarobust eval`, `eval/<name>.json`)", "",
+    lines = ["", "## Later evaluations (`metarobust eval`, `eval/<name>.json`)", "",
              "| name | overrides | robust = | threat model | scored on | step | clean accuracy | robust accuracy |",
              "|---|---|---|---|---|---|---|---|"]
     notes = []
