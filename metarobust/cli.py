@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from metarobust.errors import MetarobustError
+from metarobust.errors import MetarobustError, TrainingDiverged, TrainingInterrupted
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,33 +28,37 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from metarobust.experiment import load_config, train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
-    summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(f"{exc}:\n  {_train_command(args, [], resume=True)}") from None
+    except TrainingDiverged as exc:
+        resume = exc.checkpoint_step is not None
+        raise TrainingDiverged(f"{exc}:\n  {_train_command(args, exc.advice, resume)}", exc.checkpoint_step,
+                               exc.advice) from None
     if summary is None:  # a non-zero torchrun rank: rank 0 reports
         return
     print(console_table({cfg.recipe: summary}))
     print(json.dumps(headline(summary)))
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
-    """``metarobust eval``: the evaluation the end of training runs, on a run or checkpoint."""
-    from metarobust.evaluation import console_table, headline
-    from metarobust.experiment import evaluate, model_from_checkpoint
-    from metarobust.runs import RunDir
-    from metarobust.training.data import load_training_data, resolve_device
-    from metarobust.training.recipes import build_recipe
+def _train_command(args: argparse.Namespace, changes: list[str], resume: bool) -> str:
+    """The ``metarobust train`` command that continues this one: its config and overrides, with
+    ``changes`` (``key=value``) replacing the same keys, and ``--resume`` if a checkpoint exists."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    overrides = [o for o in args.overrides if o.split("=", 1)[0] not in keys] + list(changes)
+    flags = (["--resume"] if resume else []) + (["--quiet"] if args.quiet else [])
+    return shlex.join(["metarobust", "train", args.config, *overrides, *flags])
 
-    cfg, model, state = model_from_checkpoint(args.run, args.overrides)
-    recipe = build_recipe(cfg)
-    data = load_training_data(cfg, recipe, resolve_device(cfg.device))
-    run_path = Path(args.run)
-    run = None
-    if run_path.is_dir():
-        cfg.out_dir, cfg.name = str(run_path.parent), run_path.name
-        run = RunDir(cfg, resume=True, tensorboard=False)
-    result = evaluate(cfg, model, recipe, data.test, run, progress=not args.quiet, step=int(state["step"]))
-    result.run = str(run_path)
-    summary = result.as_dict()
-    print(console_table({cfg.recipe: summary}))
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    """``metarobust eval``: the evaluation the end of training runs, on a run or checkpoint; writes
+    ``eval/<name>.json`` into the run folder, never its config."""
+    from metarobust.evaluation import console_table, headline
+    from metarobust.experiment import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(args.run, args.overrides, name=args.name, progress=not args.quiet)
+    print(console_table({summary["recipe"]: summary}))
     print(json.dumps(headline(summary)))
 
 
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="clean and robust accuracy of a trained run on the frozen episodes")
     p.add_argument("run", help="a run folder (runs/<name>) or a checkpoint file")
     p.add_argument("overrides", nargs="*", help=overrides_help + " (e.g. attack.steps=20)")
+    p.add_argument("--name", default=None, help="the result's name: RUN/eval/<name>.json (default: from the "
+                                                "overrides, 'default' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
@@ -213,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt as exc:  # TrainingInterrupted: a checkpoint was written first
+        print(f"metarobust: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except MetarobustError as exc:
         print(f"metarobust: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -230,7 +230,7 @@ class Recipe:
     episodic: ClassVar[bool] = False
     evaluation: ClassVar[str] = "classifier"
     attack_bn: ClassVar[str] = "train"
-    divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none) and --resume"
+    divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none)"
     """Appended to the error raised when training diverges."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -381,7 +381,7 @@ class MetaRecipe(Recipe):
     noise: ClassVar[tuple[str, ...]] = ()
     adapt: ClassVar[str | None] = None
     """Forces ``meta.adapt`` (``"head"`` for ANIL); ``None``: the config's value."""
-    divergence_hint: ClassVar[str] = "lower optim.lr or meta.inner_lr and --resume"
+    divergence_hint: ClassVar[str] = "lower optim.lr or meta.inner_lr"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
