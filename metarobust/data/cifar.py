@@ -139,13 +139,13 @@ class Source:
 
 
 def official_names(variant: str) -> dict[str, Any]:
-    """``episodes/<variant>/classes.json``: the official class names in label order."""
+    """``metarobust/episodes/<variant>/classes.json``: the official class names in label order."""
     path = SPLITS_DIR / variant / "classes.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(f"{variant}: class list {path} cannot be read ({err}); it ships in the "
-                        f"repository's episodes/ folder (pip install -e . from a checkout)") from err
+        raise DataError(f"{variant}: class list {path} cannot be read ({err}); it ships inside the "
+                        f"package (metarobust/episodes/{variant}/), so reinstall metarobust") from err
 
 
 def _is_tar(path: Path) -> bool:
