@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -59,12 +60,18 @@ def shipped_configs() -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
 
 
-def config_description(name: str) -> str:
-    """The first comment line of a shipped config (what it runs), for ``metarobust list configs``."""
+def config_description(name: str, width: int = 100) -> str:
+    """The first sentence of a shipped config's leading comment (what it runs), cut to ``width``
+    characters at a word, for ``metarobust list configs``."""
+    words: list[str] = []
     for line in (configs_dir() / name).read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    end = re.search(r"\.\s(?=[A-Z])", text)  # a sentence's end, not "et al. 2022" or "eq. 7"
+    text = text if end is None else text[: end.start() + 1]
+    return text if len(text) <= width else text[: text.rfind(" ", 0, width - 3)] + "..."
 
 
 def config_path(config: str | Path) -> Path:

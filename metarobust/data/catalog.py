@@ -39,6 +39,11 @@ SPLITS_DIR = episodes_dir()
 """The shipped ``metarobust/episodes/`` folder (package data, so any install has it)."""
 
 
+class NoSuchSplitError(DataError):
+    """The dataset has no such split by design (MNIST and CIFAR have only the official train and
+    test splits): not a broken install, so ``metarobust data info`` reports it without failing."""
+
+
 def check_split(split: str) -> str:
     """Return ``split`` if it is one of :data:`SPLITS`, else raise :class:`ConfigError`."""
     if split not in SPLITS:
@@ -93,17 +98,21 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
         "images", "images_per_class": [min, max], "image_shape": [C, H, W]}}}``; ``source`` is the
         root folder, or ``"embedded"`` for datasets generated in-process. A split that cannot be
         loaded (:class:`DataError`) is reported as ``{"error": message}``; if none can, the
-        first error is raised.
+        first error is raised. ``"failed"`` lists the splits that exist but did not load (a
+        :class:`NoSuchSplitError`, a split the dataset does not have, is not a failure).
     """
     source = "embedded" if cfg.dataset in EMBEDDED_DATASETS else str(dataset_root(cfg))
     splits: dict[str, Any] = {}
     errors: list[DataError] = []
+    failed: list[str] = []
     for split in SPLITS:
         try:
             store = load_split(cfg, split)
         except DataError as err:  # e.g. CIFAR has no val split: report it, show the others
             errors.append(err)
             splits[split] = {"error": str(err)}
+            if not isinstance(err, NoSuchSplitError):
+                failed.append(split)
             continue
         counts = store.counts()
         splits[split] = {
@@ -120,6 +129,7 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
         "image_size": image_size_of(cfg),
         "rotations": cfg.rotations,
         "splits": splits,
+        "failed": failed,
     }
 
 

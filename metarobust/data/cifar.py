@@ -70,6 +70,7 @@ from metarobust.data.catalog import (
     DATASETS,
     DEFAULT_IMAGE_SIZE,
     SPLITS_DIR,
+    NoSuchSplitError,
     check_split,
     dataset_root,
     image_size_of,
@@ -440,7 +441,7 @@ def read_cifar(cfg: DataConfig, split: str, variant: str | None = None) -> Cifar
     from any supported format under ``cfg``'s root, images at ``image_size_of(cfg)``."""
     v = VARIANTS[variant or cfg.dataset]
     if split not in ("train", "test"):
-        raise DataError(
+        raise NoSuchSplitError(
             f"{v.name}: split {split!r} does not exist: CIFAR has only the official train and test "
             f"splits. For a validation set, standard training holds out training images "
             f"(at.holdout=N); few-shot learning on CIFAR-100 classes uses cifar_fs or fc100"
