@@ -27,8 +27,8 @@ from pathlib import Path
 from metarobust.errors import ConfigError, DataError
 
 CONFIG_PREFIX = "configs/"
-"""Stripped from a config name, so that ``configs/meta/x.yaml`` (the checkout path the docs use)
-also resolves outside a checkout."""
+"""Stripped from a config name, so that ``configs/meta/omniglot_maml.yaml`` (the checkout path the
+docs use) also resolves outside a checkout."""
 
 
 def package_folder(name: str) -> Path:

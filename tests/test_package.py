@@ -308,3 +308,25 @@ print("ok", cfg.data.dataset)
     assert result.returncode == 0 and result.stdout.strip() == "ok glyphs", result.stderr
     licenses = list(site.glob("metarobust-*.dist-info/licenses/LICENSE"))
     assert licenses and "MIT License" in licenses[0].read_text()
+
+
+# What the documentation names
+
+
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "metarobust").rglob("*.py")),
+             *sorted((REPO / "scripts").glob("*.py"))]
+
+
+def test_every_config_and_episodes_file_the_documentation_names_ships():
+    """``configs/at/x.yaml`` in a README command must be a shipped config (it resolves by name from
+    any install), and ``episodes/<dataset>/<file>`` a shipped file."""
+    missing = []
+    for doc in DOCUMENTS:
+        text = doc.read_text(encoding="utf-8")
+        for name in sorted(set(re.findall(r"\bconfigs/([\w/]+\.yaml)", text))):
+            if not (resources.configs_dir() / name).is_file():
+                missing.append(f"{doc.relative_to(REPO)}: configs/{name}")
+        for name in sorted(set(re.findall(r"\bepisodes/(\w+/[\w.]+\.json)", text))):
+            if not (resources.episodes_dir() / name).is_file():
+                missing.append(f"{doc.relative_to(REPO)}: episodes/{name}")
+    assert not missing, "documented but not shipped:\n" + "\n".join(missing)
