@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; the exit status: 0 done, 1 stdout closed early, 2 bad input."""
+    """Run one command; the exit status: 0 done, 1 stdout closed early, else the error's
+    ``exit_code`` (2 bad input, 3 a failed gradient-masking check under eval.strict)."""
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -323,7 +324,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.func(args)
     except MetarobustError as exc:
         print(f"metarobust: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return 0
 
 

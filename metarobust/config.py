@@ -209,8 +209,10 @@ class OptimConfig:
     milestones: list[float] | None = None
     """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
     gamma: float = 0.1
-    cyclic_peak: float = 0.4
-    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
+    cyclic_peak: float = 0.5
+    """Where the cyclic schedule peaks, as a fraction of training: 1/2 in Wong et al.'s CIFAR-10
+    scripts for Fast and Free AT (``train_fgsm.py``, ``train_free.py``: torch's ``CyclicLR`` with
+    equal up and down phases), 2/5 in their MNIST script."""
 
     def filled(self, defaults: OptimConfig) -> OptimConfig:
         """These settings with every ``null`` field taken from ``defaults``."""
@@ -235,6 +237,9 @@ class EvalConfig:
     robust only if it survives the suite in every threat model (and in ``attack.norm``)."""
     checks: bool = True
     """Run the gradient-masking checks (more steps, large eps, attack vs random noise)."""
+    strict: bool = False
+    """A failed gradient-masking check is an error (``metarobust eval`` exits with code 3, after
+    ``eval.json`` is written) instead of a warning. Needs ``eval.checks``."""
     check_points: int = 200
     """Query points (or test images) the checks and the eps sweep use."""
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
@@ -484,6 +489,8 @@ def check_fields(cfg: ExperimentConfig) -> None:
         _check(norm in NORMS and eps >= 0, f"eval.union.{norm}", eps,
                "norm -> eps with norm in linf, l2, l1 and eps >= 0")
     _check(e.check_points >= 1, "eval.check_points", e.check_points, "an integer >= 1")
+    _check(e.checks or not e.strict, "eval.strict", e.strict, "false when eval.checks=false (there is nothing "
+           "to be strict about), or set eval.checks=true")
     _check(all(x >= 0 for x in e.eps_sweep), "eval.eps_sweep", e.eps_sweep, "multiples of attack.eps, each >= 0")
     _check(e.points >= 0, "eval.points", e.points, "an integer >= 0 (0: the whole test split)")
     a = cfg.analysis

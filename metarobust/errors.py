@@ -9,6 +9,9 @@ from __future__ import annotations
 class MetarobustError(Exception):
     """Base class of every error metarobust raises on purpose."""
 
+    exit_code = 2
+    """What the ``metarobust`` command exits with on this error."""
+
 
 class ConfigError(MetarobustError, ValueError):
     """A configuration value (from YAML, an override or a constructor) is invalid."""
@@ -20,3 +23,10 @@ class DataError(MetarobustError, ValueError):
 
 class TrainingDiverged(MetarobustError, RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class MaskingCheckFailed(MetarobustError, RuntimeError):
+    """A gradient-masking check failed under ``eval.strict=true``: the robust accuracy is not
+    trustworthy. The results are written before it is raised."""
+
+    exit_code = 3

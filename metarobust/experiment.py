@@ -116,6 +116,8 @@ def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, recipe: Recipe, test
         return evaluate_run(cfg, model, test, run=run, step=step, progress=progress, extra=extra)
     manifest = resolve_manifest(cfg, test, run)
     learner = recipe.evaluation_learner(model, manifest.ways)
+    if recipe.episodic:  # R-MAML's and AQ's reference codes are first order in effect: say which was trained
+        extra = {"meta_order": "first" if cfg.meta.first_order else "second", **(extra or {})}
     return evaluate_run(cfg, model, test, manifest=manifest, learner=learner, run=run, step=step, progress=progress,
                         extra=extra)
 

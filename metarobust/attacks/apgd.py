@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -180,6 +181,8 @@ class APGD:
     target_classes: int = 9
     rho: float = 0.75
     l1_large_eps: bool = True
+
+    verdicts: ClassVar[bool] = True  # __call__(..., verdict=True) -> (x_adv, fooled)
 
     def __post_init__(self) -> None:
         if self.norm not in threat.NORMS:
@@ -375,8 +378,13 @@ class APGD:
 
     # -- the attack ----------------------------------------------------------------------------
     def __call__(self, forward: Forward, x: torch.Tensor, y: torch.Tensor,
-                 loss: str | PerSampleLoss | None = None, noise: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 loss: str | PerSampleLoss | None = None, noise: torch.Tensor | None = None,
+                 verdict: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The adversarial examples, or with ``verdict`` ``(x_adv, fooled [B])``: ``fooled`` marks
+        the points misclassified clean or at some iterate of some run, every iterate a whole batch
+        the model scored. The returned examples are a per-sample choice among iterates, a batch
+        no run produced: for a batch-coupled model (transductive batch norm) another point's
+        change can un-fool a point in it, and ``fooled`` still counts that point."""
         x = x.detach()
         if noise is None:
             raise ValueError("APGD starts from random points: pass noise=attack.init_noise(x, generator)")
@@ -424,7 +432,7 @@ class APGD:
 
             for r in range(self.restarts):
                 if _all_broken(robust):
-                    return torch.where(threat.expand_per_sample(robust, x), x_highest, out)
+                    return self._result(robust, x, x_highest, out, verdict)
                 x_best, still, loss_best, x_fooling = self._attack_once(
                     forward, x, labels, objective, noise[..., k * self.restarts + r])
                 # Keep a run's result only where the point was robust before it (the reference
@@ -435,7 +443,14 @@ class APGD:
                 higher = loss_best > highest
                 x_highest = torch.where(threat.expand_per_sample(higher, x), x_best, x_highest)
                 highest = torch.where(higher, loss_best, highest)
-        return torch.where(threat.expand_per_sample(robust, x), x_highest, out)
+        return self._result(robust, x, x_highest, out, verdict)
+
+    @staticmethod
+    def _result(robust: torch.Tensor, x: torch.Tensor, x_highest: torch.Tensor, fooling: torch.Tensor,
+                verdict: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The point of highest loss where still robust, else the first fooling one."""
+        x_adv = torch.where(threat.expand_per_sample(robust, x), x_highest, fooling)
+        return (x_adv, ~robust) if verdict else x_adv
 
 
 def _all_broken(robust: torch.Tensor) -> bool:

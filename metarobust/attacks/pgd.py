@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -144,6 +145,7 @@ class PGD:
     targeted: bool = False
     early_stop: bool = False
     l1_quantile: float = 0.99
+    verdicts: ClassVar[bool] = True  # __call__(..., verdict=True) -> (x_adv, fooled)
 
     def __post_init__(self) -> None:
         threat.check_norm(self.norm)
@@ -185,7 +187,13 @@ class PGD:
         eps: threat.Budget | None = None,
         labels: torch.Tensor | None = None,
         step_size: threat.Budget | None = None,
-    ) -> torch.Tensor:
+        verdict: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The adversarial examples, or with ``verdict`` ``(x_adv, fooled [B])``: ``fooled`` marks
+        the points misclassified in the final batch of some restart, each batch scored whole. For a
+        batch-coupled model (transductive batch norm) the returned per-sample best of the restarts
+        is a mixture no restart produced, in which another point's change can un-fool a point;
+        ``fooled`` still counts it (:meth:`metarobust.evaluation.harness.Unit.attacked_correct`)."""
         x = x.detach()
         restarts = self._restarts
         if self.random_start:
@@ -199,23 +207,42 @@ class PGD:
         step = threat.per_sample(self.step_size if step_size is None else step_size, x)
         losses = self._objective(forward, x, y, loss, labels)
         stop_early = self.early_stop and loss is None and losses[2] is not None
+        if verdict:
+            truth = self._true_labels(y, labels)
 
-        if restarts == 1:
-            delta, _, _ = self._run(forward, x, budget, step, noise, losses, stop_early, score=False)
+        if restarts == 1 and not verdict:
+            delta, _ = self._run(forward, x, budget, step, noise, losses, stop_early, score=False)
             return (x + delta).clamp(0, 1)
 
-        best = best_loss = best_success = None
+        batch_loss, per_sample_loss, success = losses
+        best = best_loss = best_success = fooled = None
         for r in range(restarts):
-            delta, value, won = self._run(forward, x, budget, step, noise[..., r], losses, stop_early,
-                                          score=True)
+            delta, logits = self._run(forward, x, budget, step, noise if restarts == 1 else noise[..., r], losses,
+                                      stop_early, score=True)
+            value = per_sample_loss(logits).detach()
+            won = success(logits) if success is not None else torch.zeros_like(value, dtype=torch.bool)
+            wrong = logits.argmax(dim=-1) != truth if verdict else None
             if best is None:
-                best, best_loss, best_success = delta, value, won
+                best, best_loss, best_success, fooled = delta, value, won, wrong
                 continue
             better = (won & ~best_success) | ((won == best_success) & (value > best_loss))
             best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta, best)
             best_loss = torch.where(better, value, best_loss)
             best_success = best_success | won
-        return (x + best).clamp(0, 1)
+            fooled = fooled | wrong if verdict else None
+        x_adv = (x + best).clamp(0, 1)
+        return (x_adv, fooled) if verdict else x_adv
+
+    def _true_labels(self, y: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The labels a verdict judges against: ``y``, or ``labels`` for a targeted attack."""
+        if self.targeted:
+            if labels is None:
+                raise ValueError("verdict=True with a targeted PGD needs labels= (the true classes): "
+                                 "y holds the targets")
+            return labels
+        if not _is_labels(y):
+            raise ValueError("verdict=True needs class labels y (int64 [B]), not soft targets")
+        return y
 
     # -- internals -------------------------------------------------------------------------
 
@@ -260,7 +287,8 @@ class PGD:
         return batch_loss, per_sample_loss, success
 
     def _run(self, forward, x, budget, step, noise, losses, stop_early, score):
-        """One restart: ``(delta, loss [B], success [B])`` (the last two only when ``score``)."""
+        """One restart: ``(delta, logits)``, the logits of the final batch ``x + delta`` (only when
+        ``score``, else ``None``)."""
         batch_loss, per_sample_loss, success = losses
         if self.random_start:
             delta = threat.random_start(x, noise, self.norm, budget).detach()
@@ -285,12 +313,9 @@ class PGD:
                 moved = torch.where(success(logits).view(shape), delta, moved)
             delta = moved.detach()
         if not score:
-            return delta, None, None
+            return delta, None
         with torch.no_grad():
-            logits = full_precision(forward(x + delta)).detach()
-            value = per_sample_loss(logits).detach()
-            won = success(logits) if success is not None else torch.zeros_like(value, dtype=torch.bool)
-        return delta, value, won
+            return delta, full_precision(forward((x + delta).clamp(0, 1))).detach()  # the point returned
 
 
 def _negative(value: threat.Budget) -> bool:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from metarobust.config import ExperimentConfig
 from metarobust.data.manifest import Manifest
 from metarobust.data.store import ImageStore
+from metarobust.errors import MaskingCheckFailed
 from metarobust.evaluation.classifier import EVAL_BATCH, classifier_units, evaluation_points
 from metarobust.evaluation.fewshot import Learner, fewshot_units
 from metarobust.evaluation.harness import evaluate_units
@@ -80,4 +81,13 @@ def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore
             title = f"{cfg.recipe} on {cfg.data.dataset}: robust accuracy vs eps ({cfg.attack.norm})"
             result.plot = str(plot_robustness_curve(result.eps_sweep, run.path / "robustness_vs_eps.png", title))
         run.write_json("eval.json", result.as_dict())
+    failed = [c for c in result.checks if not c.passed]
+    if cfg.eval.strict and failed:
+        written = f" ({run.path / 'eval.json'} is written)" if run is not None else ""
+        raise MaskingCheckFailed(
+            "eval.strict=true and gradient-masking checks failed, so the robust accuracy "
+            f"{100 * result.robust_acc:.2f}% is not trustworthy{written}: "
+            + "; ".join(f"{c.name} ({c.detail})" for c in failed)
+            + ". Use a stronger attack (more steps, restarts, eval.suite=autoattack), or eval.strict=false "
+              "to report it with a warning")
     return result
