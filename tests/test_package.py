@@ -90,7 +90,8 @@ def test_a_shape_that_does_not_ship_is_looked_up_in_the_user_folder(tmp_path, mo
     from metarobust.data.manifest import default_manifest_path
 
     monkeypatch.setenv("METAROBUST_EPISODES", str(tmp_path))
-    assert default_manifest_path("glyphs", 3, 2, 4, 7) == tmp_path / "glyphs" / "test_3way_2shot_4query_7.json"
+    expected = tmp_path / "glyphs" / "test_3way_2shot_4query_7.json"
+    assert default_manifest_path("glyphs", 3, 2, 4, 7) == expected
 
 
 # The command line
@@ -313,8 +314,8 @@ print("ok", cfg.data.dataset)
 # What the documentation names
 
 
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "metarobust").rglob("*.py")),
-             *sorted((REPO / "scripts").glob("*.py"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "metarobust").rglob("*.py")), *sorted((REPO / "scripts").glob("*.py"))]
 
 
 def test_every_config_and_episodes_file_the_documentation_names_ships():
