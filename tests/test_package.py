@@ -282,16 +282,9 @@ def test_the_built_wheel_runs_outside_the_checkout(tmp_path):
     env = {"PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1", "METAROBUST_EPISODES": str(tmp_path / "user")}
     version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
 
-    result = run_module("--version", cwd=outside, env=env)
-    assert result.returncode == 0 and result.stdout.strip() == f"metarobust {version}", result.stderr
-    result = run_module("list", "configs", cwd=outside, env=env)
-    assert result.returncode == 0 and "meta/omniglot_maml.yaml" in result.stdout, result.stderr
-    result = run_module("data", "info", "glyphs", cwd=outside, env=env)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["splits"]["test"]["classes"] == 33  # the shipped splits.json
-
+    # The interpreter below resolves imports as python -m does (the same sys.path): the installed
+    # copy, not the checkout nor the environment's editable install.
     check = f"""
-import sys
 from pathlib import Path
 import metarobust
 from metarobust.data.manifest import default_manifest_path, load_manifest
@@ -307,6 +300,16 @@ print("ok", cfg.data.dataset)
     result = subprocess.run([sys.executable, "-c", check], cwd=outside, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok glyphs", result.stderr
+
+    script = site / "bin" / "metarobust"  # the console script pip wrote: the entry point works
+    result = subprocess.run([str(script), "--version"], cwd=outside, capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"metarobust {version}", result.stderr
+    result = run_module("list", "configs", cwd=outside, env=env)
+    assert result.returncode == 0 and "meta/omniglot_maml.yaml" in result.stdout, result.stderr
+    result = run_module("data", "info", "glyphs", cwd=outside, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["splits"]["test"]["classes"] == 33  # the shipped splits.json
     licenses = list(site.glob("metarobust-*.dist-info/licenses/LICENSE"))
     assert licenses and "MIT License" in licenses[0].read_text()
 
