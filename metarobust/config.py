@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from metarobust.errors import ConfigError
+from metarobust.resources import config_path
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
@@ -226,7 +227,8 @@ class EvalConfig:
     batch_size: int = 20
     """Episodes evaluated together."""
     manifest: str | None = None
-    """A manifest path; ``None``: ``episodes/<dataset>/test_<N>way_<K>shot_<Q>query_<E>.json``."""
+    """A manifest path; ``None``: ``test_<N>way_<K>shot_<Q>query_<E>.json`` shipped in
+    ``metarobust/episodes/<dataset>/``, else the user's copy (``metarobust episodes freeze``)."""
     suite: str = "single"
     """``metarobust eval``: ``single`` (the ``attack`` section) or ``autoattack`` (APGD-CE, then
     targeted APGD-DLR on the survivors, 100 steps each, in ``attack.norm`` at ``attack.eps``)."""
@@ -362,9 +364,7 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | None = N
     schema = OmegaConf.structured(experiment_schema())
     layers: list[Any] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        path = config_path(path)  # a YAML file, or a shipped name such as meta/omniglot_maml.yaml
         try:
             layers.append(OmegaConf.load(path))
         except Exception as exc:  # yaml.YAMLError and friends
