@@ -105,7 +105,8 @@ def resolve_manifest(cfg: ExperimentConfig, store: ImageStore, run: RunDir | Non
             if run is not None:
                 where = str(save_manifest(manifest, run.path / "episodes.json"))
             warnings.warn(f"no frozen episodes at {path}; froze {len(manifest)} with seed 0 ({where}). "
-                          f"Commit them with `metarobust episodes freeze {cfg.data.dataset}`", stacklevel=2)
+                          f"To compare runs on the same episodes, freeze them once with `metarobust episodes freeze "
+                          f"{cfg.data.dataset}` (or pass eval.manifest=PATH)", stacklevel=2)
     if (manifest.ways, manifest.shots, manifest.queries) != (m.ways, m.test_shots, m.queries):
         warnings.warn(f"manifest episodes are {manifest.ways}-way {manifest.shots}-shot "
                       f"{manifest.queries}-query; the config's meta.* episode shape is ignored", stacklevel=2)
