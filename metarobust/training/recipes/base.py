@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -69,6 +70,7 @@ from torch import nn
 
 from metarobust.attacks import build_attack
 from metarobust.attacks.pgd import PGD
+from metarobust.attacks.threat import TrainModeWarning
 from metarobust.config import AttackConfig, ExperimentConfig, ModelConfig, OptimConfig
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import BatchSampler, EpisodicSampler
@@ -203,7 +205,10 @@ def bn_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     was_training = model.training
     model.train(mode == "train")
     try:
-        yield model
+        with warnings.catch_warnings():
+            if mode == "train":  # on purpose (the recipe's reference attacks in train mode)
+                warnings.simplefilter("ignore", TrainModeWarning)
+            yield model
     finally:
         model.train(was_training)
 
