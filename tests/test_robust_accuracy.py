@@ -94,3 +94,22 @@ def test_inputs_it_cannot_attack_are_refused_before_any_work(trained):
     pixels = (x * 255).round().to(torch.uint8)  # uint8 images are read as 0..255
     r = robust_accuracy(model, pixels, y, eps=0.1, suite="fgsm")
     assert r.clean_acc == pytest.approx(float((model(pixels.float() / 255).argmax(1) == y).float().mean()))
+
+
+def test_a_batch_coupled_model_is_attacked_whole_and_its_adversarial_examples_returned(trained):
+    _, x, y = trained
+    torch.manual_seed(0)
+    from metarobust.meta import convert_batch_norm  # transductive BN: a point depends on its batch
+
+    model = convert_batch_norm(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                             nn.Flatten(), nn.Linear(8 * 8 * 8, 4)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    r = robust_accuracy(model, x, y, eps=0.3, suite="pgd", steps=5, return_adversarial=True)
+    assert r.robust_acc < r.clean_acc  # something to break
+    changed = (r.x_adv != x).flatten(1).any(1)
+    assert changed.float().mean() >= r.clean_acc - r.robust_acc - 1e-6  # every broken point has its input
+    assert (r.x_adv - x).abs().max() <= 0.3 + 1e-6 and 0 <= r.x_adv.min() and r.x_adv.max() <= 1
