@@ -400,13 +400,7 @@ class APGD:
         if check and not inside_func_transform():  # once per call, never in the step loop
             threat.check_call(x)
             threat.warn_if_training(forward)
-        if noise is None:
-            if generator is None and seed is None:
-                raise ValueError("APGD starts from random points: pass seed=<int>, generator=<torch.Generator> "
-                                 "or noise=attack.init_noise(x, generator)")
-            noise = self.init_noise(x, threat.seeded(generator, seed, x.device))
-        elif generator is not None or seed is not None:
-            raise ValueError("pass noise= or generator=/seed=, not both")
+        noise = threat.start_noise(noise, generator, seed, lambda g: self.init_noise(x, g), x.device)
         if tuple(noise.shape) != (*x.shape, self.runs):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(*x.shape, self.runs)} "
                              f"= (*x.shape, runs) from attack.init_noise(x, generator)")

@@ -222,13 +222,7 @@ class PGD:
             threat.warn_if_training(forward)
         restarts = self._restarts
         if self.random_start:
-            if noise is None:
-                if generator is None and seed is None:
-                    raise ValueError("random_start=True needs seed=<int>, generator=<torch.Generator> or "
-                                     "noise=attack.init_noise(x, generator)")
-                noise = self.init_noise(x, threat.seeded(generator, seed, x.device))
-            elif generator is not None or seed is not None:
-                raise ValueError("pass noise= or generator=/seed=, not both")
+            noise = threat.start_noise(noise, generator, seed, lambda g: self.init_noise(x, g), x.device)
             expected = tuple(x.shape) + ((restarts,) if restarts > 1 else ())
             if tuple(noise.shape) != expected:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected} "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -135,6 +136,17 @@ def check_call(x: torch.Tensor, **budgets: Budget | None) -> None:
     for name, low in zip(tensors, values):
         if not low >= 0:
             raise ConfigError(f"{name} has an entry {low:g}; every per-sample {name} must be >= 0")
+
+
+def start_noise(noise: torch.Tensor | None, generator: torch.Generator | None, seed: int | None,
+                draw: Callable[[torch.Generator], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """An attack's random-start noise: ``noise`` as passed, or ``draw(generator)`` with the
+    generator :func:`seeded` gives on ``device`` (``draw``: the attack's ``init_noise`` on ``x``)."""
+    if noise is None:
+        return draw(seeded(generator, seed, device))
+    if generator is not None or seed is not None:
+        raise ConfigError("pass noise= or generator=/seed=, not both")
+    return noise
 
 
 def seeded(generator: torch.Generator | None, seed: int | None, device: torch.device) -> torch.Generator:
@@ -324,5 +336,5 @@ def in_threat_model(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: Budget
 
 __all__ = ["NORMS", "TrainModeWarning", "check_call", "check_norm", "clip_to_box", "draw_noise", "expand_per_sample",
            "in_threat_model", "lp_norm", "norm_name", "per_sample", "project", "project_ball", "project_l1_ball",
-           "random_start", "seeded", "step_direction", "train_mode_layers", "unit_ball_point",
+           "random_start", "seeded", "start_noise", "step_direction", "train_mode_layers", "unit_ball_point",
            "warn_if_training"]
