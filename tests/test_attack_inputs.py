@@ -124,3 +124,19 @@ def test_the_same_seed_gives_the_same_adversarial_examples(trained):
             attack(model, x, y)
         with pytest.raises(ValueError, match="not both"):
             attack(model, x, y, noise=attack.init_noise(x), seed=0)
+
+
+def test_training_attacks_skip_the_checks_and_their_host_sync(trained, monkeypatch):
+    from types import SimpleNamespace
+
+    from metarobust.attacks import threat
+    from metarobust.training.recipes.base import Recipe
+
+    model, x, y = trained
+    calls = []
+    monkeypatch.setattr(threat, "check_call", lambda *a, **k: calls.append(a))
+    attack = PGD("linf", 0.1, steps=1)
+    Recipe.attack(SimpleNamespace(bn="train"), model, attack, x, y, noise=attack.init_noise(x))
+    assert calls == []  # the engine's batches are in [0, 1]: no check, no sync per step
+    attack(model, x, y, seed=0)
+    assert len(calls) == 1  # a direct call is checked once

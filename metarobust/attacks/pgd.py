@@ -18,6 +18,7 @@ The threat models (projections, step directions, random starts) are in
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -162,7 +163,7 @@ class PGD:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", threat.norm_name(self.norm))
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
             raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
         if self.step_size is None and self.steps >= 1:  # Madry et al.: 2.5 eps / steps
             object.__setattr__(self, "step_size", 2.5 * self.eps / self.steps)

@@ -33,6 +33,7 @@ and finite, budgets non-negative with one value per sample: one host synchronisa
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 
@@ -114,7 +115,7 @@ def check_call(x: torch.Tensor, **budgets: Budget | None) -> None:
             if value.numel():
                 tensors.append(name)
                 reads.append(value.detach().amin().to(device=x.device, dtype=torch.float32))
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{name}={value!r}; expected a number or a tensor of shape [{batch}]")
         elif not value >= 0:  # NaN too
             raise ConfigError(f"{name}={value}; expected a radius >= 0 in [0, 1] pixel units")

@@ -156,8 +156,8 @@ def _config(norm: str, eps: float, suite: str, steps: int | None, step_size: flo
     steps = DEFAULT_STEPS.get(name, 10) if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r}; expected an integer >= 1")
-    if step_size is None:
-        step_size = eps if name in ("fgsm",) else 2.5 * eps / steps
+    if step_size is None:  # Madry et al.'s; FGSM steps by eps whatever this says
+        step_size = 2.5 * eps / steps
     attack = AttackConfig(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=restarts)
     cfg = ExperimentConfig(recipe="", seed=seed, data=DataConfig(dataset=""), attack=attack,
                            eval=EvalConfig(suite=suite_name, union=union, checks=False))

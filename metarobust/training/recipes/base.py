@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from metarobust.attacks import build_attack
+from metarobust.attacks.apgd import APGD
 from metarobust.attacks.pgd import PGD
 from metarobust.attacks.threat import TrainModeWarning
 from metarobust.config import AttackConfig, ExperimentConfig, ModelConfig, OptimConfig
@@ -308,7 +309,12 @@ class Recipe:
     def attack(self, model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor,
                loss: Callable | None = None, noise: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         """``attack(model, x, y, loss, noise, **kw)`` with ``model`` in this recipe's BatchNorm
-        mode; returns detached adversarial inputs ``[B, C, H, W]`` in [0, 1]."""
+        mode; returns detached adversarial inputs ``[B, C, H, W]`` in [0, 1].
+
+        PGD and APGD skip their input checks here (``check=False``): the engine's batches are in
+        [0, 1] by construction, and the checks' host synchronisation would be one per step."""
+        if isinstance(attack, (PGD, APGD)):
+            kw.setdefault("check", False)
         with bn_mode(model, self.bn):
             return attack(model, x, y, loss, noise, **kw).detach()
 
