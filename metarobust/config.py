@@ -38,6 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from metarobust.errors import ConfigError, ConfigWarning
+from metarobust.resources import config_path
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
@@ -212,8 +213,10 @@ class OptimConfig:
     milestones: list[float] | None = None
     """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
     gamma: float = 0.1
-    cyclic_peak: float = 0.4
-    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
+    cyclic_peak: float = 0.5
+    """Where the cyclic schedule peaks, as a fraction of training: 1/2 in Wong et al.'s CIFAR-10
+    scripts for Fast and Free AT (``train_fgsm.py``, ``train_free.py``: torch's ``CyclicLR`` with
+    equal up and down phases), 2/5 in their MNIST script."""
 
     def filled(self, defaults: OptimConfig) -> OptimConfig:
         """These settings with every ``null`` field taken from ``defaults``."""
@@ -228,7 +231,8 @@ class EvalConfig:
     batch_size: int = 20
     """Episodes evaluated together."""
     manifest: str | None = None
-    """A manifest path; ``None``: ``episodes/<dataset>/test_<N>way_<K>shot_<Q>query_<E>.json``."""
+    """A manifest path; ``None``: ``test_<N>way_<K>shot_<Q>query_<E>.json`` shipped in
+    ``metarobust/episodes/<dataset>/``, else the user's copy (``metarobust episodes freeze``)."""
     suite: str = "single"
     """``metarobust eval``: ``single`` (the ``attack`` section) or ``autoattack`` (APGD-CE, then
     targeted APGD-DLR on the survivors, 100 steps each, in ``attack.norm`` at ``attack.eps``)."""
@@ -237,6 +241,9 @@ class EvalConfig:
     robust only if it survives the suite in every threat model (and in ``attack.norm``)."""
     checks: bool = True
     """Run the gradient-masking checks (more steps, large eps, attack vs random noise)."""
+    strict: bool = False
+    """A failed gradient-masking check is an error (``metarobust eval`` exits with code 3, after
+    ``eval.json`` is written) instead of a warning. Needs ``eval.checks``."""
     check_points: int = 200
     """Query points (or test images) the checks and the eps sweep use."""
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
@@ -362,7 +369,7 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | None = N
     A file that sets nothing (empty, or only comments) runs every default (R-MAML on the embedded
     glyphs for 15,000 meta-updates): it is accepted with a :class:`~metarobust.errors.ConfigWarning`.
     """
-    layers = [] if path is None else [_read_yaml(Path(path))]
+    layers = [] if path is None else [_read_yaml(path)]
     return _merge(layers + _override_layers(overrides))
 
 
@@ -374,13 +381,15 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
     return _merge([values, *_override_layers(overrides)])
 
 
-def _read_yaml(path: Path) -> Any:
-    """The mapping a config file holds (a list, a scalar or invalid YAML is a ConfigError)."""
+def _read_yaml(config: str | Path) -> Any:
+    """The mapping a config file (a path or a shipped name) holds; a folder, a list, a scalar or
+    invalid YAML is a ConfigError."""
     import yaml
 
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config file {str(path)!r} {what}; give a YAML file, see configs/ for examples")
+    if Path(config).expanduser().is_dir():
+        raise ConfigError(f"config file {str(config)!r} is a folder; give a YAML file or a shipped config name "
+                          f"such as meta/omniglot_maml.yaml (metarobust list configs)")
+    path = config_path(config)  # a YAML file, or a shipped name such as meta/omniglot_maml.yaml
     try:
         raw = yaml.safe_load(path.read_text())
     except Exception as exc:  # yaml.YAMLError, a decoding error and friends
@@ -388,7 +397,7 @@ def _read_yaml(path: Path) -> Any:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} holds a {_kind(raw)} ({_short(raw)}); a config is a "
                           f"mapping of sections and keys, e.g. `recipe: maml` then `meta:` with `ways: 5` "
-                          f"indented below it (see configs/quickstart.yaml)")
+                          f"indented below it (see the shipped quickstart.yaml)")
     try:  # OmegaConf's own loader: it reads 1e-3 as a number, where plain YAML 1.1 reads a string
         layer = OmegaConf.load(path) if raw else OmegaConf.create({})
     except Exception as exc:
@@ -400,7 +409,7 @@ def _read_yaml(path: Path) -> Any:
             f"APPLIES, i.e. recipe {defaults.recipe} on dataset {defaults.data.dataset} with model "
             f"{defaults.model.name} for {defaults.train.iterations:,} meta-updates (train.iterations; plain "
             f"recipes: {defaults.at.epochs} epochs, at.epochs), unless the command line overrides them. Start "
-            f"from a file under configs/ (e.g. configs/quickstart.yaml) if this is not what you meant",
+            f"from a shipped config (metarobust list configs) if this is not what you meant",
             ConfigWarning, stacklevel=3)
     _check_sections(OmegaConf.to_container(layer), f"config file {str(path)!r}")
     return layer
@@ -650,6 +659,8 @@ def check_fields(cfg: ExperimentConfig) -> None:
         _check(norm in NORMS and eps >= 0, f"eval.union.{norm}", eps,
                "norm -> eps with norm in linf, l2, l1 and eps >= 0")
     _check(e.check_points >= 1, "eval.check_points", e.check_points, "an integer >= 1")
+    _check(e.checks or not e.strict, "eval.strict", e.strict, "false when eval.checks=false (there is nothing "
+           "to be strict about), or set eval.checks=true")
     _check(all(x >= 0 for x in e.eps_sweep), "eval.eps_sweep", e.eps_sweep, "multiples of attack.eps, each >= 0")
     _check(e.points >= 0, "eval.points", e.points, "an integer >= 0 (0: the whole test split)")
     a = cfg.analysis

@@ -156,10 +156,12 @@ def test_an_output_folder_that_is_a_file_fails_before_work(tmp_path, capsys, com
 
 
 @pytest.mark.parametrize("command, output, written", [("id", "id.png", "id.json"),
-                                                      ("eval", "robustness_vs_eps.png", "eval.json"),
-                                                      ("eval", "report.md", "eval.json")])
+                                                      ("id", "id.json", "id.png"),
+                                                      ("eval", "eval/default_robustness_vs_eps.png", "eval/default.json"),
+                                                      ("eval", "eval/default.json", "report.md"),
+                                                      ("eval", "report.md", "eval/default.json")])
 def test_a_plot_or_report_path_that_is_a_folder_fails_before_work(run, capsys, command, output, written):
-    (run / output).mkdir()
+    (run / output).mkdir(parents=True)
     code, err = cli(capsys, command, str(run), "--quiet")
     assert code == 2 and f"{output}' is invalid; expected a file path to write, not a folder" in err
     assert not (run / written).exists()

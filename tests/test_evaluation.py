@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from metarobust.attacks import build_attack
+from metarobust.attacks.pgd import PGD
 from metarobust.cli import main
 from metarobust.data.manifest import freeze_episodes
 from metarobust.evaluation import (
@@ -25,7 +27,7 @@ from metarobust.evaluation import (
     headline,
     render_report,
 )
-from metarobust.evaluation.harness import cascade
+from metarobust.evaluation.harness import Unit, cascade
 from metarobust.evaluation.result import Z_95
 from metarobust.experiment import load_config, train_and_evaluate
 from metarobust.training.data import load_training_data
@@ -72,11 +74,16 @@ def test_end_of_training_and_metarobust_eval_write_the_same_eval_json(tmp_path, 
     capsys.readouterr()
     assert main(["eval", str(run), "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rescored = json.loads((run / "eval.json").read_text())
+    rescored = json.loads((run / "eval" / "default.json").read_text())  # beside eval.json, which stays
+    assert json.loads((run / "eval.json").read_text()) == at_training
     assert rescored["robust_acc"] == at_training["robust_acc"] == printed["robust_acc"] == summary["robust_acc"]
-    # every number, interval, class, check and sweep point; training adds what only it knows
-    assert {k: at_training[k] for k in rescored} == rescored
+    # every number, interval, class, check and sweep point; training adds what only it knows, a
+    # later evaluation what it was asked (overrides, attack and eval settings) and by whom
+    shared = set(rescored) & set(at_training) - {"plot"}
+    assert {k: at_training[k] for k in shared} == {k: rescored[k] for k in shared}
     assert set(at_training) - set(rescored) == {"train_seconds", "optimizer", "stopped"}
+    assert set(rescored) - set(at_training) == {"overrides", "attack", "eval", "provenance"}
+    assert rescored["meta_order"] == "second"  # MAML's order is part of every meta-learning number
     for key in ("clean_acc", "clean_ci95", "robust_acc", "robust_ci95", "episodes"):
         assert key in printed, key
     report = (run / "report.md").read_text()
@@ -101,6 +108,59 @@ def test_a_coupled_episode_is_scored_as_the_attacked_query_set(learner, stores):
                 forward(episode.query_x).argmax(-1) == episode.query_y)
     assert torch.equal(robust, expected) and torch.equal(after["pgd"], robust)
     assert bool((robust <= clean).all()) and bool(robust.any()) and not bool(robust.all())
+
+
+def batch_centred_unit() -> Unit:
+    """Four groups of 16 points under a model whose logits see the batch mean, as batch norm
+    does: a strongly coupled unit, in float64 so that no CPU's round-off changes a verdict."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 3, generator=g, dtype=torch.float64)
+
+    def forward(params, x):
+        h = x.flatten(1)
+        return 8 * (h - h.mean(0)) @ params["w"]
+
+    x = torch.rand(4, 16, 1, 3, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = torch.stack([forward({"w": w}, xt).argmax(-1) for xt in x])
+    return Unit(forward=forward, x=x, y=y, classes=y, shared={"w": w}, coupled=True)
+
+
+def test_restarts_on_a_coupled_group_cannot_un_fool_a_point():
+    """PGD keeps each point's best restart; in a coupled group that mixture of query sets was
+    never attacked as a whole, and other points' changes un-fool some points in it. The verdict
+    counts a point fooled in any restart's attacked set (checked by running every restart alone),
+    and the cascade's robust accuracy is the worse of the two, here strictly."""
+    unit = batch_centred_unit()
+    pgd = PGD("linf", 0.05, 0.025, 2, True, 16)
+    noise = pgd.init_noise(unit.x, torch.Generator().manual_seed(1))
+    x_adv, fooled = unit.map(lambda f, xt, yt, nt: pgd(f, xt, yt, noise=nt, verdict=True), unit.x, unit.y, noise)
+    one = PGD("linf", 0.05, 0.025, 2, True, 1)
+    anywhere = torch.zeros_like(fooled)
+    for r in range(16):
+        anywhere |= unit.predict(unit.attack(one, unit.x, unit.y, noise[..., r].contiguous())) != unit.y
+    assert torch.equal(fooled, anywhere)
+    mixture = unit.predict(x_adv) == unit.y
+    _, robust, _ = cascade(unit, [("pgd", pgd)], torch.Generator().manual_seed(1))
+    assert torch.equal(robust, mixture & ~fooled)
+    assert int(robust.sum()) < int(mixture.sum())  # the mixture alone reads more robust
+
+
+def test_a_coupled_cascade_scores_every_attack_on_whole_query_sets(learner, stores):
+    """The coupled cascade path on a meta-trained learner with transductive batch norm, PGD
+    with restarts then APGD: each attack only lowers the robust set, and a point survives
+    only if correct in what the attack returned and in every query set it scored."""
+    cfg, model, manifest = learner
+    unit = next(fewshot_units(model, stores.test, manifest, cfg, learner_of(cfg, model, manifest)))
+    assert unit.coupled
+    pgd = build_attack(replace(cfg.attack, eps=0.1, step_size=0.025, steps=3, restarts=3))
+    apgd = build_attack(replace(cfg.attack, name="apgd", eps=0.1, steps=4, loss="ce"))
+    clean, robust, after = cascade(unit, [("pgd", pgd), ("apgd", apgd)], torch.Generator().manual_seed(11))
+    noise = pgd.init_noise(unit.x, torch.Generator().manual_seed(11))
+    x_adv, fooled = unit.map(lambda f, xt, yt, nt: pgd(f, xt, yt, noise=nt, verdict=True), unit.x, unit.y, noise)
+    assert torch.equal(after["pgd"], clean & (unit.predict(x_adv) == unit.y) & ~fooled)
+    assert bool((after["apgd"] <= after["pgd"]).all()) and torch.equal(robust, after["apgd"])
+    assert bool(robust.any()) and not bool(robust.all())  # neither trivial end
 
 
 def test_fewshot_intervals_are_over_episodes(learner, stores):
@@ -183,3 +243,30 @@ def test_evaluation_imports_only_the_layers_below_it():
         for path, names in imported_modules(package / layer).items():
             assert not {n for n in names if n.startswith("metarobust.evaluation")}, path
     assert imported_modules(package / "evaluation")  # the scan saw the package
+
+
+def test_strict_evaluation_makes_a_failed_masking_check_an_error(tmp_path):
+    """A model that ignores its input is 'robust' at every eps: the large-eps and random-noise
+    checks fail. A warning by default; with eval.strict an error (exit code 3 from the CLI)
+    raised after eval.json is written."""
+    from metarobust.data.store import ImageStore
+    from metarobust.errors import ConfigError, MaskingCheckFailed
+    from metarobust.runs import RunDir
+
+    images = torch.randint(0, 256, (32, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    store = ImageStore(images, torch.arange(32) % 4, ["a", "b", "c", "d"], "toy/test")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    overrides = [f"out_dir={tmp_path}", "name=blind", "attack.steps=2", "eval.check_points=16",
+                 "eval.eps_sweep=[0.0,1.0]"]
+    with pytest.warns(UserWarning, match="possible gradient masking"):
+        lenient = evaluate_run(load_config(CONFIGS / "quickstart.yaml", overrides), model, store)
+    assert not all(c.passed for c in lenient.checks)
+    cfg = load_config(CONFIGS / "quickstart.yaml", [*overrides, "eval.strict=true"])
+    run = RunDir(cfg, tensorboard=False)
+    with pytest.warns(UserWarning), pytest.raises(MaskingCheckFailed, match="a large eps breaks") as failed:
+        evaluate_run(cfg, model, store, run=run)
+    assert failed.value.exit_code == 3 and (run.path / "eval.json").is_file()
+    with pytest.raises(ConfigError, match="eval.strict"):
+        load_config(CONFIGS / "quickstart.yaml", ["eval.strict=true", "eval.checks=false"])

@@ -23,7 +23,10 @@ in training.
 batch (MAML's transductive batch norm, :class:`~metarobust.models.layers.TaskBatchNorm2d`), a
 point's robustness is defined only within its attacked group. Every attack then perturbs the
 whole group, and a point survives it if it is classified correctly *in the attacked group, as
-the attack left it*. (The harness once kept, per point, the first input that fooled it and
+the attack left it*, and in every query set the attack scored on its way: PGD's restarts and
+APGD's iterates are whole attacked batches, while the per-point best they return is a mixture no
+run produced, in which another point's change can un-fool a point (``verdict=True`` of the
+attacks, :meth:`Unit.attacked_correct`). (The harness once kept, per point, the first input that fooled it and
 re-scored that mixture of adversarial and clean inputs: a batch no attack had optimised, whose
 statistics lie nearer the clean ones. It read up to about two points more robust than scoring
 the attacked query set, and disagreed with the few-shot evaluation at the end of training.)
@@ -66,6 +69,10 @@ class Unit:
         coupled: a group's predictions depend on all its points (transductive batch norm):
             attacks perturb whole groups, never slices.
         execution: ``"loop"`` (group by group) or ``"vmap"`` (all groups in one vectorised call).
+        adversarial: optional, a tensor like ``x`` (e.g. a copy of it): the cascade writes into it
+            each point's adversarial input from the attack that first broke it (a coupled
+            group's point: its input in the group as that attack left it); the other points
+            keep what it held.
 
     A plain classifier is one group: :func:`~metarobust.evaluation.classifier.classifier_unit`.
     """
@@ -78,6 +85,7 @@ class Unit:
     shared: Params = field(default_factory=dict)
     coupled: bool = False
     execution: str = "loop"
+    adversarial: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -99,8 +107,11 @@ class Unit:
         if self.execution == "vmap" and self.groups > 1:
             in_dims = (0, *(None if a is None else 0 for a in args))
             return vmap(one, in_dims=in_dims, randomness="error")(self.weights, *args)
-        return torch.stack([one({k: v[t] for k, v in self.weights.items()},
-                                *(None if a is None else a[t] for a in args)) for t in range(self.groups)])
+        out = [one({k: v[t] for k, v in self.weights.items()}, *(None if a is None else a[t] for a in args))
+               for t in range(self.groups)]
+        if isinstance(out[0], tuple):  # several outputs per group, each stacked
+            return tuple(torch.stack(parts) for parts in zip(*out))
+        return torch.stack(out)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, B, ...] -> logits [T, B, K]``, each group through its own model."""
@@ -113,6 +124,24 @@ class Unit:
     def attack(self, attack, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """``attack`` on every group against its own model; ``noise`` from ``attack.init_noise(x)``."""
         return self.map(lambda f, xt, yt, nt: attack(f, xt, yt, noise=nt), x, y, noise)
+
+    def attacked_correct(self, attack, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_adv, correct [T, B])``: ``attack`` on every group, and whether each point survived it.
+
+        A point of an uncoupled group survives if ``x_adv`` is classified correctly. An attack with
+        restarts or a best-iterate rule (PGD, APGD) returns, per point, its best input: for a
+        coupled group that is a mixture of batches no run produced, and in it another point's
+        change can un-fool a point that a whole attacked batch fooled. So a coupled point
+        survives only if it is correct in ``x_adv`` *and* in every batch the attack scored
+        (``verdict=True``, :attr:`~metarobust.attacks.pgd.PGD.verdicts`): the worst case over
+        real attacked query sets, never better than scoring ``x_adv`` alone.
+        """
+        if self.coupled and getattr(attack, "verdicts", False):
+            x_adv, fooled = self.map(lambda f, xt, yt, nt: attack(f, xt, yt, noise=nt, verdict=True), x, y, noise)
+            return x_adv, (self.predict(x_adv) == y) & ~fooled
+        x_adv = self.attack(attack, x, y, noise)
+        return x_adv, self.predict(x_adv) == y
 
     def head(self, points: int) -> Unit:
         """The unit cut to about ``points`` points: the first points of a single uncoupled
@@ -170,12 +199,18 @@ def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Ge
         noise = attack.init_noise(unit.x, generator)  # for every point: the draws never depend on survivors
         if bool(robust.any()):
             if unit.coupled or unit.groups > 1:
-                x_adv = unit.attack(attack, unit.x, unit.y, noise)
-                robust &= unit.predict(x_adv) == unit.y
+                x_adv, survived = unit.attacked_correct(attack, unit.x, unit.y, noise)
+                fooled = robust & ~survived
+                robust &= survived
+                if unit.adversarial is not None:
+                    unit.adversarial[fooled] = x_adv[fooled]
             else:
                 idx = robust[0].nonzero().squeeze(1)
                 x_adv = unit.attack(attack, unit.x[:, idx], unit.y[:, idx], None if noise is None else noise[:, idx])
                 robust[0, idx] = (unit.predict(x_adv) == unit.y[:, idx])[0]
+                if unit.adversarial is not None:
+                    fooled = ~robust[0, idx]
+                    unit.adversarial[0, idx[fooled]] = x_adv[0, fooled]
         after[name] = robust.clone()
     return clean_correct, robust, after
 
@@ -183,8 +218,8 @@ def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Ge
 def robust_accuracy(unit: Unit, attack_cfg: AttackConfig, generator: torch.Generator) -> tuple[float, torch.Tensor]:
     """Accuracy under one attack on all points (no cascade), and the adversarial inputs."""
     attack = build_attack(attack_cfg)
-    x_adv = unit.attack(attack, unit.x, unit.y, attack.init_noise(unit.x, generator))
-    return float((unit.predict(x_adv) == unit.y).float().mean()), x_adv
+    x_adv, correct = unit.attacked_correct(attack, unit.x, unit.y, attack.init_noise(unit.x, generator))
+    return float(correct.float().mean()), x_adv
 
 
 def large_eps(norm: str, dim: int) -> float:
@@ -205,8 +240,9 @@ def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Ge
         correct, inputs = 0, []
         for i, u in enumerate(units):
             noise = noises[i] if noises is not None else attack.init_noise(u.x, generator)
-            inputs.append(u.attack(attack, u.x, u.y, noise))
-            correct += int((u.predict(inputs[-1]) == u.y).sum())
+            x_adv, survived = u.attacked_correct(attack, u.x, u.y, noise)
+            inputs.append(x_adv)
+            correct += int(survived.sum())
         return correct / total, inputs
 
     def mean_acc(attack_cfg: AttackConfig, noises: list[torch.Tensor | None] | None = None) -> float:
