@@ -60,7 +60,7 @@ class Manifest:
 HEADER = {"dataset": str, "split": str, "ways": int, "shots": int, "queries": int, "seed": int, "episodes": list}
 """A manifest's top-level fields and their JSON types (``count``, if present, must be the number
 of episodes)."""
-REFREEZE = "freeze the episodes again with `metarobust episodes freeze DATASET`"
+REFREEZE = "freeze them again with `metarobust episodes freeze DATASET` (--out FILE --force replaces a file)"
 _NAME = re.compile(r"_(\d+)way_(\d+)shot_(\d+)query_(\d+)\.json$")
 
 
