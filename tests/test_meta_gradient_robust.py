@@ -1,6 +1,7 @@
 """The meta-gradients of the robust meta-learners equal references written from their definitions.
 
-AQ, R-MAML_out (both robust forms), TRADES-MAML and ITS-MAML, each against a plain per-task
+AQ, R-MAML_out (both robust forms), TRADES-MAML, ITS-MAML and R-MAML_both with TRADES' KL (its CE
+form: ``test_meta_gradient.py``), each against a plain per-task
 ``torch.autograd.grad`` reference (META.md 2.2, 2.3, 1.2) on an independently written Conv-4 in
 float64: the inner loop, the attack (L-inf PGD from the recipe's own random-start noise, written
 out here against the reference fast weights) and the meta-objective are built from the method's
@@ -9,7 +10,7 @@ executions.
 
 Each test also computes the reference of a plausible wrong objective (the robust weight ignored,
 the attack run at the initial weights instead of the fast ones, the TRADES KL reversed, the KL
-taken over another batch) and checks that it is far from the recipe's gradient: the comparison
+taken over another batch, the other order) and checks that it is far from the recipe's gradient: the comparison
 would catch that bug.
 """
 
@@ -48,7 +49,7 @@ def adapt(w: list[torch.Tensor], sx: torch.Tensor, sy: torch.Tensor, first_order
     for _ in range(STEPS):
         loss = F.cross_entropy(reference_forward(w, sx), sy)
         grads = torch.autograd.grad(loss, w, create_graph=not first_order)
-        w = [p - LR * g for p, g in zip(w, grads)]
+        w = [p - LR * g for p, g in zip(w, grads, strict=True)]
     return w
 
 
@@ -81,15 +82,34 @@ def attacked(w, x, y, noise, cfg, form: str, kl_reversed: bool = False) -> torch
     return linf_pgd(lambda z: kl(clean, reference_forward(frozen, z)) * len(x), x, noise, cfg)
 
 
-def reference(model, batch, noise, cfg, first_order: bool, objective) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(mean task loss, its gradient)`` with ``objective(init, fast, t, sx, sy, qx, qy, noise_t)``
-    the task's meta-loss."""
+def robust_adapt(cfg, inner_weight: float, attack_at: str = "fast"):
+    """R-MAML_both's inner loop (Wang et al. 2021; META.md 2.3): each step descends
+    ``CE(f(s), y_s) + inner_weight x KL(p(s) || p(s_adv))``, the support attacked (TRADES' KL)
+    against the current fast weights with that step's noise."""
+    def inner(w, sx, sy, noise, first_order):
+        start = w
+        for step in range(STEPS):
+            s_adv = attacked(w if attack_at == "fast" else start, sx, sy, noise["support_steps"][step], cfg, "trades")
+            clean = reference_forward(w, sx)
+            loss = F.cross_entropy(clean, sy) + inner_weight * kl(clean, reference_forward(w, s_adv))
+            grads = torch.autograd.grad(loss, w, create_graph=not first_order)
+            w = [p - LR * g for p, g in zip(w, grads, strict=True)]
+        return w
+
+    return inner
+
+
+def reference(model, batch, noise, cfg, first_order: bool, objective,
+              inner=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(mean task loss, its gradient)`` with ``objective(init, fast, sx, sy, qx, qy, noise_t)``
+    the task's meta-loss after the clean inner loop (or ``inner(init, sx, sy, noise_t, first_order)``)."""
     init = [p.detach().clone().requires_grad_() for p in model.parameters()]
     total = 0
     for t in range(batch.num_tasks):
         sx, sy, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
-        fast = adapt(init, sx, sy, first_order)
-        total = total + objective(init, fast, sx, sy, qx, qy, {k: v[t] for k, v in noise.items()})
+        task_noise = {k: v[t] for k, v in noise.items()}
+        fast = adapt(init, sx, sy, first_order) if inner is None else inner(init, sx, sy, task_noise, first_order)
+        total = total + objective(init, fast, sx, sy, qx, qy, task_noise)
     total = total / batch.num_tasks
     return total.detach(), list(torch.autograd.grad(total, init))
 
@@ -139,24 +159,26 @@ def trades_maml_objective(cfg, weight: float, kl_batch: str = "union", kl_revers
 
 # -- the comparisons ---------------------------------------------------------------------------------
 
-def check(cfg, first_order: bool, objective, wrong: dict, seed: int) -> None:
-    """The recipe's meta-gradient (both executions) equals the reference of ``objective``, and is
-    far from each reference of ``wrong`` (name -> objective) and from that of ``objective`` at the
-    other order."""
+def check(cfg, first_order: bool, objective, wrong: dict, seed: int, inner=None) -> None:
+    """The recipe's meta-gradient (both executions) equals the reference of ``objective`` (after
+    ``inner``, default the clean inner loop), and is far from each reference of ``wrong``
+    (name -> objective, or ``(objective, inner)``) and from the right one at the other order."""
     model, batch = make_model(), make_batch(seed)
     noise = build_recipe(cfg).draw_noise(batch, torch.Generator().manual_seed(seed + 10))
-    loss, expected = reference(model, batch, noise, cfg, first_order, objective)
+    loss, expected = reference(model, batch, noise, cfg, first_order, objective, inner)
     scale = max(float(e.abs().max()) for e in expected)
     assert scale > 0
     for execution in ("loop", "vmap"):
         ours_loss, _, ours = recipe_meta_gradient(cfg, model, batch, execution, noise)
         torch.testing.assert_close(ours_loss, loss, rtol=RTOL, atol=ATOL)
-        for e, o in zip(expected, ours):
+        for e, o in zip(expected, ours, strict=True):
             torch.testing.assert_close(o, e, rtol=RTOL, atol=ATOL * scale, msg=lambda m, ex=execution: f"{ex}: {m}")
-    wrong = {"the other order": (not first_order, objective), **{k: (first_order, v) for k, v in wrong.items()}}
-    for name, (order, mutant) in wrong.items():
-        _, other = reference(model, batch, noise, cfg, order, mutant)
-        gap = max(float((a - b).abs().max()) for a, b in zip(ours, other))
+    wrong = {name: mutant if isinstance(mutant, tuple) else (mutant, inner) for name, mutant in wrong.items()}
+    wrong = {"the other order": (not first_order, objective, inner),
+             **{name: (first_order, *mutant) for name, mutant in wrong.items()}}
+    for name, (order, mutant, mutant_inner) in wrong.items():
+        _, other = reference(model, batch, noise, cfg, order, mutant, mutant_inner)
+        gap = max(float((a - b).abs().max()) for a, b in zip(ours, other, strict=True))
         assert gap > 1e-3 * scale, f"the reference cannot tell the recipe from '{name}' (gap {gap:.2e})"
 
 
@@ -204,3 +226,17 @@ def test_its_maml_meta_gradient_is_r_maml_out_on_its_training_shots(form, first_
     check(cfg, first_order, r_maml_out_objective(cfg, form, WEIGHT),
           {"weight ignored": r_maml_out_objective(cfg, form, 1.0),
            "attack at the initial weights": r_maml_out_objective(cfg, form, WEIGHT, attack_at="init")}, seed=7)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_r_maml_both_with_trades_meta_gradient_matches_its_definition(first_order):
+    """R-MAML_both, TRADES form (the CE form: ``test_meta_gradient.py``): CE + inner_weight x KL on
+    the support attacked at every inner step, then R-MAML_out's meta-objective."""
+    inner_weight = 1.5
+    cfg = config("r_maml_in", first_order, **{"robust.form": "trades", "robust.inner_weight": inner_weight})
+    objective = r_maml_out_objective(cfg, "trades", WEIGHT)
+    check(cfg, first_order, objective,
+          {"clean inner loop": (objective, None),
+           "inner weight = robust.weight": (objective, robust_adapt(cfg, WEIGHT)),
+           "support attacked at the initial weights": (objective, robust_adapt(cfg, inner_weight, "init"))},
+          seed=8, inner=robust_adapt(cfg, inner_weight))
