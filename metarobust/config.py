@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from metarobust.errors import ConfigError
+from metarobust.resources import config_path
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
@@ -208,8 +209,10 @@ class OptimConfig:
     milestones: list[float] | None = None
     """Epochs (may be fractional) at which ``piecewise`` multiplies the lr by ``gamma``."""
     gamma: float = 0.1
-    cyclic_peak: float = 0.4
-    """Where the cyclic schedule peaks, as a fraction of training (Wong et al.: 2/5)."""
+    cyclic_peak: float = 0.5
+    """Where the cyclic schedule peaks, as a fraction of training: 1/2 in Wong et al.'s CIFAR-10
+    scripts for Fast and Free AT (``train_fgsm.py``, ``train_free.py``: torch's ``CyclicLR`` with
+    equal up and down phases), 2/5 in their MNIST script."""
 
     def filled(self, defaults: OptimConfig) -> OptimConfig:
         """These settings with every ``null`` field taken from ``defaults``."""
@@ -224,7 +227,8 @@ class EvalConfig:
     batch_size: int = 20
     """Episodes evaluated together."""
     manifest: str | None = None
-    """A manifest path; ``None``: ``episodes/<dataset>/test_<N>way_<K>shot_<Q>query_<E>.json``."""
+    """A manifest path; ``None``: ``test_<N>way_<K>shot_<Q>query_<E>.json`` shipped in
+    ``metarobust/episodes/<dataset>/``, else the user's copy (``metarobust episodes freeze``)."""
     suite: str = "single"
     """``metarobust eval``: ``single`` (the ``attack`` section) or ``autoattack`` (APGD-CE, then
     targeted APGD-DLR on the survivors, 100 steps each, in ``attack.norm`` at ``attack.eps``)."""
@@ -360,9 +364,7 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | None = N
     schema = OmegaConf.structured(experiment_schema())
     layers: list[Any] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        path = config_path(path)  # a YAML file, or a shipped name such as meta/omniglot_maml.yaml
         try:
             layers.append(OmegaConf.load(path))
         except Exception as exc:  # yaml.YAMLError and friends

@@ -44,14 +44,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from metarobust.config import load_config  # noqa: E402
 from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.evaluation import evaluate_run  # noqa: E402
 from metarobust.experiment import (  # noqa: E402
+    load_config,
     model_from_state,
     train_and_evaluate,
 )
 from metarobust.plots import plot_clean_vs_robust  # noqa: E402
+from metarobust.resources import configs_dir  # noqa: E402
 from metarobust.runs import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def main() -> None:
         extra = [f"name={method}"]
         if method == "ltd":
             extra.append(f"ltd.teacher={out / 'trades'}")
-        path = ROOT / "configs" / "at" / f"cifar10_{method}.yaml"
+        path = configs_dir() / "at" / f"cifar10_{method}.yaml"
         configs[method] = (path, common + extra)
         # LTD's teacher does not exist yet: check the rest now, the teacher when LTD starts.
         load_config(path, common + (extra if method != "ltd" else [f"name={method}"]))

@@ -17,6 +17,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 """The staged, read-only public datasets beside the checkout (``../shared/data``)."""
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_user_episodes(tmp_path_factory):
+    """Point ``$METAROBUST_EPISODES`` at an empty folder: the default manifest lookup searches the
+    user's frozen episodes after the shipped ones, and a test must not read or write the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("METAROBUST_EPISODES", str(tmp_path_factory.mktemp("user_episodes")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (staged real datasets); the test is skipped when it is absent."""

@@ -118,8 +118,9 @@ def test_cli_data_info_cifar10(tmp_path, capsys):
     from metarobust.cli import main
 
     write_files(tmp_path / "cifar-10-batches-py", cifar10_batches()[0])
-    main(["data", "info", "cifar10", "--root", str(tmp_path)])
+    assert main(["data", "info", "cifar10", "--root", str(tmp_path)]) == 0  # no val split is no failure
     info = json.loads(capsys.readouterr().out)
+    assert info["failed"] == [] and "at.holdout" in info["splits"]["val"]["error"]
     assert info["splits"]["test"] == {"classes": 10, "images": 10, "images_per_class": [1, 1],
                                       "image_shape": [3, 32, 32]}
 

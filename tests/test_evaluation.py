@@ -74,11 +74,16 @@ def test_end_of_training_and_metarobust_eval_write_the_same_eval_json(tmp_path, 
     capsys.readouterr()
     assert main(["eval", str(run), "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rescored = json.loads((run / "eval.json").read_text())
+    rescored = json.loads((run / "eval" / "default.json").read_text())  # beside eval.json, which stays
+    assert json.loads((run / "eval.json").read_text()) == at_training
     assert rescored["robust_acc"] == at_training["robust_acc"] == printed["robust_acc"] == summary["robust_acc"]
-    # every number, interval, class, check and sweep point; training adds what only it knows
-    assert {k: at_training[k] for k in rescored} == rescored
+    # every number, interval, class, check and sweep point; training adds what only it knows, a
+    # later evaluation what it was asked (overrides, attack and eval settings) and by whom
+    shared = set(rescored) & set(at_training) - {"plot"}
+    assert {k: at_training[k] for k in shared} == {k: rescored[k] for k in shared}
     assert set(at_training) - set(rescored) == {"train_seconds", "optimizer", "stopped"}
+    assert set(rescored) - set(at_training) == {"overrides", "attack", "eval", "provenance"}
+    assert rescored["meta_order"] == "second"  # MAML's order is part of every meta-learning number
     for key in ("clean_acc", "clean_ci95", "robust_acc", "robust_ci95", "episodes"):
         assert key in printed, key
     report = (run / "report.md").read_text()

@@ -136,6 +136,50 @@ def test_r_maml_in_puts_the_robust_term_in_the_inner_loop_and_out_does_not(store
     assert _gap(zero.calls[0][1], clean_zero) < 1e-6  # weight 0: the clean inner loop again
 
 
+def _trades_losses(cfg, batch, noise):
+    """Each task's TRADES-MAML loss for ``batch`` with ``noise``, from fixed weights."""
+    torch.manual_seed(0)
+    model = Conv4(1, cfg.meta.ways, 28, hidden=8)
+    recipe = build_recipe(cfg)
+    recipe._kl_batch = recipe.meta_batch(batch) if recipe.whole else None
+    task = recipe.task(recipe.learner(model), recipe.train_attack())
+    return [float(task(params_of(model), batch.support_x[t], batch.support_y[t], batch.query_x[t],
+                       batch.query_y[t], None if noise is None else {k: v[t] for k, v in noise.items()})[0].detach())
+            for t in range(batch.num_tasks)]
+
+
+def test_trades_maml_meta_batch_kl_spans_every_task_as_the_reference_code(stores):
+    """robust.kl_batch=meta_batch: task i's KL term covers every task's support and query at
+    task i's fast weights. With one task it is the default form; with two, changing task 1's
+    query moves task 0's loss, which the default (task-local) form never sees."""
+    deterministic = ["recipe=trades_maml", "train_attack.random_start=false"]
+    one = tiny_cfg(*deterministic, "meta.meta_batch_size=1")
+    batch = Trainer(one, data=stores, progress=False).sampler.sample()
+    whole = tiny_cfg(*deterministic, "meta.meta_batch_size=1", "robust.kl_batch=meta_batch")
+    assert _trades_losses(whole, batch, None) == _trades_losses(one, batch, None)
+
+    two = tiny_cfg(*deterministic)
+    batch = Trainer(two, data=stores, progress=False).sampler.sample()
+    changed = replace(batch, query_x=torch.cat([batch.query_x[:1], batch.query_x[1:].flip(-1)]))
+    meta = tiny_cfg(*deterministic, "robust.kl_batch=meta_batch")
+    assert _trades_losses(two, changed, None)[0] == _trades_losses(two, batch, None)[0]
+    assert abs(_trades_losses(meta, changed, None)[0] - _trades_losses(meta, batch, None)[0]) > 1e-4
+
+    noisy = build_recipe(tiny_cfg("recipe=trades_maml", "robust.kl_batch=meta_batch"))
+    noise = noisy.draw_noise(batch, torch.Generator().manual_seed(0))
+    points = batch.num_tasks * (batch.support_x.shape[1] + batch.query_x.shape[1])
+    assert set(noise) == {"meta_batch"} and noise["meta_batch"].shape == (batch.num_tasks, points, 1, 28, 28)
+    with pytest.raises(ConfigError, match="robust.kl_batch=meta_batch"):
+        noisy.draw_noise(batch, torch.Generator(), rank=0, world_size=2)
+    losses = []
+    for execution in ("loop", "vmap"):  # the engine's path: the whole batch reaches every task
+        cfg = tiny_cfg("recipe=trades_maml", "robust.kl_batch=meta_batch", f"meta.execution={execution}")
+        loss, stats = Trainer(cfg, data=stores, progress=False).train_step()
+        assert torch.isfinite(loss) and 0 <= float(stats["adv_acc"]) <= 1
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # float32 sums in another order
+
+
 def test_anil_adapts_only_the_head_in_training_and_at_test(stores):
     torch.manual_seed(0)
     model = Conv4(1, 5, 28, hidden=8)

@@ -136,7 +136,7 @@ def test_free_at_replays_each_batch_m_times_with_a_persistent_perturbation(mnist
     assert deltas[0].abs().max() == 0  # starts at zero...
     assert deltas[3].abs().max() > 0  # ...and the next batch starts from the last replay's delta
     assert deltas[3].abs().max() <= cfg.train_attack.eps + 1e-6
-    # The cyclic schedule counts replays: six distinct lrs rising to the peak at 2/5 and back.
+    # The cyclic schedule counts replays: six distinct lrs rising to the peak at 1/2 and back.
     expected = [lr_at(trainer.optim, (b + (r + 1) / 3) / 2, cfg.at.epochs) for b in range(2) for r in range(3)]
     assert lrs == pytest.approx(expected) and len(set(lrs)) == 6
 
@@ -268,10 +268,25 @@ def test_bad_standard_settings_fail_before_any_work(mnist, tmp_path, monkeypatch
 
 
 def test_lr_schedules_follow_the_papers():
+    # Wong et al.'s CIFAR-10 scripts (train_fgsm.py, train_free.py): torch's CyclicLR from 0 to
+    # lr_max with step_size_up = step_size_down = lr_steps / 2, stepped every iteration
     cyclic = OptimConfig(schedule="cyclic", lr=0.2)
+    iterations = 15 * 20
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([weight], lr=0.2, momentum=0.9)
+    reference = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=0.2, step_size_up=iterations / 2,
+                                                  step_size_down=iterations / 2)
+    theirs = []
+    for _ in range(iterations + 1):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    ours = [lr_at(cyclic, 15 * i / iterations, 15) for i in range(iterations + 1)]
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    # Their MNIST script: lambda t: np.interp([t], [0, epochs * 2 // 5, epochs], [0, lr_max, 0])
+    mnist = OptimConfig(schedule="cyclic", lr=0.2, cyclic_peak=0.4)
     ts = np.linspace(0, 15, 31)
-    # Wong et al.'s lambda t: np.interp([t], [0, epochs * 2 // 5, epochs], [0, lr_max, 0])
-    assert [lr_at(cyclic, t, 15) for t in ts] == pytest.approx(np.interp(ts, [0, 6, 15], [0, 0.2, 0]).tolist())
+    assert [lr_at(mnist, t, 15) for t in ts] == pytest.approx(np.interp(ts, [0, 6, 15], [0, 0.2, 0]).tolist())
     piecewise = OptimConfig(schedule="piecewise", lr=0.1, milestones=[100, 150])
     assert [lr_at(piecewise, t, 200) for t in (0, 99.9, 100, 149.9, 150, 200)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])

@@ -8,7 +8,9 @@ in-class positions (not store indices) keep a manifest valid when a reader's ord
      "seed": 0, "episodes": [{"classes": ["Latin/character03", ...],
                               "support": [[7], ...], "query": [[0, 4, ...], ...]}, ...]}
 
-Write one with ``metarobust episodes freeze DATASET``.
+Write one with ``metarobust episodes freeze DATASET``. The benchmark manifests ship inside the
+package (``metarobust/episodes/<dataset>/``); a user's go to
+:func:`~metarobust.resources.user_episodes_dir` (:mod:`metarobust.resources`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import EpisodicSampler, gather_episodes
 from metarobust.data.store import ImageStore
 from metarobust.errors import DataError
+from metarobust.resources import find_manifest
 from metarobust.runs import atomic_write_text
-
-EPISODES_DIR = Path(__file__).resolve().parents[2] / "episodes"
 
 
 @dataclass
@@ -43,10 +44,17 @@ class Manifest:
         return len(self.episodes)
 
 
+def manifest_filename(ways: int, shots: int, queries: int, count: int, rotations: bool = False) -> str:
+    """``test[_rot]_<N>way_<K>shot_<Q>query_<E>.json``: the name that says an episode shape."""
+    suffix = "_rot" if rotations else ""
+    return f"test{suffix}_{ways}way_{shots}shot_{queries}query_{count}.json"
+
+
 def default_manifest_path(dataset: str, ways: int, shots: int, queries: int, count: int,
                           rotations: bool = False) -> Path:
-    suffix = "_rot" if rotations else ""
-    return EPISODES_DIR / dataset / f"test{suffix}_{ways}way_{shots}shot_{queries}query_{count}.json"
+    """The shipped benchmark manifest of this shape if there is one, else the user's
+    (:func:`metarobust.resources.find_manifest`)."""
+    return find_manifest(dataset, manifest_filename(ways, shots, queries, count, rotations))
 
 
 def freeze_episodes(store: ImageStore, ways: int, shots: int, queries: int, count: int,

@@ -69,6 +69,10 @@ class Unit:
         coupled: a group's predictions depend on all its points (transductive batch norm):
             attacks perturb whole groups, never slices.
         execution: ``"loop"`` (group by group) or ``"vmap"`` (all groups in one vectorised call).
+        adversarial: optional, a tensor like ``x`` (e.g. a copy of it): the cascade writes into it
+            each point's adversarial input from the attack that first broke it (a coupled
+            group's point: its input in the group as that attack left it); the other points
+            keep what it held.
 
     A plain classifier is one group: :func:`~metarobust.evaluation.classifier.classifier_unit`.
     """
@@ -81,6 +85,7 @@ class Unit:
     shared: Params = field(default_factory=dict)
     coupled: bool = False
     execution: str = "loop"
+    adversarial: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -194,11 +199,18 @@ def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Ge
         noise = attack.init_noise(unit.x, generator)  # for every point: the draws never depend on survivors
         if bool(robust.any()):
             if unit.coupled or unit.groups > 1:
-                robust &= unit.attacked_correct(attack, unit.x, unit.y, noise)[1]
+                x_adv, survived = unit.attacked_correct(attack, unit.x, unit.y, noise)
+                fooled = robust & ~survived
+                robust &= survived
+                if unit.adversarial is not None:
+                    unit.adversarial[fooled] = x_adv[fooled]
             else:
                 idx = robust[0].nonzero().squeeze(1)
                 x_adv = unit.attack(attack, unit.x[:, idx], unit.y[:, idx], None if noise is None else noise[:, idx])
                 robust[0, idx] = (unit.predict(x_adv) == unit.y[:, idx])[0]
+                if unit.adversarial is not None:
+                    fooled = ~robust[0, idx]
+                    unit.adversarial[0, idx[fooled]] = x_adv[0, fooled]
         after[name] = robust.clone()
     return clean_correct, robust, after
 

@@ -88,6 +88,30 @@ def render_report(cfg: ExperimentConfig, summary: dict[str, Any], header: Sequen
     return "\n".join(lines)
 
 
+def render_later_evaluations(evaluations: dict[str, dict[str, Any]]) -> str:
+    """The report's section on later evaluations (``metarobust eval``'s ``eval/<name>.json``, by
+    name): what each changed, its threat model and suite, what it scored, clean and robust accuracy
+    with their intervals. Empty when there are none.
+
+    Example:
+        >>> text = render_later_evaluations({"attack.steps=20": json.loads(path.read_text())})
+    """
+    if not evaluations:
+        return ""
+    lines = ["", "## Later evaluations (`metarobust eval`, `eval/<name>.json`)", "",
+             "| name | overrides | robust = | threat model | scored on | step | clean accuracy | robust accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, s in evaluations.items():
+        overrides = " ".join(f"`{o}`" for o in s.get("overrides", [])) or "none"
+        scored = f"{s['episodes']} episodes" if s.get("episodes") is not None else f"{s['points']} points"
+        lines.append(f"| {name} | {overrides} | {robust_name(s)} (suite {s['suite']}) | {s['norm']} eps {s['eps']:.4g} "
+                     f"| {scored} | {s.get('step')} | {_pct(s['clean_acc'], s['clean_ci95'])} "
+                     f"| {_pct(s['robust_acc'], s['robust_ci95'])} |")
+        notes.append(f"- {name}: {interval_note(s)}")
+    return "\n".join([*lines, "", *notes, ""])
+
+
 def console_table(results: dict[str, dict[str, Any]]) -> str:
     """A terminal table of one or more evaluations (``{method: eval.json dict}``): clean
     accuracy, the accuracy after each attack when a suite has several, the robust accuracy, what

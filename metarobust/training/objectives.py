@@ -171,22 +171,25 @@ def robust_regularised(forward: FunctionalForward, fast: Params, x: torch.Tensor
 
 def trades_support_query(forward: FunctionalForward, fast: Params, sx: torch.Tensor, sy: torch.Tensor,
                          qx: torch.Tensor, qy: torch.Tensor, attack, noise: torch.Tensor | None,
-                         weight: float) -> tuple[torch.Tensor, Stats]:
+                         weight: float, kl_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, Stats]:
     """TRADES-regularised MAML as R-MAML's TRADES code writes it (META.md 2.3): clean query CE
     + ``weight`` x KL(p_clean || p_adv) over the support *and* query points at the adapted weights.
 
     The KL batch is ``cat(support, query)`` in one forward pass (its batch-norm statistics are
-    those of the union; the code's exact batching is a reconstruction [?]); ``noise`` is
-    shaped like that batch.
+    those of the union), or ``kl_batch = (x, y)`` when given: the reference code's choice, every
+    task's support and query of the meta-batch at this task's fast weights. ``noise`` is shaped
+    like the KL batch. ``adv_acc``: on the attacked query, or on the whole ``kl_batch``.
     """
     query_logits = forward(fast, qx)
-    both_x, both_y = torch.cat([sx, qx]), torch.cat([sy, qy])
+    own = kl_batch is None
+    both_x, both_y = (torch.cat([sx, qx]), torch.cat([sy, qy])) if own else kl_batch
     both_logits = forward(fast, both_x)
     x_adv = craft(forward, fast, both_x, both_y, attack, noise, "trades", both_logits)
     adv_logits = forward(fast, x_adv)
     reg = regulariser(both_logits, adv_logits, both_y, "trades")
-    stats = {"clean_acc": accuracy(query_logits.detach(), qy),
-             "adv_acc": accuracy(adv_logits[sx.shape[0]:].detach(), qy), "robust_term": reg.detach()}
+    adv_acc = accuracy(adv_logits[sx.shape[0]:].detach(), qy) if own else accuracy(adv_logits.detach(), both_y)
+    stats = {"clean_acc": accuracy(query_logits.detach(), qy), "adv_acc": adv_acc, "robust_term": reg.detach()}
     return F.cross_entropy(query_logits, qy) + weight * reg, stats
 
 

@@ -13,7 +13,8 @@ exactly.
   et al.; Rice et al.: x0.1 at 100 and 150 of 200 epochs; TRADES: x0.1 at 75 of 76).
 - ``cosine``: ``lr * (1 + cos(pi t / total)) / 2`` (Backward Smoothing's option).
 - ``cyclic``: triangular, 0 at the start, ``lr`` at ``cyclic_peak * total``, 0 at the end
-  (Wong et al.'s fast AT: 2/5 of the way; their ``np.interp([t], [0, 2E/5, E], [0, lr, 0])``).
+  (Wong et al.'s Fast/Free AT CIFAR-10 scripts: half way, torch's ``CyclicLR`` with equal phases;
+  their MNIST script: 2/5, ``np.interp([t], [0, 2E/5, E], [0, lr, 0])``).
 - ``constant``: ``lr``.
 """
 
@@ -65,7 +66,7 @@ def lr_at(o: OptimConfig, t: float, total: float) -> float:
     """The learning rate at ``t`` epochs into a run of ``total`` (``0 <= t <= total``).
 
     Example:
-        >>> lr_at(OptimConfig(schedule="cyclic", lr=0.2), 6.0, 15)
+        >>> lr_at(OptimConfig(schedule="cyclic", lr=0.2), 7.5, 15)
         0.2
     """
     if o.schedule == "piecewise":

@@ -29,6 +29,10 @@ class RobustConfig:
     support set attacked at every inner step (R-MAML_both)."""
     inner_weight: float | None = None
     """Weight of the inner-loop term with ``placement=in``; ``None``: ``weight``."""
+    kl_batch: str = "task"
+    """``trades_maml`` only: the points of task i's KL term. ``task``: task i's support and query;
+    ``meta_batch``: every task's support and query, at task i's fast weights, as R-MAML's
+    TRADES reference code builds it (single process only)."""
 
     def check(self) -> None:
         check_value(self.form in ROBUST_FORMS, "robust.form", self.form, "trades or ce")
@@ -37,6 +41,8 @@ class RobustConfig:
         check_value(self.inner_weight is None or self.inner_weight >= 0, "robust.inner_weight",
                     self.inner_weight, "a weight >= 0, or null for robust.weight")
         check_value(self.weight >= 0, "robust.weight", self.weight, "a weight >= 0")
+        check_value(self.kl_batch in ("task", "meta_batch"), "robust.kl_batch", self.kl_batch,
+                    "task (task i's support and query) or meta_batch (every task's, as the reference code)")
 
 
 @register_recipe("r_maml", "R-MAML (Wang et al. 2021): clean CE + robust.weight x (TRADES-KL or adversarial CE); "
