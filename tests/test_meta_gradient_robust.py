@@ -1,12 +1,12 @@
 """The meta-gradients of the robust meta-learners equal references written from their definitions.
 
-AQ, R-MAML_out (both robust forms), TRADES-MAML, ITS-MAML and R-MAML_both with TRADES' KL (its CE
-form: ``test_meta_gradient.py``), each against a plain per-task
+AQ, R-MAML_out (both robust forms), TRADES-MAML (both KL batches), ITS-MAML and R-MAML_both with
+TRADES' KL (its CE form: ``test_meta_gradient.py``), each against a plain per-task
 ``torch.autograd.grad`` reference (META.md 2.2, 2.3, 1.2) on an independently written Conv-4 in
 float64: the inner loop, the attack (L-inf PGD from the recipe's own random-start noise, written
 out here against the reference fast weights) and the meta-objective are built from the method's
-definition, not from :mod:`metarobust.training.objectives`. First and second order, both
-executions.
+definition, not from :mod:`metarobust.training.objectives`. The recipe's side is the trainer's
+call, ``recipe.backward`` (its own noise draw), in both executions; first and second order.
 
 Each test also computes the reference of a plausible wrong objective (the robust weight ignored,
 the attack run at the initial weights instead of the fast ones, the TRADES KL reversed, the KL
@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from numerics import U64
-from test_meta_gradient import make_batch, make_model, recipe_config, recipe_meta_gradient, reference_forward
+from test_meta_gradient import WAYS, make_batch, make_model, recipe_config, reference_forward
 
-from metarobust.training.recipes import build_recipe
+from metarobust.training.recipes import Models, StepContext, build_recipe
 
 LR, STEPS, WEIGHT = 0.3, 2, 2.5  # recipe_config's inner loop; a robust weight != 1, so that ignoring it shows
 RTOL = 1e8 * U64
@@ -140,13 +140,20 @@ def r_maml_out_objective(cfg, form: str, weight: float, attack_at: str = "fast",
     return objective
 
 
-def trades_maml_objective(cfg, weight: float, kl_batch: str = "union", kl_reversed: bool = False):
+def trades_maml_objective(cfg, weight: float, kl_batch: str = "union", kl_reversed: bool = False, batch=None):
     """TRADES-MAML (R-MAML's TRADES baseline, META.md 2.3): clean query CE + weight x
-    KL(p_clean || p_adv) over the support and query points at the fast weights, support and query
-    as one batch (``kl_batch="union"``; ``"query"``: the query only, R-MAML's batch)."""
+    KL(p_clean || p_adv) over support and query points at the fast weights, as one batch:
+    ``kl_batch="union"``: the task's own support and query (``robust.kl_batch=task``);
+    ``"meta_batch"``: every task's supports, then every task's queries, of ``batch``, attacked from
+    the task's own start (``robust.kl_batch=meta_batch``, R-MAML's TRADES code); ``"query"``: the
+    task's query only (R-MAML's TRADES form)."""
     def objective(init, fast, sx, sy, qx, qy, noise):
-        if kl_batch == "union":
+        if kl_batch == "union" and "meta_batch" in noise:  # the task's own points, any start
+            x, noise_x = torch.cat([sx, qx]), noise["meta_batch"][: len(sx) + len(qx)]
+        elif kl_batch == "union":
             x, noise_x = torch.cat([sx, qx]), torch.cat([noise["support"], noise["query"]])
+        elif kl_batch == "meta_batch":
+            x, noise_x = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)]), noise["meta_batch"]
         else:
             x, noise_x = qx, noise["query"]
         x_adv = attacked(fast, x, None, noise_x, cfg, "trades", kl_reversed)
@@ -159,17 +166,29 @@ def trades_maml_objective(cfg, weight: float, kl_batch: str = "union", kl_revers
 
 # -- the comparisons ---------------------------------------------------------------------------------
 
-def check(cfg, first_order: bool, objective, wrong: dict, seed: int, inner=None) -> None:
+def engine_meta_gradient(cfg, model, batch, generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The meta-gradient as the trainer takes it: ``recipe.backward`` (noise drawn from
+    ``generator``) into the parameters' ``.grad``."""
+    model.zero_grad(set_to_none=True)
+    models = Models({"model": model}, {"model": model}, {"model": model}, ["model"])
+    ctx = StepContext(step=0, epoch=0, progress=0.0, replay=0, generator=generator, num_classes=WAYS)
+    loss, _ = build_recipe(cfg).backward(models, batch, ctx)
+    return loss, [p.grad.clone() for p in model.parameters()]
+
+
+def check(cfg, first_order: bool, objective, wrong: dict, seed: int, inner=None, batch=None) -> None:
     """The recipe's meta-gradient (both executions) equals the reference of ``objective`` (after
-    ``inner``, default the clean inner loop), and is far from each reference of ``wrong``
-    (name -> objective, or ``(objective, inner)``) and from the right one at the other order."""
-    model, batch = make_model(), make_batch(seed)
+    ``inner``, default the clean inner loop) with the noise the recipe draws, and is far from each
+    reference of ``wrong`` (name -> objective, or ``(objective, inner)``) and from the right one
+    at the other order."""
+    model, batch = make_model(), make_batch(seed) if batch is None else batch
     noise = build_recipe(cfg).draw_noise(batch, torch.Generator().manual_seed(seed + 10))
     loss, expected = reference(model, batch, noise, cfg, first_order, objective, inner)
     scale = max(float(e.abs().max()) for e in expected)
     assert scale > 0
     for execution in ("loop", "vmap"):
-        ours_loss, _, ours = recipe_meta_gradient(cfg, model, batch, execution, noise)
+        cfg.meta.execution = execution
+        ours_loss, ours = engine_meta_gradient(cfg, model, batch, torch.Generator().manual_seed(seed + 10))
         torch.testing.assert_close(ours_loss, loss, rtol=RTOL, atol=ATOL)
         for e, o in zip(expected, ours, strict=True):
             torch.testing.assert_close(o, e, rtol=RTOL, atol=ATOL * scale, msg=lambda m, ex=execution: f"{ex}: {m}")
@@ -215,6 +234,18 @@ def test_trades_maml_meta_gradient_matches_its_definition(first_order):
           {"weight ignored": trades_maml_objective(cfg, 1.0),
            "KL reversed": trades_maml_objective(cfg, WEIGHT, kl_reversed=True),
            "KL over the query only": trades_maml_objective(cfg, WEIGHT, kl_batch="query")}, seed=6)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_trades_maml_with_the_meta_batch_kl_matches_its_definition(first_order):
+    """``robust.kl_batch=meta_batch``: task i's KL term covers every task's support and query at
+    task i's fast weights, as R-MAML's TRADES code builds it."""
+    cfg = config("trades_maml", first_order, **{"robust.kl_batch": "meta_batch"})
+    batch = make_batch(9)
+    check(cfg, first_order, trades_maml_objective(cfg, WEIGHT, "meta_batch", batch=batch),
+          {"weight ignored": trades_maml_objective(cfg, 1.0, "meta_batch", batch=batch),
+           "KL reversed": trades_maml_objective(cfg, WEIGHT, "meta_batch", kl_reversed=True, batch=batch),
+           "KL over the task's own points": trades_maml_objective(cfg, WEIGHT, "union")}, seed=9, batch=batch)
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
