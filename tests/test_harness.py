@@ -92,7 +92,6 @@ def test_cascade_is_the_pointwise_worst_case_of_its_attacks(data):
 
 
 def test_autoattack_suite_is_at_least_as_strong_as_pgd(data):
-    pytest.importorskip("metarobust.attacks.apgd")
     model, x, y = data
     pgd = evaluate_units(units(model, x, y), config(checks=False), 4, list("abcd"))
     aa = evaluate_units(units(model, x, y), config(checks=False, suite="autoattack"), 4, list("abcd"))
