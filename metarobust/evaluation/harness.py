@@ -1,8 +1,10 @@
 """The robust-evaluation harness: an attack suite, the union of threat models, per-class
 accuracies, a robust-accuracy-vs-eps sweep and gradient-masking checks.
 
-It follows the AutoAttack protocol (Croce & Hein, ICML 2020) and the checklist of Carlini et al.
-("On Evaluating Adversarial Robustness", 2019):
+It runs the suite ``eval.suite`` (:data:`SUITE_NAMES`: the ``attack`` section alone by default;
+``autoattack``, the standard AutoAttack of Croce & Hein, ICML 2020, with the reference's settings
+per norm, :func:`autoattack_configs`) and the checklist of Carlini et al. ("On Evaluating
+Adversarial Robustness", 2019):
 
 - **Cascade**: the attacks of a suite run in a fixed order and each attacks only the points
   still robust; a point is robust if it is classified correctly clean and after every attack,
