@@ -13,7 +13,7 @@ radii where about half of the points are robust (``conftest.prototype_classifier
   queries (L-inf 0.16, 128 points) the reference gave 78.9-82.0 % and ours 78.9-82.0 %; the test
   allows 6 points (8 of 128), about three standard deviations of that spread.
 - The full suite: ours and the reference's gave the same robust accuracy on 256 points (46.48 %
-  L-inf; 46.09 % L2 and 44.53 % L1 measured outside the tests): the test allows one point of
+  L-inf; 46.09 % L2 measured outside the tests): the test allows one point of
   accuracy (2 of 256 points), the random starts of APGD being drawn differently.
 """
 
@@ -117,7 +117,7 @@ class ScoreOnly(torch.nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_square_only_queries_scores_and_counts_queries_per_example(trained, norm):
     model, x, y = trained
     oracle = ScoreOnly(model)
@@ -164,10 +164,12 @@ def test_square_under_vmap_equals_the_loop(trained):
     torch.testing.assert_close(mapped, looped, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_square_breaks_as_many_points_as_the_reference(trained, norm):
     model, x, y = trained
-    queries = 2000 if norm == "linf" else 1000  # L2 steps cost more; 1000 queries: 93.0 % reference, 94.5 % ours
+    # L2 and L1 steps cost more; at 1000 queries: L2 93.0 % reference, 94.5 % ours; L1 (two seeds)
+    # 93.8 / 93.0 % reference, 95.3 / 93.8 % ours.
+    queries = 2000 if norm == "linf" else 1000
     ref = SquareAttack(model, norm=REF_NORM[norm], eps=EPS[norm], n_queries=queries, p_init=0.8, seed=0,
                        resc_schedule=False, device="cpu").perturb(x, y)
     attack = Square(norm, EPS[norm], queries=queries)
@@ -195,9 +197,8 @@ def test_autoattack_is_the_standard_version_with_the_references_settings_per_nor
         assert (fab.name, fab.steps, fab.restarts, fab.target_classes) == ("fab_t", 100, 1, 9)
         built = build_attack(square)
         assert isinstance(built, Square) and (built.queries, built.p_init, built.restarts) == (5000, 0.8, 1)
-    with pytest.warns(UserWarning, match="square skipped"):
-        l1 = dict(suite_configs(suite_cfg("autoattack", "l1"), 10))
-    assert list(l1) == ["l1/apgd-ce", "l1/apgd-t", "l1/fab-t"]
+    l1 = dict(suite_configs(suite_cfg("autoattack", "l1"), 10))
+    assert list(l1) == ["l1/apgd-ce", "l1/apgd-t", "l1/fab-t", "l1/square"]
     assert l1["l1/apgd-ce"].restarts == 5 and l1["l1/apgd-t"].target_classes == 5  # the reference's L1 settings
     # five ways: targets capped at the four wrong classes
     assert all(c.target_classes == 4 for n, c in suite_configs(suite_cfg("autoattack"), 5) if n.endswith("-t"))

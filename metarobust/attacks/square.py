@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from metarobust.attacks import threat
+from metarobust.attacks.apgd import l1_projection
 from metarobust.attacks.pgd import inside_func_transform
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 from metarobust.errors import ConfigError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-SQUARE_NORMS = ("linf", "l2")
+SQUARE_NORMS = ("linf", "l2", "l1")
 CHECK_EVERY = 10
 """Iterations between the host checks whether any example is still running."""
 
@@ -77,26 +78,31 @@ def _sign(u: torch.Tensor) -> torch.Tensor:
 
 
 # -- the L2 square's profile (the reference's eta) ------------------------------------------------
-def _rectangles(rows: int, cols: int) -> torch.Tensor:
-    """The reference's ``eta_rectangles`` (L2): nested rectangles weighted ``1 / (k + 1)^2``,
-    unit L2 norm."""
+def _rectangles(rows: int, cols: int, norm: str) -> torch.Tensor:
+    """The reference's ``eta_rectangles``: nested rectangles weighted ``1 / (k + 1)^2`` (L2) or
+    ``1 / (k + 1)^4`` (L1), of unit norm."""
     delta = torch.zeros(rows, cols, dtype=torch.float64)
+    power = 2 if norm == "l2" else 4
     r, c = rows // 2, cols // 2
     for k in range(max(rows // 2 + 1, cols // 2 + 1)):
-        delta[max(r, 0):min(r + 2 * k + 1, rows), max(0, c):min(c + 2 * k + 1, cols)] += 1.0 / (k + 1) ** 2
+        delta[max(r, 0):min(r + 2 * k + 1, rows), max(0, c):min(c + 2 * k + 1, cols)] += 1.0 / (k + 1) ** power
         r, c = r - 1, c - 1
-    return delta / delta.pow(2).sum().sqrt()
+    return delta / _size(delta, norm)
+
+
+def _size(t: torch.Tensor, norm: str) -> torch.Tensor:
+    return t.pow(2).sum().sqrt() if norm == "l2" else t.abs().sum()
 
 
 @functools.lru_cache(maxsize=64)
-def eta(s: int) -> torch.Tensor:
-    """The L2 square's profile ``[s, s]`` (the reference's ``eta`` before its random transpose):
-    the upper half positive, the lower half negative, unit L2 norm. float64, on the CPU."""
+def eta(s: int, norm: str = "l2") -> torch.Tensor:
+    """The square's profile ``[s, s]`` in L2 or L1 (the reference's ``eta`` before its random
+    transpose): the upper half positive, the lower half negative, unit norm. float64, on the CPU."""
     delta = torch.zeros(s, s, dtype=torch.float64)
     if s // 2 > 0:
-        delta[: s // 2] = _rectangles(s // 2, s)
-    delta[s // 2:] = -_rectangles(s - s // 2, s)
-    return delta / delta.pow(2).sum().sqrt()
+        delta[: s // 2] = _rectangles(s // 2, s, norm)
+    delta[s // 2:] = -_rectangles(s - s // 2, s, norm)
+    return delta / _size(delta, norm)
 
 
 def p_selection(p_init: float, it: int, queries: int, rescale: bool) -> float:
@@ -144,10 +150,11 @@ class Square:
     the window is set to a vertex, ``+-eps`` per channel; L2: the window's mass is redrawn as
     ``eta`` of a random sign and a second window's moved into it, keeping the norm at ``eps``.
 
-    Distance Measure : Linf, L2
+    Distance Measure : Linf, L2, L1 (L1: the reference's L1 Square, windows of ``eta`` profiles
+    whose mass is moved within the L1 ball, projected onto the ball and the box)
 
     Arguments:
-        norm (str): ``'linf'`` or ``'l2'``.
+        norm (str): ``'linf'``, ``'l2'`` or ``'l1'``.
         eps (float): radius of the ball in [0, 1] pixel units.
         queries (int): score queries per example per restart, the initial point included.
             (Default: 5000, AutoAttack's)
@@ -216,12 +223,12 @@ class Square:
         signs = _sign(uniform(key, stream, c * w)).to(x.dtype).view(b, c, 1, w)
         return (x + eps * signs).clamp(0, 1)
 
-    def _init_l2(self, x: torch.Tensor, key: torch.Tensor, stream: int, eps) -> torch.Tensor:
+    def _init_lp(self, x: torch.Tensor, key: torch.Tensor, stream: int, eps) -> torch.Tensor:
         b, c, h, w = x.shape
         s = max(h // 5, 1)
         start = (h - s * 5) // 2
         corners = [(start + i * s, start + j * s) for i in range(h // s) for j in range(w // s)]
-        profile = eta(s).to(device=x.device, dtype=x.dtype)
+        profile = eta(s, self.norm).to(device=x.device, dtype=x.dtype)
         placed = torch.zeros(2, len(corners), h + start + s, w + start + s,
                              device=x.device, dtype=x.dtype)
         for n, (vh, vw) in enumerate(corners):  # tiles past the image edge are cut off, as in the reference
@@ -232,6 +239,8 @@ class Square:
         flip = u[..., c] > 0.5  # [B, tiles]: the reference transposes eta at random
         tiles = torch.where(flip[..., None, None], placed[1][None], placed[0][None])  # [B, tiles, h, w]
         delta = torch.einsum("btc,bthw->bchw", _sign(u[..., :c]).to(x.dtype), tiles)
+        if self.norm == "l1":
+            return _project_l1(x, delta, eps)
         return (x + _normalize_l2(delta) * eps).clamp(0, 1)
 
     # -- one iteration ---------------------------------------------------------------------------
@@ -248,7 +257,7 @@ class Square:
         x_new = x_best + window * 2 * eps * signs
         return torch.minimum(torch.maximum(x_new, x - eps), x + eps).clamp(0, 1)
 
-    def _propose_l2(self, x, x_best, key, counter, p, eps):
+    def _propose_lp(self, x, x_best, key, counter, p, eps):
         b, c, h, w = x.shape
         s = max(int(round(math.sqrt(p * h * w))), 3)
         s = min(s + 1 if s % 2 == 0 else s, h, w)
@@ -261,22 +270,31 @@ class Square:
         cols2, _ = _window(vw2, s, w)
         mask1 = rows1[:, None, :, None] & cols1[:, None, None, :]  # [B, 1, h, w]
         mask2 = rows2[:, None, :, None] & cols2[:, None, None, :]
-        profile = eta(s).to(device=x.device, dtype=x.dtype)
+        profile = eta(s, self.norm).to(device=x.device, dtype=x.dtype)
         flip = u[:, 4] > 0.5
         placed = torch.where(flip[:, None, None], profile.T[off_r[:, :, None], off_c[:, None, :]],
                              profile[off_r[:, :, None], off_c[:, None, :]])[:, None] * mask1
 
+        l1 = self.norm == "l1"
+
         def window_norm(t: torch.Tensor) -> torch.Tensor:  # per example and channel [B, C, 1, 1]
+            if l1:
+                return t.abs().sum(dim=(-2, -1), keepdim=True)
             return t.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt()
 
         delta = x_best - x
-        norm_image = threat.expand_per_sample(threat.lp_norm(delta, "l2"), x)
+        norm_image = threat.expand_per_sample(threat.lp_norm(delta, self.norm), x)
         norm_windows = window_norm(delta * (mask1 | mask2))
         old = delta * mask1 / (1e-12 + window_norm(delta * mask1))
         new = placed * _sign(u[:, 5:]).to(x.dtype).view(b, c, 1, 1) + old
-        room = (torch.clamp_min(eps ** 2 - norm_image ** 2, 0) / c + norm_windows ** 2).sqrt()
+        if l1:  # the reference's L1 rescaling: the room left in the ball, spread over the channels
+            room = (torch.clamp_min(eps - norm_image, 0) / c + norm_windows) * c
+        else:
+            room = (torch.clamp_min(eps ** 2 - norm_image ** 2, 0) / c + norm_windows ** 2).sqrt()
         new = new / (1e-12 + window_norm(new)) * room
         delta = delta * ~mask1 * ~mask2 + new
+        if l1:
+            return _project_l1(x, delta, eps)
         return (x + _normalize_l2(delta) * eps).clamp(0, 1)
 
     # -- the attack ------------------------------------------------------------------------------
@@ -295,13 +313,13 @@ class Square:
         budget = torch.full(y.shape, self.queries, device=x.device, dtype=torch.int64)
         if max_queries is not None:
             budget = torch.minimum(budget, torch.as_tensor(max_queries, device=x.device).to(torch.int64))
-        propose = self._propose_linf if self.norm == "linf" else self._propose_l2
+        propose = self._propose_linf if self.norm == "linf" else self._propose_lp
         spent = torch.zeros_like(budget)
         success = torch.zeros(y.shape, device=x.device, dtype=torch.bool)
         x_out = x
         for r in range(self.restarts):
             stream = r * (self.queries + 1)  # counter blocks: restart r draws from its own block
-            init = self._init_linf if self.norm == "linf" else self._init_l2
+            init = self._init_linf if self.norm == "linf" else self._init_lp
             x_best = init(x, noise, stream, radius)
             margin, loss = self.scores(forward, x_best, y)
             attacking = ~success & (budget > 0)
@@ -338,12 +356,19 @@ def _normalize_l2(delta: torch.Tensor) -> torch.Tensor:
     return delta / (threat.expand_per_sample(threat.lp_norm(delta, "l2"), delta) + 1e-12)
 
 
+def _project_l1(x: torch.Tensor, delta: torch.Tensor, eps) -> torch.Tensor:
+    """``x + delta`` onto the L1 ball of radius ``eps (1 - 1e-6)`` around ``x`` intersected with
+    the box (the reference's ``L1_projection``, which leaves a margin for its rounding)."""
+    radius = eps.reshape(-1) if isinstance(eps, torch.Tensor) else eps
+    return x + delta + l1_projection(x, delta, radius * (1.0 - 1e-6))
+
+
 def _none_left(active: torch.Tensor) -> bool:
     """No example still running: a host sync every few iterations, never under ``vmap``."""
     return not inside_func_transform() and not bool(active.any())
 
 
-@ATTACKS.register("square", "Square (Andriushchenko et al. 2020): score-based random search in linf/l2, "
+@ATTACKS.register("square", "Square (Andriushchenko et al. 2020): score-based random search in linf/l2/l1, "
                             "5000 queries per example, p_init 0.8 (AutoAttack's); counts queries per example")
 def _square(cfg: AttackConfig) -> Square:
     return Square(cfg.norm, cfg.eps, restarts=cfg.restarts)

@@ -180,8 +180,7 @@ def autoattack_configs(base: AttackConfig, num_classes: int, standard: bool = Tr
     L1 5), APGD-T (100 steps, 1 restart; 9 target classes, L1 5), FAB-T (100 steps, 1 restart,
     9 target classes) and Square (5000 queries, ``p_init`` 0.8). ``standard=False``: the first two
     only (``apgd_ce_t``). Target classes are capped at ``num_classes - 1``; APGD-T needs 4
-    classes and is skipped below (with a warning), as is Square in L1, which this toolkit lacks
-    (the reference runs an L1 Square; ``eval.suite=autoattack_reference`` has it)."""
+    classes and is skipped below (with a warning)."""
     norm, l1 = base.norm, base.norm == "l1"
     out = [(f"{norm}/apgd-ce", replace(base, name="apgd", steps=100, restarts=5 if l1 else 1, loss="ce",
                                        targeted=False))]
@@ -194,11 +193,7 @@ def autoattack_configs(base: AttackConfig, num_classes: int, standard: bool = Tr
         return out
     out.append((f"{norm}/fab-t", replace(base, name="fab_t", steps=100, restarts=1, targeted=True,
                                          target_classes=min(9, num_classes - 1))))
-    if l1:
-        warnings.warn("square skipped: this toolkit's Square attack has no L1 version (the reference's "
-                      "standard L1 AutoAttack runs one; eval.suite=autoattack_reference does)", stacklevel=3)
-    else:
-        out.append((f"{norm}/square", replace(base, name="square", restarts=1)))
+    out.append((f"{norm}/square", replace(base, name="square", restarts=1)))
     return out
 
 
