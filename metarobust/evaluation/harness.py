@@ -166,7 +166,7 @@ def batch_coupled(model: torch.nn.Module) -> bool:
 
 SUITE_NAMES = {
     "single": "the attack section",
-    "autoattack": "AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)",
+    "autoattack": "AutoAttack standard",
     "apgd_ce_t": "AutoAttack's APGD-CE + APGD-T subset",
     "autoattack_reference": "the reference AutoAttack (pyautoattack, standard)",
 }

@@ -10,18 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from metarobust.config import ExperimentConfig
+from metarobust.evaluation.harness import SUITE_NAMES
 
 HEADLINE = ("run", "recipe", "dataset", "suite", "norm", "eps", "step", "episodes", "points", "clean_acc",
             "clean_ci95", "robust_acc", "robust_ci95", "after", "train_seconds", "stopped")
 """Keys of the JSON headline, in order (those a summary has and that are not ``None``)."""
-
-
-SUITE_NAMES = {
-    "autoattack": "AutoAttack standard",
-    "apgd_ce_t": "AutoAttack's APGD-CE + APGD-T subset",
-    "autoattack_reference": "the reference AutoAttack (pyautoattack, standard)",
-}
-"""How the report names a suite of several attacks (``eval.suite``; ``single`` is its attack)."""
 
 
 def robust_name(summary: dict[str, Any]) -> str:
@@ -29,10 +22,10 @@ def robust_name(summary: dict[str, Any]) -> str:
     suite and the attacks it is the worst case of (``"AutoAttack standard: worst case of
     linf/apgd-ce, linf/apgd-t, linf/fab-t, linf/square"``; ``"worst case of linf/pgd-10,
     l2/pgd-10"`` for one attack in a union of threat models)."""
-    attacks = list(summary["after"])
-    suite = SUITE_NAMES.get(summary.get("suite", "single"))
+    attacks, name = list(summary["after"]), summary.get("suite", "single")
+    suite = None if name == "single" else SUITE_NAMES.get(name)
     if len(attacks) == 1:
-        return suite if summary.get("suite") == "autoattack_reference" else attacks[0].split("/", 1)[-1].upper()
+        return suite if name == "autoattack_reference" else attacks[0].split("/", 1)[-1].upper()
     worst = f"worst case of {', '.join(attacks)}"
     return f"{suite}: {worst}" if suite else worst
 
