@@ -235,6 +235,14 @@ def test_the_reference_suite_says_how_to_install_it_when_missing(trained, monkey
         attack(model, x[:4], y[:4], noise=attack.init_noise(x[:4]))
 
 
+def test_the_reference_suite_refuses_vmap(trained):
+    model, x, y = trained
+    attack = build_attack(AttackConfig(name="autoattack_reference", eps=0.1))
+    with pytest.raises(RuntimeError, match="meta.execution=loop"):
+        torch.func.vmap(lambda a, b: attack(model, a, b), randomness="error")(x[:8].view(2, 4, 1, 8, 8),
+                                                                               y[:8].view(2, 4))
+
+
 def test_the_reference_suite_refuses_a_coupled_model(trained):
     model, x, y = trained
     unit = next(iter(classifier_units(model, x, y, 128)))

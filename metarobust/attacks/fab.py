@@ -316,8 +316,8 @@ def _all_broken(robust: torch.Tensor) -> bool:
     return not inside_func_transform() and not bool(robust.any())
 
 
-@ATTACKS.register("fab_t", "FAB-T (Croce & Hein 2020): targeted minimum-norm boundary attack in linf/l2/l1, "
-                           "100 steps, target_classes runner-up classes, 1 restart (AutoAttack's)")
+@ATTACKS.register("fab_t", "FAB-T (Croce & Hein 2020): targeted minimum-norm boundary attack in linf/l2/l1; "
+                           "attack.steps per target (AutoAttack: 100), target_classes (9), restarts (1)")
 def _fab_t(cfg: AttackConfig) -> FAB:
     return FAB(cfg.norm, cfg.eps, cfg.steps, cfg.restarts, cfg.target_classes)
 
