@@ -17,7 +17,9 @@ calling convention of the other attacks, written so that it can sit behind a que
   ``torch.Generator``, so an example's squares depend only on its key (not on the batch, not on
   which examples are still running), there is no global RNG, and the loop runs under
   ``torch.func.vmap`` with no host synchronisation except a check every few iterations whether
-  any example is still running (skipped under ``vmap``).
+  any example is still running (skipped under ``vmap``). The scores of stopped examples are
+  computed with the batch and discarded, never charged: an oracle that charges every example it
+  is shown should wrap :meth:`Square.scores` and charge only the running ones.
 
 Differences from the reference, none of which changes the algorithm: the square's position and
 orientation are drawn per example (the reference draws one per iteration for the whole batch),
