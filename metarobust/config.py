@@ -224,6 +224,10 @@ class OptimConfig:
                                             if getattr(self, f.name) is None})
 
 
+EVAL_SUITES = ("single", "autoattack", "apgd_ce_t", "autoattack_reference")
+"""The values of ``eval.suite`` (``metarobust/evaluation/harness.py`` defines each)."""
+
+
 @dataclass
 class EvalConfig:
     episodes: int = 600
@@ -234,8 +238,11 @@ class EvalConfig:
     """A manifest path; ``None``: ``test_<N>way_<K>shot_<Q>query_<E>.json`` shipped in
     ``metarobust/episodes/<dataset>/``, else the user's copy (``metarobust episodes freeze``)."""
     suite: str = "single"
-    """``metarobust eval``: ``single`` (the ``attack`` section) or ``autoattack`` (APGD-CE, then
-    targeted APGD-DLR on the survivors, 100 steps each, in ``attack.norm`` at ``attack.eps``)."""
+    """The attacks, each on the points the ones before left robust, in ``attack.norm`` at
+    ``attack.eps`` (``EVAL_SUITES``): ``single`` (the ``attack`` section alone); ``autoattack``
+    (AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square, the reference's settings per
+    norm); ``apgd_ce_t`` (AutoAttack's APGD-CE + APGD-T subset; until 0.2 this was ``autoattack``);
+    ``autoattack_reference`` (the reference code, ``pip install pyautoattack``)."""
     union: dict[str, float] = field(default_factory=dict)
     """Extra threat models for the union, norm -> eps, e.g. ``{l2: 0.5, l1: 12.0}``: a point is
     robust only if it survives the suite in every threat model (and in ``attack.norm``)."""
@@ -654,7 +661,7 @@ def check_fields(cfg: ExperimentConfig) -> None:
     e = cfg.eval
     _check(e.episodes >= 1, "eval.episodes", e.episodes, "an integer >= 1")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
-    _check(e.suite in ("single", "autoattack"), "eval.suite", e.suite, "single or autoattack")
+    _check(e.suite in EVAL_SUITES, "eval.suite", e.suite, ", ".join(EVAL_SUITES))
     for norm, eps in e.union.items():
         _check(norm in NORMS and eps >= 0, f"eval.union.{norm}", eps,
                "norm -> eps with norm in linf, l2, l1 and eps >= 0")

@@ -3,8 +3,9 @@
 Natural training, PGD-AT, TRADES, MAT and LTD train with the same budget (model, images, epochs,
 optimiser, schedule) from their own configs under ``configs/at/`` and are scored by the
 robust-evaluation harness on the same test images: clean accuracy, PGD-20 (with the
-gradient-masking checks) and the AutoAttack-style cascade (APGD-CE, then targeted APGD-DLR on the
-survivors, 100 steps each). LTD's teacher is this study's own TRADES model.
+gradient-masking checks) and AutoAttack's APGD-CE + APGD-T subset (``eval.suite=apgd_ce_t``:
+APGD-CE, then targeted APGD-DLR on the survivors, 100 steps each; not the standard AutoAttack,
+which adds FAB-T and Square: run ``metarobust eval <run> eval.suite=autoattack`` for that). LTD's teacher is this study's own TRADES model.
 
 Two scales:
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8, help="CPU scale: model.hidden (64: the paper's width)")
     parser.add_argument("--train-size", type=int, default=2000, help="CPU scale: training images")
     parser.add_argument("--points", type=int, default=500, help="CPU scale: test images for PGD-20")
-    parser.add_argument("--aa-points", type=int, default=200, help="test images for the AutoAttack-style cascade")
+    parser.add_argument("--aa-points", type=int, default=200, help="test images for APGD-CE + APGD-T")
     parser.add_argument("--data-root", default=str(STAGED) if STAGED.exists() else None)
     parser.add_argument("--out", default="runs/reproduce_at")
     parser.add_argument("--device", default="auto")
@@ -124,8 +125,8 @@ def main() -> None:
         start = time.perf_counter()
         summary = train_and_evaluate(cfg, progress=True)
         seconds = time.perf_counter() - start
-        # The AutoAttack-style cascade on the first --aa-points test images.
-        aa_cfg = load_config(path, overrides + ["eval.suite=autoattack", f"eval.points={args.aa_points}",
+        # AutoAttack's APGD-CE + APGD-T subset on the first --aa-points test images.
+        aa_cfg = load_config(path, overrides + ["eval.suite=apgd_ce_t", f"eval.points={args.aa_points}",
                                                 "eval.checks=false"])
         state = load_checkpoint(Path(summary["run"]) / "checkpoints" / "last.pt")
         model = model_from_state(aa_cfg, state)

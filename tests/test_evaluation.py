@@ -208,10 +208,11 @@ def summary_of(after: dict[str, float]) -> dict:
 def test_the_report_names_the_robust_number_after_what_produced_it():
     cfg = load_config(CONFIGS / "quickstart.yaml", [])
     single = summary_of({"linf/pgd-10": 0.4})
-    suite = summary_of({"linf/apgd-ce": 0.41, "linf/apgd-t": 0.39})
+    suite = {**summary_of({"linf/apgd-ce": 0.41, "linf/apgd-t": 0.39}), "suite": "apgd_ce_t"}
     for render in (lambda s: render_report(cfg, s, ["- trained briefly"]), lambda s: console_table({"m": s})):
         assert "PGD-10" in render(single) and "worst case" not in render(single)
-        assert "worst case over the suite" in render(suite) and "after linf/apgd-ce" in render(suite)
+        assert "APGD-CE + APGD-T subset: worst case of linf/apgd-ce, linf/apgd-t" in render(suite)
+        assert "after linf/apgd-ce" in render(suite)
     assert "95 % binomial interval over 500 points" in render_report(cfg, single)
     line = headline(single)
     assert line["robust_acc"] == 0.4 and line["points"] == 500 and "episodes" not in line

@@ -91,10 +91,10 @@ def test_cascade_is_the_pointwise_worst_case_of_its_attacks(data):
     assert bool((robust <= clean).all())
 
 
-def test_autoattack_suite_is_at_least_as_strong_as_pgd(data):
+def test_apgd_ce_t_suite_is_at_least_as_strong_as_pgd(data):
     model, x, y = data
     pgd = evaluate_units(units(model, x, y), config(checks=False), 4, list("abcd"))
-    aa = evaluate_units(units(model, x, y), config(checks=False, suite="autoattack"), 4, list("abcd"))
+    aa = evaluate_units(units(model, x, y), config(checks=False, suite="apgd_ce_t"), 4, list("abcd"))
     assert list(aa.after) == ["linf/apgd-ce", "linf/apgd-t"]
     assert aa.robust_acc <= pgd.robust_acc + 0.01
 

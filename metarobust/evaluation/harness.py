@@ -1,8 +1,10 @@
 """The robust-evaluation harness: an attack suite, the union of threat models, per-class
 accuracies, a robust-accuracy-vs-eps sweep and gradient-masking checks.
 
-It follows the AutoAttack protocol (Croce & Hein, ICML 2020) and the checklist of Carlini et al.
-("On Evaluating Adversarial Robustness", 2019):
+It runs the suite ``eval.suite`` (:data:`SUITE_NAMES`: the ``attack`` section alone by default;
+``autoattack``, the standard AutoAttack of Croce & Hein, ICML 2020, with the reference's settings
+per norm, :func:`autoattack_configs`) and the checklist of Carlini et al. ("On Evaluating
+Adversarial Robustness", 2019):
 
 - **Cascade**: the attacks of a suite run in a fixed order and each attacks only the points
   still robust; a point is robust if it is classified correctly clean and after every attack,
@@ -49,6 +51,7 @@ from torch.func import vmap
 
 from metarobust.attacks import build_attack
 from metarobust.config import AttackConfig, ExperimentConfig
+from metarobust.errors import ConfigError
 from metarobust.evaluation.result import CheckResult, EvalResult, binomial_ci95, mean_ci95
 from metarobust.meta.functional import FunctionalForward, Params
 from metarobust.models.layers import TaskBatchNorm2d
@@ -161,8 +164,42 @@ def batch_coupled(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
+SUITE_NAMES = {
+    "single": "the attack section",
+    "autoattack": "AutoAttack standard",
+    "apgd_ce_t": "AutoAttack's APGD-CE + APGD-T subset",
+    "autoattack_reference": "the reference AutoAttack (pyautoattack, standard)",
+}
+"""What each ``eval.suite`` runs, as reports name it."""
+
+
+def autoattack_configs(base: AttackConfig, num_classes: int, standard: bool = True
+                       ) -> list[tuple[str, AttackConfig]]:
+    """AutoAttack's standard version in ``base.norm`` at ``base.eps`` with the reference's settings
+    (``AutoAttack._set_version('standard')`` of ``pyautoattack``): APGD-CE (100 steps; 1 restart,
+    L1 5), APGD-T (100 steps, 1 restart; 9 target classes, L1 5), FAB-T (100 steps, 1 restart,
+    9 target classes) and Square (5000 queries, ``p_init`` 0.8). ``standard=False``: the first two
+    only (``apgd_ce_t``). Target classes are capped at ``num_classes - 1``; APGD-T needs 4
+    classes and is skipped below (with a warning)."""
+    norm, l1 = base.norm, base.norm == "l1"
+    out = [(f"{norm}/apgd-ce", replace(base, name="apgd", steps=100, restarts=5 if l1 else 1, loss="ce",
+                                       targeted=False))]
+    if num_classes >= 4:  # targeted DLR needs the 4 largest logits
+        out.append((f"{norm}/apgd-t", replace(base, name="apgd_t", steps=100, restarts=1, loss="dlr", targeted=True,
+                                              target_classes=min(5 if l1 else 9, num_classes - 1))))
+    else:
+        warnings.warn(f"apgd-t skipped: targeted DLR needs >= 4 classes, got {num_classes}", stacklevel=3)
+    if not standard:
+        return out
+    out.append((f"{norm}/fab-t", replace(base, name="fab_t", steps=100, restarts=1, targeted=True,
+                                         target_classes=min(9, num_classes - 1))))
+    out.append((f"{norm}/square", replace(base, name="square", restarts=1)))
+    return out
+
+
 def suite_configs(cfg: ExperimentConfig, num_classes: int) -> list[tuple[str, AttackConfig]]:
-    """``(label, attack config)`` in cascade order, over every threat model of the evaluation."""
+    """``(label, attack config)`` in cascade order, over every threat model of the evaluation
+    (``eval.suite``: :data:`SUITE_NAMES`)."""
     threat_models = [(cfg.attack.norm, cfg.attack.eps)]
     threat_models += [(n, e) for n, e in cfg.eval.union.items() if (n, e) != threat_models[0]]
     out = []
@@ -172,14 +209,10 @@ def suite_configs(cfg: ExperimentConfig, num_classes: int) -> list[tuple[str, At
             base = replace(base, step_size=2.5 * eps / base.steps)
         if cfg.eval.suite == "single":
             out.append((f"{norm}/{base.name}-{base.steps}", base))
-            continue
-        out.append((f"{norm}/apgd-ce", replace(base, name="apgd", steps=100, loss="ce", targeted=False)))
-        if num_classes >= 4:  # targeted DLR needs the 4 largest logits
-            targets = min(9, num_classes - 1)
-            out.append((f"{norm}/apgd-t", replace(base, name="apgd_t", steps=100, loss="dlr", targeted=True,
-                                                  target_classes=targets)))
+        elif cfg.eval.suite == "autoattack_reference":
+            out.append((f"{norm}/autoattack-reference", replace(base, name="autoattack_reference")))
         else:
-            warnings.warn(f"apgd-t skipped: targeted DLR needs >= 4 classes, got {num_classes}", stacklevel=2)
+            out += autoattack_configs(base, num_classes, standard=cfg.eval.suite == "autoattack")
     return out
 
 
@@ -360,6 +393,10 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
             if generator is None:
                 generator = torch.Generator(device=unit.x.device)
                 generator.manual_seed(cfg.seed)
+            if unit.coupled and cfg.eval.suite == "autoattack_reference":
+                raise ConfigError("eval.suite=autoattack_reference: the reference AutoAttack attacks slices of a "
+                                  "batch, but this model's predictions couple its batch (transductive batch norm); "
+                                  "use eval.suite=autoattack")
             clean_correct, robust, after = cascade(unit, attacks, generator)
             total += unit.points
             for key, mask in {"clean": clean_correct, "robust": robust, **after}.items():

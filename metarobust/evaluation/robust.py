@@ -22,7 +22,14 @@ from torch import nn
 
 from metarobust.attacks import ATTACKS
 from metarobust.attacks.threat import check_call, norm_name
-from metarobust.config import AttackConfig, DataConfig, EvalConfig, ExperimentConfig, check_fields
+from metarobust.config import (
+    EVAL_SUITES,
+    AttackConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    check_fields,
+)
 from metarobust.errors import ConfigError, DataError
 from metarobust.evaluation.classifier import EVAL_BATCH, classifier_unit
 from metarobust.evaluation.harness import evaluate_units
@@ -74,9 +81,11 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
         y: ``int64 [N]`` labels in ``0..K-1``.
         eps: the radius, in [0, 1] pixel units (L-inf 8/255; L2 0.5; L1 12).
         norm: ``"linf"``, ``"l2"`` or ``"l1"`` (case-insensitive).
-        suite: ``"autoattack"`` (the harness's AutoAttack suite: APGD-CE, then APGD-T on the
-            survivors, 100 steps each, and whatever that suite gains), or one attack by its
-            registry name (``metarobust list attacks``: ``"pgd"``, ``"apgd"``, ``"fgsm"``...).
+        suite: a suite of the harness (``eval.suite``): ``"autoattack"`` (AutoAttack's standard
+            version: APGD-CE, APGD-T, FAB-T and Square, each on the survivors), ``"apgd_ce_t"``
+            (its APGD-CE + APGD-T subset, cheaper), ``"autoattack_reference"`` (the reference
+            code, ``pip install pyautoattack``); or one attack by its registry name
+            (``metarobust list attacks``: ``"pgd"``, ``"apgd"``, ``"fgsm"``, ``"square"``...).
         steps: a single attack's steps; ``None``: 10 (PGD-10), 100 for APGD, 1 for FGSM.
         step_size: PGD's step; ``None``: Madry et al.'s ``2.5 eps / steps``.
         restarts: random restarts of a single attack.
@@ -165,7 +174,8 @@ def _config(norm: str, eps: float, suite: str, steps: int | None, step_size: flo
         check_fields(cfg)
     except ConfigError as err:
         if "eval.suite" in str(err):
-            raise ConfigError(f"suite={suite!r}; expected 'autoattack' or an attack name ({', '.join(ATTACKS.names())})"
+            raise ConfigError(f"suite={suite!r}; expected a suite ({', '.join(EVAL_SUITES[1:])}) or an attack name "
+                              f"({', '.join(ATTACKS.names())})"
                               ) from err
         raise ConfigError(f"{err} (robust_accuracy's arguments: norm, eps, steps, step_size, restarts, union)"
                           ) from err

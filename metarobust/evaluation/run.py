@@ -16,6 +16,7 @@ from metarobust.errors import MaskingCheckFailed
 from metarobust.evaluation.classifier import EVAL_BATCH, classifier_units, evaluation_points
 from metarobust.evaluation.fewshot import Learner, fewshot_units
 from metarobust.evaluation.harness import evaluate_units
+from metarobust.evaluation.report import sweep_caption
 from metarobust.evaluation.result import EvalResult
 from metarobust.plots import plot_robustness_curve
 from metarobust.runs import RunFolder
@@ -86,7 +87,8 @@ def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore
             plot = target.parent / ("robustness_vs_eps.png" if output == "eval.json"
                                     else f"{target.stem}_robustness_vs_eps.png")
             plot.parent.mkdir(parents=True, exist_ok=True)
-            result.plot = str(plot_robustness_curve(result.eps_sweep, plot, title))
+            result.plot = str(plot_robustness_curve(result.eps_sweep, plot, title,
+                                                    caption=sweep_caption(result.as_dict(), cfg)))
         run.write_json(output, result.as_dict())
     failed = [c for c in result.checks if not c.passed]
     if cfg.eval.strict and failed:
