@@ -111,9 +111,11 @@ def is_compiled(module: object) -> bool:
 
 
 def compile_module(module: nn.Module) -> nn.Module:
-    """``module`` compiled for the steps: static shapes (a training or attack batch keeps its
-    shape; the last, smaller batch compiles once more), the default inductor mode."""
-    return torch.compile(module, dynamic=False)
+    """``module`` compiled for the steps, in inductor's default mode, with torch's default shape
+    policy: static at first, and after the first new batch size (an epoch's last batch, the
+    survivors of an attack cascade) one more graph with a dynamic batch dimension, instead of a
+    graph per size."""
+    return torch.compile(module)
 
 
 _COMPILED_MODULES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -135,11 +137,11 @@ _FUNCTIONS: dict = {}
 
 def compiled_function(fn):
     """``fn`` compiled with ``fullgraph=True`` (a graph break is an error, not a silent
-    slowdown) and static shapes, once per function (cached): the PGD step update
+    slowdown) and torch's default shape policy, once per function (cached): the PGD step update
     (:func:`metarobust.attacks.pgd.pgd_update`) is one compiled graph shared by every attack."""
     compiled = _FUNCTIONS.get(fn)
     if compiled is None:
-        compiled = _FUNCTIONS[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+        compiled = _FUNCTIONS[fn] = torch.compile(fn, fullgraph=True)
     return compiled
 
 
