@@ -115,3 +115,28 @@ def test_auto_compiles_only_what_the_measurement_table_says_pays_back(monkeypatc
     assert not compilation.decide("auto", "cpu", "slow", steps=10 ** 6).on
     assert compilation.decide("on", "cpu", "no_such_family").on
     assert not compilation.decide("off", "cpu", "family_x", steps=10 ** 6).on
+
+
+@needs_compiler
+def test_compiled_training_step_follows_the_eager_one():
+    """``at.compile=on`` trains what ``off`` trains: the same losses over two PGD-AT steps on the
+    same batches and noise, to float32 round-off (an input-gradient entry near zero may flip the
+    sign step of a pixel, so the comparison is to a tolerance, not bitwise)."""
+    from metarobust.data.store import ImageStore
+    from metarobust.experiment import load_config
+    from metarobust.training.data import TrainingData
+    from metarobust.training.engine import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    store = ImageStore((torch.rand(32, 1, 16, 16, generator=g) * 255).to(torch.uint8), torch.arange(32) % 4,
+                       [str(i) for i in range(4)])
+    base = ["recipe=pgd_at", "data.dataset=mnist", "model.name=small_cnn", "model.hidden=4", "model.drop_rate=0", "at.batch_size=16",
+            "at.epochs=1", "optim.schedule=constant", "optim.lr=0.05", "at.augment=none", "train_attack.name=pgd",
+            "train_attack.eps=0.1", "train_attack.steps=2", "train_attack.step_size=0.05", "train.log_every=1"]
+    losses = {}
+    for setting in ("off", "on"):
+        trainer = Trainer(load_config(None, [*base, f"at.compile={setting}"]), data=TrainingData(store, None, None),
+                          progress=False)
+        assert trainer.compile_decision.on == (setting == "on")
+        losses[setting] = [float(trainer.train_step()[0]) for _ in range(2)]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4, abs=1e-5)

@@ -51,7 +51,7 @@ def input_gradient(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch
     none active it is plain ``torch.autograd.grad`` (under ``enable_grad``, so it also runs inside
     ``torch.no_grad()``). Both give bit-identical gradients (same engine, same accumulation
     order), but ``func.grad`` accumulates out of place through its tensor wrappers and measured
-    ~10 % slower on Conv-4 (``scripts/bench_attacks.py``, ``floor_func``). The check is made
+    ~10 % slower on Conv-4 (BENCHMARKS.md, the former ``scripts/bench_attacks.py``'s ``floor_func``). The check is made
     once per attack call, not per step.
     """
     if inside_func_transform():
