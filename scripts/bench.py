@@ -160,9 +160,14 @@ _EVAL_MODEL: list = []
 
 
 def eval_resnet(args) -> torch.nn.Module:
-    """One eval-mode model for the attack sections (their compiled forward is shared)."""
+    """One eval-mode model for the attack sections (their compiled forward is shared), untrained
+    but with BatchNorm statistics of the inputs (else its logits barely depend on the input)."""
     if not _EVAL_MODEL:
-        _EVAL_MODEL.append(resnet(args).eval().requires_grad_(False))
+        model = resnet(args).train()
+        with torch.no_grad():  # running statistics of the inputs: an untrained model whose logits vary
+            for seed in range(3):
+                model(images(args, 64, seed=10 + seed))
+        _EVAL_MODEL.append(model.eval().requires_grad_(False))
     return _EVAL_MODEL[0]
 
 
