@@ -58,7 +58,7 @@ class Measurement:
 
 # BEGIN MEASURED (scripts/bench.py --write-table rewrites the lines up to END MEASURED)
 MEASURED: dict[tuple[str, str], Measurement] = {
-    ("cpu", "preact_resnet18"): Measurement(train_speedup=1.135, attack_speedup=1.559, compile_s=3.2, eager_step_s=1.5557, source='scripts/bench.py --quick 2026-12-01, Intel(R) Xeon(R) Processor, 1 threads, load 5.64, torch 2.14.1+cu130, width 16, batch 32, amp none'),
+    ("cpu", "preact_resnet18"): Measurement(train_speedup=1.167, attack_speedup=1.675, compile_s=103.6, eager_step_s=2.4642, source='scripts/bench.py --quick 2026-12-01, Intel(R) Xeon(R) Processor, 1 threads, load 3.06, torch 2.14.1+cu130, width 16, batch 32, amp none'),
 }
 # END MEASURED
 """``(device kind, model family) -> Measurement``: what ``at.compile=auto`` decides from."""
