@@ -19,8 +19,10 @@ allocator's peak; CPU: the peak resident-set growth during the call, sampled eve
 - ``cascade``: APGD-CE then APGD-T (9 targets) on the points still robust, ours (the harness's
   survivor cascade) against pyautoattack's (``import pyautoattack``) ``apgd-ce`` + ``apgd-t`` (``version="custom"``, same
   steps, restarts and targets) on 500 points (``--quick``: 32 points, 25 steps, 3 targets).
-- ``maml``: a second-order MAML meta-step (Conv-4, 5-way 1-shot, 15 queries, meta-batch 16,
-  ``--quick``: 4) with Adam: ours (``loop``, and ``vmap``) against ``higher``'s per-task loop.
+- ``maml``: a second-order meta-step (Conv-4, 5-way 1-shot, 15 queries, meta-batch 16,
+  ``--quick``: 4) with Adam, per recipe (``--maml-recipes``: ``maml`` and the robust
+  ``adversarial_querying``, ``r_maml``, ``adml``; ``--quick``: ``maml``): ours (``loop``, and
+  ``vmap``) against ``higher``'s per-task loop (and ``learn2learn`` for ``maml`` where it imports).
 - ``fewshot``: the harness on frozen few-shot episodes (Conv-4 with task batch norm, PGD-10,
   the masking checks on), ``meta.execution`` loop against vmap; seconds per episode.
 - ``sampling``: drawing one meta-batch of episodes, as a fraction of the ``maml`` meta-step.
@@ -383,43 +385,63 @@ def bench_maml(args, out: dict) -> None:
     device = torch.device(args.device)
     margs = argparse.Namespace(device=args.device, ways=5, shots=1, queries=15, meta_batch=4 if args.quick else 16,
                                hidden=64, inner_steps=1, inner_lr=0.4, first_order=False)
-    _, _, sampler, model = bm.make_workload(margs)
-    cfg = bm.bench_config(margs, "maml")
-    recipe, attack = build_recipe(cfg), build_attack(cfg.train_attack)
-    gen = torch.Generator(device=device).manual_seed(1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    task_fn, params = recipe.task(recipe.learner(model), attack), params_of(model)
-    higher_step = bm.higher_step("maml", model, cfg, attack, lambda b: recipe.draw_noise(b, gen))
-    batch = sampler.sample()
-
-    def step(run):
-        def go():
-            optimizer.zero_grad(set_to_none=True)
-            run(batch)
-            optimizer.step()
-        return go
-
-    fns = {"ours loop": step(lambda b: meta_backward(task_fn, params, b, recipe.draw_noise(b, gen), "loop")),
-           "ours vmap": step(lambda b: meta_backward(task_fn, params, b, recipe.draw_noise(b, gen), "vmap")),
-           "higher": step(higher_step)}
-    times, first, peak = time_interleaved(fns, device, args.warmup, args.repeats)
-    med = table(f"MAML second-order meta-step, Conv-4, 5-way 1-shot, meta-batch {margs.meta_batch}", times, peak,
-                "higher", first)
     default = "ours vmap" if device.type == "cuda" else "ours loop"  # meta.execution=auto
-    out["speedup_vs_higher_maml"] = round(med["higher"] / med[default], 3)
-    out["maml_vmap_over_loop"] = round(med["ours loop"] / med["ours vmap"], 3)
-    out["maml_step_s"] = {k: round(v, 4) for k, v in med.items()}
-    out["maml_peak_mb"] = {k: round(v, 1) for k, v in peak.items()}
+    speedups, meta_step = {}, None
+    for name in args.maml_recipes:
+        _, _, sampler, model = bm.make_workload(margs)
+        cfg = bm.bench_config(margs, name)
+        recipe, attack = build_recipe(cfg), build_attack(cfg.train_attack)
+        gen = torch.Generator(device=device).manual_seed(1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        task_fn, params = recipe.task(recipe.learner(model), attack), params_of(model)
+        batch = sampler.sample()
+
+        def step(run, optimizer=optimizer, batch=batch):
+            def go():
+                optimizer.zero_grad(set_to_none=True)
+                run(batch)
+                optimizer.step()
+            return go
+
+        def ours(execution, recipe=recipe, task_fn=task_fn, params=params, gen=gen):
+            return lambda b: meta_backward(task_fn, params, b, recipe.draw_noise(b, gen), execution)
+
+        fns = {"ours loop": step(ours("loop")), "ours vmap": step(ours("vmap")),
+               "higher": step(bm.higher_step(name, model, cfg, attack, lambda b, r=recipe, g=gen: r.draw_noise(b, g)))}
+        if name == "maml" and bm.available("learn2learn"):
+            import learn2learn as l2l
+
+            l2l_maml = l2l.algorithms.MAML(model, lr=margs.inner_lr, first_order=False)
+
+            def l2l_step(b, l2l_maml=l2l_maml):
+                for t in range(b.num_tasks):
+                    learner = l2l_maml.clone()
+                    learner.adapt(F.cross_entropy(learner(b.support_x[t]), b.support_y[t]))
+                    (F.cross_entropy(learner(b.query_x[t]), b.query_y[t]) / b.num_tasks).backward()
+
+            fns["learn2learn"] = step(l2l_step)
+        times, first, peak = time_interleaved(fns, device, args.warmup, args.repeats)
+        med = table(f"{name} second-order meta-step, Conv-4, 5-way 1-shot, meta-batch {margs.meta_batch}", times,
+                    peak, "higher", first)
+        speedups[name] = round(med["higher"] / med[default], 3)
+        out.setdefault("meta_step_s", {})[name] = {k: round(v, 4) for k, v in med.items()}
+        out.setdefault("meta_peak_mb", {})[name] = {k: round(v, 1) for k, v in peak.items()}
+        out.setdefault("meta_vmap_over_loop", {})[name] = round(med["ours loop"] / med["ours vmap"], 3)
+        if name == "maml":
+            meta_step = med[default]
+    if "maml" in speedups:
+        out["speedup_vs_higher_maml"] = speedups["maml"]
+    out["speedup_vs_higher"] = speedups
     out["maml_compile"] = "not measured: meta recipes run eager (torch.func functional calls per task)"
 
     # Episode sampling as a fraction of the meta-step (same sampler, same meta-batch).
-    if "sampling" in args.sections:
+    if "sampling" in args.sections and meta_step is not None:
         times, _, _ = time_interleaved({"sample": sampler.sample}, device, 2, max(20, args.repeats))
         sample = statistics.median(times["sample"])
         print(f"\n== episode sampling ==\none meta-batch of {margs.meta_batch} episodes: {sample * 1000:.2f} ms, "
-              f"{100 * sample / med[default]:.2f}% of the meta-step ({default})")
+              f"{100 * sample / meta_step:.2f}% of the meta-step ({default})")
         out["sampling_ms"] = round(sample * 1000, 3)
-        out["sampling_fraction_of_meta_step"] = round(sample / med[default], 5)
+        out["sampling_fraction_of_meta_step"] = round(sample / meta_step, 5)
 
 
 def bench_fewshot(args, out: dict) -> None:
@@ -500,6 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also time the compiled variants (off: eager only)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast for ours and the peers")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--maml-recipes", default=None,
+                   help="meta recipes timed against higher (default: maml with --quick, else maml,"
+                        "adversarial_querying,r_maml,adml)")
     p.add_argument("--cascade-points", type=int, default=500)
     p.add_argument("--cascade-eps", type=float, default=1 / 255,
                    help="the cascade's L-inf eps (an untrained model: 8/255 breaks every point in a step)")
@@ -512,6 +537,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     args.batch = args.batch or (32 if args.quick else 128)
+    recipes = args.maml_recipes or ("maml" if args.quick else "maml,adversarial_querying,r_maml,adml")
+    args.maml_recipes = [r for r in recipes.split(",") if r]
     args.repeats = args.repeats or (3 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
