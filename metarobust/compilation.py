@@ -58,7 +58,7 @@ class Measurement:
 
 # BEGIN MEASURED (scripts/bench.py --write-table rewrites the lines up to END MEASURED)
 MEASURED: dict[tuple[str, str], Measurement] = {
-    ("cpu", "preact_resnet18"): Measurement(train_speedup=1.167, attack_speedup=1.675, compile_s=103.6, eager_step_s=2.4642, source='scripts/bench.py --quick 2026-12-01, Intel(R) Xeon(R) Processor, 1 threads, load 3.06, torch 2.14.1+cu130, width 16, batch 32, amp none'),
+    ("cpu", "preact_resnet18"): Measurement(train_speedup=1.199, attack_speedup=1.929, compile_s=96.3, eager_step_s=8.4564, source='scripts/bench.py 2026-12-01, Intel(R) Xeon(R) Processor, 1 threads, load 3.19, torch 2.14.1+cu130, width 16, batch 128, amp none'),
 }
 # END MEASURED
 """``(device kind, model family) -> Measurement``: what ``at.compile=auto`` decides from."""
@@ -124,7 +124,10 @@ _COMPILED_MODULES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.Wea
 
 def compiled_forward(forward: object) -> object:
     """``forward`` compiled once per module (cached); anything that is not an ``nn.Module`` (a
-    closure over fast weights) or is compiled already is returned as it is."""
+    closure over fast weights) or is compiled already is returned as it is. The compiled wrapper
+    holds its module, so a module attacked with ``PGD(compile=True)`` stays alive with its
+    compiled graphs for the life of the process (a handful of models in practice); pass a
+    ``torch.compile`` module yourself to control its lifetime."""
     if not isinstance(forward, nn.Module) or is_compiled(forward):
         return forward
     compiled = _COMPILED_MODULES.get(forward)
