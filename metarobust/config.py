@@ -278,8 +278,11 @@ class StandardTrainingConfig:
     """Mixed precision: ``none``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler)."""
     channels_last: bool = False
     """Model and batches in channels-last memory format (faster convolutions on recent GPUs)."""
-    compile: bool = False
-    """``torch.compile`` the model (first steps pay the compilation)."""
+    compile: str = "auto"
+    """``torch.compile`` the models and the attack's step update: ``on``, ``off`` (eager, the
+    reference) or ``auto``: compiled where ``metarobust.compilation.MEASURED`` measured it faster
+    for this device kind and model family and the run is long enough to pay the compilation back
+    (``true``/``false``, the 0.2 booleans, mean ``on``/``off``). Meta recipes stay eager."""
     attack_bn: str = "auto"
     """BatchNorm mode while the training attack runs: ``train``, ``eval`` or ``auto`` (the
     recipe's reference code: eval for TRADES/MART/Backward Smoothing, train for the others)."""
@@ -707,6 +710,9 @@ def _check_at(at: StandardTrainingConfig) -> None:
     _check(at.epochs >= 1, "at.epochs", at.epochs, "an integer >= 1")
     _check(at.amp in ("none", "bf16", "fp16"), "at.amp", at.amp, "none, bf16 or fp16")
     _check(at.attack_bn in ("auto", "train", "eval"), "at.attack_bn", at.attack_bn, "auto, train or eval")
+    compile_ = {"true": "on", "false": "off"}.get(str(at.compile).lower(), str(at.compile).lower())
+    _check(compile_ in ("auto", "on", "off"), "at.compile", at.compile, "auto, on or off (true/false mean on/off)")
+    at.compile = compile_  # the 0.2 booleans, migrated
     if at.init is not None:
         init = Path(at.init)
         _check((init / "checkpoints" / "last.pt").is_file() if init.is_dir() else init.is_file(), "at.init", at.init,

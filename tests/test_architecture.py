@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "metarobust"
 
 LAYERS = [
-    ("errors", "registry", "precision", "resources"),
+    ("errors", "registry", "precision", "resources", "compilation"),
     ("config",),
     ("data", "models", "attacks", "runs", "distributed", "plots"),
     ("meta",),

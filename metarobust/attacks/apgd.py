@@ -28,7 +28,7 @@ import torch
 
 from metarobust.attacks import threat
 from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
-from metarobust.attacks.pgd import inside_func_transform
+from metarobust.attacks.pgd import input_gradient, inside_func_transform
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 from metarobust.errors import ConfigError
@@ -262,10 +262,12 @@ class APGD:
                                  f"shape {tuple(loss.shape)}: it adapts its step size per sample")
             return loss.sum(), (loss, logits)
 
-        grad_and_value = torch.func.grad_and_value(total, has_aux=True)
+        # Plain autograd outside torch.func transforms (faster, and it runs a compiled forward's
+        # compiled backward), torch.func.grad under vmap: input_gradient chooses, once per call.
+        gradient = input_gradient(total)
 
         def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            grad, (_, (loss, logits)) = grad_and_value(z)
+            grad, (loss, logits) = gradient(z)
             # Detached: a forward over live parameters must not chain a graph across iterations.
             return grad.detach(), loss.detach(), logits.detach()
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from metarobust import compilation
 from metarobust.attacks import threat
 from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
 from metarobust.attacks.registry import ATTACKS
@@ -50,7 +51,7 @@ def input_gradient(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch
     none active it is plain ``torch.autograd.grad`` (under ``enable_grad``, so it also runs inside
     ``torch.no_grad()``). Both give bit-identical gradients (same engine, same accumulation
     order), but ``func.grad`` accumulates out of place through its tensor wrappers and measured
-    ~10 % slower on Conv-4 (``scripts/bench_attacks.py``, ``floor_func``). The check is made
+    ~10 % slower on Conv-4 (BENCHMARKS.md, the former ``scripts/bench_attacks.py``'s ``floor_func``). The check is made
     once per attack call, not per step.
     """
     if inside_func_transform():
@@ -110,6 +111,12 @@ class PGD:
             maximise the loss) never stops early. (Default: False)
         l1_quantile (float): SLIDE's quantile ``q``: L1 steps move the top ``1 - q`` fraction of
             coordinates by ``|g|``. (Default: 0.99)
+        compile (bool or None): run the step loop compiled: the forward (an ``nn.Module``;
+            compiled once and cached) and, in L-inf and L2, the step update :func:`pgd_update`
+            (one ``fullgraph`` graph taking ``eps`` and the step as tensors: a new budget does not
+            recompile). ``False``: eager, the reference. ``None``: compiled when ``forward`` is
+            already a ``torch.compile`` module (``at.compile=on`` in training). Inside ``vmap`` the
+            loop is always eager. (Default: None)
 
     Shape (call): ``attack(forward, x, y, loss=None, noise=None, *, eps=None, labels=None,
     step_size=None, generator=None, seed=None, check=True) -> x_adv``
@@ -159,6 +166,7 @@ class PGD:
     targeted: bool = False
     early_stop: bool = False
     l1_quantile: float = 0.99
+    compile: bool | None = None
     verdicts: ClassVar[bool] = True  # __call__(..., verdict=True) -> (x_adv, fooled)
 
     def __post_init__(self) -> None:
@@ -217,6 +225,8 @@ class PGD:
         ``fooled`` still counts it (:meth:`metarobust.evaluation.harness.Unit.attacked_correct`).
         ``generator``/``seed`` and ``check``: see the class docstring."""
         x = x.detach()
+        if self._compiled(forward):
+            forward = compilation.compiled_forward(forward)
         if check and not inside_func_transform():  # once per call, never in the step loop
             threat.check_call(x, eps=self.eps if eps is None else eps,
                               step_size=self.step_size if step_size is None else step_size)
@@ -311,6 +321,11 @@ class PGD:
                 return logits.argmax(dim=-1) != y
         return batch_loss, per_sample_loss, success
 
+    def _compiled(self, forward: Forward) -> bool:
+        """Whether this call runs the compiled step loop (``compile``; never inside ``vmap``)."""
+        wanted = compilation.is_compiled(forward) if self.compile is None else self.compile
+        return bool(wanted) and not inside_func_transform()
+
     def _run(self, forward, x, budget, step, noise, losses, stop_early, score):
         """One restart: ``(delta, logits)``, the logits of the final batch ``x + delta`` (only when
         ``score``, else ``None``)."""
@@ -328,12 +343,20 @@ class PGD:
         shape = (-1,) + (1,) * (x.dim() - 1)
         # L1: spread a step over at least ceil(step) coordinates, none moving more than 1.
         min_coordinates = math.ceil(step) if isinstance(step, (int, float)) else 1
+        if self.norm != "l1" and self._compiled(forward):
+            # Budgets as tensors: the compiled update is one graph for every eps and step.
+            update = compilation.compiled_function(pgd_update)
+            step = torch.as_tensor(step, dtype=x.dtype, device=x.device)
+            budget = torch.as_tensor(budget, dtype=x.dtype, device=x.device)
+        else:
+            update = pgd_update
         for _ in range(self.steps):
             g, logits = gradient(delta)
-            here = x + delta if self.norm == "l1" else None  # L1 skips coordinates the box blocks
-            direction = threat.step_direction(g, self.norm, here, self.l1_quantile, min_coordinates)
-            moved = delta + step * direction
-            moved = threat.project(moved, x, self.norm, budget)
+            if self.norm == "l1":  # L1 skips coordinates the box blocks
+                direction = threat.step_direction(g, self.norm, x + delta, self.l1_quantile, min_coordinates)
+                moved = threat.project(delta + step * direction, x, self.norm, budget)
+            else:
+                moved = update(delta, g, x, step, budget, self.norm)
             if stop_early:  # keep a sample's first successful point
                 moved = torch.where(success(logits).view(shape), delta, moved)
             delta = moved.detach()
@@ -341,6 +364,16 @@ class PGD:
             return delta, None
         with torch.no_grad():
             return delta, full_precision(forward((x + delta).clamp(0, 1))).detach()  # the point returned
+
+
+def pgd_update(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, step: threat.Budget,
+               eps: threat.Budget, norm: str) -> torch.Tensor:
+    """One L-inf or L2 PGD move: ``delta + step * direction(grad)`` projected onto the
+    ``eps``-ball, then onto the box [0, 1] around ``x`` (``delta``, ``grad``, ``x``: ``[B, ...]``;
+    ``step``, ``eps``: floats, 0-dim or ``[B, 1, ..., 1]``). The step loop's body after the
+    gradient, and the graph ``compile=True`` compiles."""
+    moved = delta + step * threat.step_direction(grad, norm)
+    return threat.project(moved, x, norm, eps)
 
 
 def _negative(value: threat.Budget | None) -> bool:
@@ -399,4 +432,4 @@ def _fgsm_rs(cfg: AttackConfig) -> PGD:
     return fgsm_rs(cfg.norm, cfg.eps, loss=cfg.loss, targeted=cfg.targeted)
 
 
-__all__ = ["PGD", "fgsm", "fgsm_rs", "inside_func_transform", "input_gradient"]
+__all__ = ["PGD", "fgsm", "fgsm_rs", "inside_func_transform", "input_gradient", "pgd_update"]

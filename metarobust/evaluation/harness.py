@@ -216,23 +216,44 @@ def suite_configs(cfg: ExperimentConfig, num_classes: int) -> list[tuple[str, At
     return out
 
 
-def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+@dataclass
+class BaseRun:
+    """The first attack of a cascade run on *every* point of a unit (whole groups): its noise, its
+    adversarial inputs and which points survived it, ``[T, B, ...]``. When that attack is the
+    ``attack`` section itself, the masking checks take it as their base run instead of attacking
+    the same points with the same attack a second time (:func:`masking_checks`)."""
+
+    noise: torch.Tensor | None
+    x_adv: torch.Tensor
+    survived: torch.Tensor
+
+    def head(self, groups: int) -> BaseRun:
+        return BaseRun(None if self.noise is None else self.noise[:groups], self.x_adv[:groups],
+                       self.survived[:groups])
+
+
+def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Generator,
+            record: list[BaseRun] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Run ``attacks`` in order on the points still robust.
 
     Returns ``clean_correct [T, B]``, ``robust [T, B]`` (bool, after the whole cascade) and the
     robust mask after each attack. A single uncoupled group attacks only its survivors; other
     units attack whole groups (survivors cannot be sliced out of a coupled group or out of
     groups stacked for ``vmap``) and, for uncoupled models, give the same verdicts per point.
+    ``record``: a list that gets the first attack's :class:`BaseRun` when it attacked whole
+    groups (nothing is appended otherwise).
     """
     clean_correct = unit.predict(unit.x) == unit.y
     robust = clean_correct.clone()
     after = {}
-    for name, attack in attacks:
+    for i, (name, attack) in enumerate(attacks):
         noise = attack.init_noise(unit.x, generator)  # for every point: the draws never depend on survivors
-        if bool(robust.any()):
-            if unit.coupled or unit.groups > 1:
+        whole = unit.coupled or unit.groups > 1
+        if bool(robust.any()) or (whole and i == 0 and record is not None):
+            if whole:
                 x_adv, survived = unit.attacked_correct(attack, unit.x, unit.y, noise)
+                if i == 0 and record is not None:
+                    record.append(BaseRun(noise, x_adv, survived))
                 fooled = robust & ~survived
                 robust &= survived
                 if unit.adversarial is not None:
@@ -261,8 +282,12 @@ def large_eps(norm: str, dim: int) -> float:
 
 
 def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Generator,
-                   chance: float) -> tuple[list[CheckResult], list[dict[str, float]]]:
-    """Carlini et al.'s sanity checks on ``units`` (a few hundred points), and the eps sweep."""
+                   chance: float, bases: list[BaseRun] | None = None) -> tuple[list[CheckResult], list[dict[str, float]]]:
+    """Carlini et al.'s sanity checks on ``units`` (a few hundred points), and the eps sweep.
+
+    ``bases``: one :class:`BaseRun` of the ``attack`` section per unit, from the main pass (the
+    first attack of a ``single`` suite on the same points): reused as the checks' base run
+    (noise, adversarial inputs, verdicts) instead of a second identical attack."""
     a = cfg.attack
     tol = 0.02  # two points of accuracy: sampling noise of a few hundred points and restarts
     total = sum(u.points for u in units)
@@ -283,9 +308,14 @@ def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Ge
 
     # Paired comparisons: the stronger attack starts from the same random points as the base
     # one (its first restart *is* the base run), so only the attack, not the draw, can differ.
-    base_noise = [build_attack(a).init_noise(u.x, generator) for u in units]
     checks = []
-    base, base_inputs = attacked(a, base_noise)
+    if bases is not None and len(bases) == len(units):
+        base_noise = [b.noise for b in bases]
+        base_inputs = [b.x_adv for b in bases]
+        base = sum(int(b.survived.sum()) for b in bases) / total
+    else:
+        base_noise = [build_attack(a).init_noise(u.x, generator) for u in units]
+        base, base_inputs = attacked(a, base_noise)
     more_steps = mean_acc(replace(a, steps=4 * a.steps, step_size=a.step_size / 2), base_noise)
     checks.append(CheckResult("more steps do not help the model", more_steps <= base + tol,
                               f"{a.steps} steps: {100 * base:.1f}%, {4 * a.steps} steps: {100 * more_steps:.1f}%"))
@@ -381,13 +411,18 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
     ``run`` or ``step``).
     """
     generator = None
-    attacks = [(name, build_attack(c)) for name, c in suite_configs(cfg, num_classes)]
+    configs = suite_configs(cfg, num_classes)
+    attacks = [(name, build_attack(c)) for name, c in configs]
     counts = {"clean": 0, "robust": 0, **{name: 0 for name, _ in attacks}}
     per_group: dict[str, list[torch.Tensor]] = {k: [] for k in counts}
     total = 0
     per_class = torch.zeros(3, len(class_names))  # points, clean, robust
     check_units: list[Unit] = []
     check_points = 0
+    # The checks' base run is the ``attack`` section; when the suite starts with that very attack,
+    # the main pass's first attack on whole groups is that run (same points, attack and noise).
+    reusable = cfg.eval.checks and configs[0][1] == cfg.attack
+    bases: list[BaseRun] | None = [] if reusable else None
     with torch.no_grad():  # the attacks differentiate inside (torch.enable_grad / torch.func.grad)
         for unit in (progress(units) if progress else units):
             if generator is None:
@@ -397,7 +432,9 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
                 raise ConfigError("eval.suite=autoattack_reference: the reference AutoAttack attacks slices of a "
                                   "batch, but this model's predictions couple its batch (transductive batch norm); "
                                   "use eval.suite=autoattack")
-            clean_correct, robust, after = cascade(unit, attacks, generator)
+            wanted = cfg.eval.checks and check_points < cfg.eval.check_points
+            record: list[BaseRun] | None = [] if wanted and bases is not None else None
+            clean_correct, robust, after = cascade(unit, attacks, generator, record)
             total += unit.points
             for key, mask in {"clean": clean_correct, "robust": robust, **after}.items():
                 counts[key] += int(mask.sum())
@@ -406,12 +443,16 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
             for row, weights in enumerate((None, clean_correct, robust)):
                 w = None if weights is None else weights.flatten().cpu().float()
                 per_class[row] += torch.bincount(cls, weights=w, minlength=len(class_names)).float()
-            if cfg.eval.checks and check_points < cfg.eval.check_points:
+            if wanted:
                 check_units.append(unit.head(cfg.eval.check_points - check_points))
                 check_points += check_units[-1].points
+                if bases is not None and record:  # whole groups: head() keeps the first groups
+                    bases.append(record[0].head(check_units[-1].groups))
+                else:
+                    bases = None  # a unit attacked survivors only: the checks run their own base
         checks, sweep = [], []
         if check_units and cfg.attack.eps > 0:
-            checks, sweep = masking_checks(check_units, cfg, generator, chance=1 / num_classes)
+            checks, sweep = masking_checks(check_units, cfg, generator, chance=1 / num_classes, bases=bases)
         else:
             check_points = 0
     if interval == "episodes":

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metarobust import distributed
+from metarobust import compilation, distributed
 from metarobust.config import ExperimentConfig, to_dict
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import to_float
@@ -90,6 +90,8 @@ class Trainer:
         train, world = self.data.train, self.dist.world_size
         self.total_steps, self.steps_per_epoch = self.recipe.schedule(train, world)
         self.sampler = self.recipe.sampler(train, self.dist.rank, world)
+        self.compile_decision = self._compile_decision()
+        """Whether the steps run compiled (``at.compile``), and why."""
         self.models = self._build_models()
         self.optim = resolve_optim(cfg.optim, self.recipe.default_optim(), self.recipe.epochs(cfg))
         self.optimizer = build_optimizer(self._trainable_parameters(), self.optim)
@@ -115,14 +117,23 @@ class Trainer:
             run.truncate_metrics(self.step_count)
         if run is not None:
             run.record(device=str(self.device), world_size=self.dist.world_size,
+                       compiled=self.compile_decision.on, compile_reason=self.compile_decision.reason,
                        device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
 
     # -- models ---------------------------------------------------------------------------------
+    def _compile_decision(self) -> compilation.Decision:
+        """``at.compile`` for this run: meta recipes stay eager (their inner loop calls the model
+        functionally per task); ``auto`` reads :data:`metarobust.compilation.MEASURED`. With the
+        models compiled, the recipes' PGD attacks compile their step update too (``PGD.compile``)."""
+        if self.recipe.episodic:
+            return compilation.Decision(False, "meta recipes run eager (functional calls per task)")
+        return compilation.decide(self.cfg.at.compile, self.device, self.cfg.model.name, self.total_steps)
+
     def _build_models(self) -> Models:
         cfg, train = self.cfg, self.data.train
         in_channels, size = train.image_shape[0], train.image_shape[-1]
         outputs = self.recipe.head_size(train)
-        compiled = cfg.at.compile
+        compiled = self.compile_decision.on
         wrapped, raw, modules, trainable = {}, {}, {}, []
         with torch.random.fork_rng(devices=[]):  # every rank builds the same initial weights,
             torch.manual_seed(cfg.seed)          # without reseeding the caller's global RNG
@@ -138,13 +149,13 @@ class Trainer:
                 if not role.trainable:
                     module.eval().requires_grad_(False)
                 modules[role.name] = module
-                raw[role.name] = torch.compile(module) if compiled else module
+                raw[role.name] = compilation.compile_module(module) if compiled else module
                 wrapped[role.name] = raw[role.name]
                 if role.trainable:
                     trainable.append(role.name)
                     if self.dist.distributed and not self.recipe.episodic:
                         ddp = distributed.wrap(module, self.dist)
-                        wrapped[role.name] = torch.compile(ddp) if compiled else ddp
+                        wrapped[role.name] = compilation.compile_module(ddp) if compiled else ddp
         if not trainable:
             raise ConfigError(f"recipe {cfg.recipe!r} declares no trainable model role")
         return Models(wrapped, raw, modules, trainable)

@@ -404,10 +404,10 @@ class MetaRecipe(Recipe):
         if cfg.at.amp == "fp16":
             raise ConfigError(f"at.amp=fp16 with the meta recipe {cls.name!r}: the meta-gradient is "
                               f"accumulated task by task without a GradScaler; use at.amp=bf16 or none")
-        if cfg.at.compile:
-            raise ConfigError(f"at.compile=true with the meta recipe {cls.name!r}: the inner loop runs the "
+        if cfg.at.compile == "on":
+            raise ConfigError(f"at.compile=on with the meta recipe {cls.name!r}: the inner loop runs the "
                               f"model as a torch.func functional call, which compiles per task shape; "
-                              f"set at.compile=false")
+                              f"set at.compile=auto or off (auto keeps meta recipes eager)")
 
     def noise_keys(self) -> tuple[str, ...]:
         """The kinds of random-start noise this recipe's tasks take (empty: no attack)."""
