@@ -7,6 +7,7 @@
     metarobust data info DATASET [--root PATH]
     metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
     metarobust list recipes|models|datasets|attacks
+    metarobust seg train|eval ...              few-shot organ segmentation (docs/segmentation.md)
 """
 
 from __future__ import annotations
@@ -108,6 +109,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     print(json.dumps(headline))
 
 
+def _cmd_seg(args: argparse.Namespace) -> None:
+    """``metarobust seg train CONFIG`` / ``seg eval RUN``: few-shot organ segmentation."""
+    from metarobust.evaluation.segmentation import render_table
+    from metarobust.seg_experiment import evaluate_seg_run, load_seg_config, train_segmentation
+
+    if args.seg_command == "train":
+        result = train_segmentation(load_seg_config(args.target, args.overrides), resume=args.resume,
+                                    progress=not args.quiet)
+    else:
+        result = evaluate_seg_run(args.target, args.overrides, progress=not args.quiet)
+    print(render_table(result))
+    print(json.dumps({r["attack"] + ("" if r["eps"] is None else f"_{r['eps']:g}_{r['target']}"): round(r["dice"], 4)
+                      for r in result["results"]}))
+
+
 def _cmd_data_info(args: argparse.Namespace) -> None:
     from metarobust.config import DataConfig
     from metarobust.data.datasets import DATASETS, dataset_info
@@ -202,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotations", action="store_true")
     q.add_argument("--out", default=None, help="manifest path (default: episodes/<dataset>/test_...json)")
     q.set_defaults(func=_cmd_episodes_freeze)
+
+    p = sub.add_parser("seg", help="few-shot organ segmentation: train a config (configs/seg/) and score "
+                                   "Dice clean and under attack, or re-evaluate a run")
+    p.add_argument("seg_command", choices=["train", "eval"])
+    p.add_argument("target", help="train: a YAML file (configs/seg/...); eval: a run folder or checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seg.organ=spleen seg.attacks=[pgd,dag]")
+    p.add_argument("--resume", action="store_true", help="train: continue the run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_seg)
 
     p = sub.add_parser("list", help="what the registries hold, one name a line")
     p.add_argument("what", choices=["recipes", "models", "datasets", "attacks"])

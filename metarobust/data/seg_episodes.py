@@ -14,7 +14,7 @@ The protocol is PNODE's (Pandey et al., MICCAI 2022; ``shared/methods/META.md`` 
   ``s = round((n_s - 1) q / (n_q - 1))``; with p = 0.5 every volume's slice order is reversed;
   a joint random rot90 and independent horizontal and vertical flips (p = 0.5) apply to the
   whole episode.
-- **Test episodes** (:func:`test_episodes`): for each test volume, every slice containing the
+- **Test episodes** (:func:`evaluation_episodes`): for each test volume, every slice containing the
   organ is a query, paired with the aligned slice of each of the first K training volumes that
   contain the organ. Frozen in ``episodes/<dataset>/seg_<organ>_<K>shot.json``.
 """
@@ -200,7 +200,7 @@ def load_or_freeze_split(dataset: str, ids: list[str], directory: Path = EPISODE
 
 
 @dataclass
-class TestVolume:
+class EvalVolume:
     """One test volume's episodes: ``query`` ``int64 [n]`` (stack positions of its organ slices,
     in axial order) and ``support`` ``int64 [n, K]`` (the aligned support slices)."""
 
@@ -209,7 +209,7 @@ class TestVolume:
     support: torch.Tensor
 
 
-def test_episodes(train: Volumes, test: Volumes, organ: str, shots: int) -> tuple[list[str], list[TestVolume]]:
+def evaluation_episodes(train: Volumes, test: Volumes, organ: str, shots: int) -> tuple[list[str], list[EvalVolume]]:
     """``(support volume ids, per test volume episodes)``: every slice of each test volume that
     contains ``organ`` is a query, paired with the aligned slice of each of the first ``shots``
     training volumes that contain it (PNODE's test protocol)."""
@@ -226,7 +226,7 @@ def test_episodes(train: Volumes, test: Volumes, organ: str, shots: int) -> tupl
             continue
         q = torch.arange(len(query), device=query.device)
         cols = [s[aligned_slice(q, torch.tensor(len(query)), torch.tensor(len(s)))] for s in support_slices]
-        out.append(TestVolume(test.ids[v], query, torch.stack(cols, dim=1)))
+        out.append(EvalVolume(test.ids[v], query, torch.stack(cols, dim=1)))
     return [train.ids[v] for v in support_rows], out
 
 
@@ -235,8 +235,8 @@ def manifest_path(dataset: str, organ: str, shots: int, directory: Path = EPISOD
 
 
 def episodes_record(dataset: str, organ: str, shots: int, train: Volumes, test: Volumes,
-                    support_ids: list[str], volumes: list[TestVolume]) -> dict:
-    """The frozen form of :func:`test_episodes`: slices by (volume id, axial index)."""
+                    support_ids: list[str], volumes: list[EvalVolume]) -> dict:
+    """The frozen form of :func:`evaluation_episodes`: slices by (volume id, axial index)."""
     def local(stack: Volumes, pos: torch.Tensor) -> list:
         starts = stack.starts.to(pos.device)
         row = torch.searchsorted(starts, pos, right=True) - 1
@@ -260,6 +260,6 @@ def check_manifest(path: Path, record: dict) -> None:
                         f"delete the file to re-freeze it, knowingly")
 
 
-__all__ = ["SegEpisodeBatch", "SegEpisodeSampler", "TestVolume", "aligned_slice", "augment", "check_manifest",
-           "episodes_record", "load_or_freeze_split", "manifest_path", "split_volumes", "test_episodes",
+__all__ = ["SegEpisodeBatch", "SegEpisodeSampler", "EvalVolume", "aligned_slice", "augment", "check_manifest",
+           "episodes_record", "load_or_freeze_split", "manifest_path", "split_volumes", "evaluation_episodes",
            "training_organs"]

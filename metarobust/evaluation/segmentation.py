@@ -2,7 +2,7 @@
 
 For the test organ, every organ-containing slice of each test volume is a query, paired with the
 aligned slice of each of the first K training volumes that contain the organ
-(:func:`~metarobust.data.seg_episodes.test_episodes`); the predicted slices are stacked per volume
+(:func:`~metarobust.data.seg_episodes.evaluation_episodes`); the predicted slices are stacked per volume
 and scored by the 3-D Dice, then averaged over test volumes with a 95 % interval
 (``1.96 s / sqrt(V)``). Only organ-containing slices are scored, as the papers do: optimistic
 against full-volume evaluation. Two reference rows come for free: ``all_background`` (Dice 0) and
@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from metarobust.data.seg_episodes import (
-    TestVolume,
+    EvalVolume,
     check_manifest,
     episodes_record,
+    evaluation_episodes,
     manifest_path,
-    test_episodes,
 )
 from metarobust.data.seg_volumes import Volumes
 from metarobust.segmentation.attacks import SegAttack
@@ -43,7 +43,7 @@ def ode_solver(model: FewShotSegmenter, method: str | None):
         model.ode.method = before
 
 
-def episode_tensors(train: Volumes, test: Volumes, tv: TestVolume, rows: torch.Tensor, organ: int):
+def episode_tensors(train: Volumes, test: Volumes, tv: EvalVolume, rows: torch.Tensor, organ: int):
     """``(sx [B, K, 1, H, W], sm [B, K, H, W], qx [B, 1, 1, H, W], qm [B, 1, H, W])`` for the
     queries ``rows`` of a test volume."""
     s, q = tv.support[rows], tv.query[rows]
@@ -54,7 +54,7 @@ def episode_tensors(train: Volumes, test: Volumes, tv: TestVolume, rows: torch.T
     return sx, sm, qx, qm
 
 
-def predict_volume(model: FewShotSegmenter, train: Volumes, test: Volumes, tv: TestVolume, organ: int,
+def predict_volume(model: FewShotSegmenter, train: Volumes, test: Volumes, tv: EvalVolume, organ: int,
                    batch: int, attack: SegAttack | None = None, generator: torch.Generator | None = None,
                    attack_solver: str | None = None) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """``(pred [n, H, W], NFE per forward, the attacked images [n, H, W] or None)``: the attacked
@@ -102,7 +102,7 @@ def evaluate_segmentation(cfg, model: FewShotSegmenter, train: Volumes, test: Vo
     s = cfg.seg
     model.eval()
     organ = train.organ_id(s.organ)
-    support_ids, volumes = test_episodes(train, test, s.organ, s.shots)
+    support_ids, volumes = evaluation_episodes(train, test, s.organ, s.shots)
     if freeze:
         check_manifest(manifest_path(s.dataset, s.organ, s.shots),
                        episodes_record(s.dataset, s.organ, s.shots, train, test, support_ids, volumes))
