@@ -28,6 +28,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from metarobust.experiment import load_config, train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.recipe.startswith("seg_"):  # a segmentation recipe: its own data and evaluation
+        args.seg_command, args.target = "train", args.config
+        return _cmd_seg(args)
     summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
     if summary is None:  # a non-zero torchrun rank: rank 0 reports
         return

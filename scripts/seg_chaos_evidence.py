@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attacks", default="fgsm,pgd")
     parser.add_argument("--out", default=str(ROOT / "docs/seg_chaos_cpu"))
     parser.add_argument("--runs", default=str(ROOT / "runs/seg_chaos_cpu"))
+    parser.add_argument("--report-only", action="store_true", help="write the table of the finished runs only")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
             done = runs / name / "seg_eval.json"
             if done.is_file():
                 results.append(json.loads(done.read_text()))
+                continue
+            if args.report_only:
                 continue
             if (runs / name).exists():
                 shutil.rmtree(runs / name)  # an interrupted run starts again

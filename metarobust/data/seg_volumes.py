@@ -285,7 +285,10 @@ def read_nifti(root: str | Path, organs: dict[int, str], size: int = 256, modali
         >>> vols = read_nifti("BCV/", {1: "spleen", 6: "liver"}, modality="ct",
         ...                   label_map={1: 1, 6: 6, 2: 0, 3: 0})
     """
-    import nibabel as nib
+    try:
+        import nibabel as nib
+    except ImportError:
+        raise DataError("seg.dataset=nifti needs nibabel: pip install 'metarobust[seg]'") from None
 
     root = Path(root)
 

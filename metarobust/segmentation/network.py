@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarobust.config import ModelConfig
 from metarobust.errors import ConfigError
+from metarobust.models import MODELS
 from metarobust.segmentation.ode import ODEBlock, _groups
 from metarobust.segmentation.prototypes import COSINE_SCALE, cosine_logits, prototypes, upsample_logits
 
@@ -157,6 +159,21 @@ def build_segmenter(name: str, hidden: int = 32, ode: bool = False, ode_layers: 
         raise ConfigError(f"model.name={name!r} for a segmentation recipe; choose seg_light or seg_vgg16")
     block = ODEBlock(encoder.channels, ode_layers, ode_time, ode_solver, ode_tol, ode_tol, ode_steps) if ode else None
     return FewShotSegmenter(encoder, block)
+
+
+def _registered(name: str):
+    def builder(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int,
+                dataset: str | None = None) -> FewShotSegmenter:
+        """The plain segmenter (no ODE); segmentation recipes build theirs with
+        :meth:`~metarobust.training.recipes.seg_base.SegRecipe.build_model`."""
+        return build_segmenter(name, cfg.hidden)
+    return builder
+
+
+MODELS.register("seg_light", "few-shot segmenter: light encoder (GroupNorm, stride 4) + PANet head; "
+                             "segmentation recipes only")(_registered("seg_light"))
+MODELS.register("seg_vgg16", "few-shot segmenter: truncated VGG-16 (stride 8, PANet/PNODE) + PANet head; "
+                             "segmentation recipes only")(_registered("seg_vgg16"))
 
 
 def pixel_ce(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
