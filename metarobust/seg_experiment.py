@@ -71,8 +71,7 @@ def evaluate_and_write(cfg: ExperimentConfig, model, train: Volumes, test: Volum
     result.update(recipe=cfg.recipe, model=cfg.model.name, **(extra or {}))
     if run_path is not None:
         plot_overlays(result, run_path / "seg_overlays.png", cfg.seg.overlays)
-    overlays = result.pop("_overlays")
-    del overlays
+    result.pop("_overlays")  # tensors, drawn above
     if run_path is not None:
         atomic_write_text(run_path / "seg_eval.json", json.dumps(result, indent=1) + "\n")
         atomic_write_text(run_path / "report.md", f"# {cfg.name}: {cfg.recipe}\n\n" + render_table(result))

@@ -417,3 +417,24 @@ def test_command_line_trains_and_reevaluates_a_run(tmp_path, capsys):
     assert main(["seg", "eval", str(tmp_path / "cli"), "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["clean"] == first["clean"]
+
+
+def test_a_resumed_segmentation_run_reaches_the_uninterrupted_weights(tmp_path):
+    from metarobust.runs import RunDir
+    from metarobust.seg_experiment import load_seg_volumes
+    from metarobust.training.data import TrainingData
+    from metarobust.training.engine import Trainer
+
+    def trainer(name, iterations, resume=False):
+        cfg = _cfg("seg_r_pnode", tmp_path, f"name={name}", f"train.iterations={iterations}", "train.checkpoint_every=1")
+        train, _ = load_seg_volumes(cfg)
+        return Trainer(cfg, RunDir(cfg, resume=resume, tensorboard=False), resume=resume,
+                       data=TrainingData(train, None, None), progress=False)
+
+    whole = trainer("whole", 3).fit()
+    trainer("part", 2).fit()
+    resumed = trainer("part", 3, resume=True)
+    assert resumed.step_count == 2 and type(resumed.first_batch).__name__ == "SegEpisodeBatch"
+    resumed = resumed.fit()
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
