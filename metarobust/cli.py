@@ -7,6 +7,7 @@
     metarobust data info DATASET [--root PATH]
     metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
     metarobust list recipes|models|datasets|attacks|configs
+    metarobust seg train|eval ...              few-shot organ segmentation (docs/segmentation.md)
     metarobust --version
 
 Also run as python -m metarobust.
@@ -38,6 +39,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from metarobust.experiment import load_config, train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.recipe.startswith("seg_"):  # a segmentation recipe: its own data and evaluation
+        args.seg_command, args.target = "train", args.config
+        return _cmd_seg(args)
     try:
         summary = train_and_evaluate(cfg, resume=args.resume, progress=not args.quiet)
     except TrainingInterrupted as exc:
@@ -123,6 +127,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
         headline[f"{recipe}_robust_acc"] = round(r["robust_acc"], 4)
     headline["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(headline))
+
+
+def _cmd_seg(args: argparse.Namespace) -> None:
+    """``metarobust seg train CONFIG`` / ``seg eval RUN``: few-shot organ segmentation."""
+    from metarobust.evaluation.segmentation import render_table
+    from metarobust.seg_experiment import evaluate_seg_run, load_seg_config, train_segmentation
+
+    if args.seg_command == "train":
+        result = train_segmentation(load_seg_config(args.target, args.overrides), resume=args.resume,
+                                    progress=not args.quiet)
+    else:
+        result = evaluate_seg_run(args.target, args.overrides, progress=not args.quiet)
+    print(render_table(result))
+    print(json.dumps({r["attack"] + ("" if r["eps"] is None else f"_{r['eps']:g}_{r['target']}"): round(r["dice"], 4)
+                      for r in result["results"]}))
 
 
 def _cmd_data_info(args: argparse.Namespace) -> None:
@@ -300,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "where training and eval look for it after the shipped benchmark episodes)")
     q.add_argument("--force", action="store_true", help="replace the manifest file if it already exists")
     q.set_defaults(func=_cmd_episodes_freeze)
+
+    p = _command(sub, "seg", "few-shot organ segmentation: train a config (configs/seg/) and score "
+                                   "Dice clean and under attack, or re-evaluate a run")
+    p.add_argument("seg_command", choices=["train", "eval"], help="train a config, or eval a run")
+    p.add_argument("target", help="train: a YAML file (configs/seg/...); eval: a run folder or checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seg.organ=spleen seg.attacks=[pgd,dag]")
+    p.add_argument("--resume", action="store_true", help="train: continue the run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
+    p.set_defaults(func=_cmd_seg)
 
     p = _command(sub, "list", "what the registries hold, or the shipped configs, one name a line")
     p.add_argument("what", choices=["recipes", "models", "datasets", "attacks", "configs"],

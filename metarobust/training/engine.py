@@ -51,7 +51,7 @@ from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import to_float
 from metarobust.distributed import DistInfo
 from metarobust.errors import ConfigError, TrainingDiverged, TrainingInterrupted
-from metarobust.models import build_model, convert_dual_bn
+from metarobust.models import convert_dual_bn
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
 from metarobust.training.optim import build_optimizer, lr_at, resolve_optim
@@ -139,7 +139,7 @@ class Trainer:
             torch.manual_seed(cfg.seed)          # without reseeding the caller's global RNG
             for role in self.recipe.roles():
                 arch = role.model or cfg.model
-                module = build_model(arch, in_channels, outputs, size, cfg.data.dataset).to(self.device)
+                module = self.recipe.build_model(arch, in_channels, outputs, size, cfg.data.dataset).to(self.device)
                 if role.checkpoint:
                     _load_role_weights(module, role.checkpoint, role.name, arch, self.device)
                 if role.dual_bn:
@@ -403,7 +403,8 @@ class Trainer:
         self.stopped = state["stopped"]
         first = state["first_batch"]
         if first is not None:
-            self.first_batch = self._layout(EpisodeBatch(**_to_device(first, self.device)))
+            batch_type = getattr(self.sampler, "batch_type", EpisodeBatch)  # segmentation: SegEpisodeBatch
+            self.first_batch = self._layout(batch_type(**_to_device(first, self.device)))
         self.step_count = int(state["step"])
         self.checkpoint_step = self.step_count
         self.epoch = self.step_count // self.steps_per_epoch

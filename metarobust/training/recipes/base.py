@@ -81,6 +81,7 @@ from metarobust.meta.execution import Noise, TaskFn, meta_backward, resolve_exec
 from metarobust.meta.functional import functional_forward, params_of
 from metarobust.meta.logistic import LogisticProbe
 from metarobust.meta.maml import MAML, adapted_names
+from metarobust.models import build_model
 from metarobust.models.dual_bn import strip_aux_bn
 from metarobust.registry import Registry
 
@@ -257,6 +258,12 @@ class Recipe:
     def head_size(self, train: ImageStore) -> int:
         """Outputs of the trained models' classifier: the training split's classes."""
         return train.num_classes
+
+    def build_model(self, arch: ModelConfig, in_channels: int, outputs: int, image_size: int,
+                    dataset: str | None = None) -> nn.Module:
+        """A role's network (default: the ``model`` registry); segmentation recipes build a
+        few-shot segmenter with their own section's settings."""
+        return build_model(arch, in_channels, outputs, image_size, dataset)
 
     @property
     def replays(self) -> int:
