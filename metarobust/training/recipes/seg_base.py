@@ -123,9 +123,10 @@ class SegRecipe(Recipe):
     def config_check(cls, cfg: ExperimentConfig) -> None:
         check_value(cfg.model.name in SEG_MODELS, "model.name", cfg.model.name,
                     f"one of {list(SEG_MODELS)} for the segmentation recipe {cls.name!r}")
-        if cfg.at.amp != "none" or cfg.at.compile:
+        if cfg.at.amp != "none" or cfg.at.compile == "on":
             raise ConfigError(f"at.amp={cfg.at.amp} / at.compile={cfg.at.compile}: the segmentation recipes run "
-                              f"in float32 without compile (torchdiffeq's solvers)")
+                              f"in float32 without compile (torchdiffeq's solvers); set at.amp=none and "
+                              f"at.compile=auto or off (auto keeps them eager)")
         training_organs(CHAOS_ORGANS, cfg.seg.organ)  # a known organ name
 
     def build_model(self, arch: ModelConfig, in_channels: int, outputs: int, image_size: int,
