@@ -197,3 +197,29 @@ def test_black_box_attacks_are_listed_and_unknown_names_fail_with_the_choices(ca
         build_blackbox_attack("square_bb", "linf", 0.1)
     with pytest.raises(ConfigError, match="norm"):
         build_blackbox_attack("signhunter", "l1", 0.1)
+
+
+def test_metarobust_blackbox_attacks_a_few_shot_run_and_writes_table_json_and_plot(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from metarobust.cli import main
+    from metarobust.experiment import load_config, train_and_evaluate
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    small = ["model.hidden=8", "meta.meta_batch_size=2", "meta.queries=2", "meta.test_inner_steps=1",
+             "train.iterations=2", "train.checkpoint_every=2", "eval.episodes=2", "eval.batch_size=2",
+             "eval.check_points=4", "eval.checks=false", "eval.eps_sweep=[]", "recipe=maml", "name=bb",
+             f"out_dir={tmp_path}"]
+    run = Path(train_and_evaluate(load_config(configs / "quickstart.yaml", small), progress=False)["run"])
+    capsys.readouterr()
+    code = main(["blackbox", str(configs / "blackbox" / "glyphs_linf.yaml", ), f"run={run}", "episodes=2",
+                 "budget=30", "attacks=[signhunter,nes]", "params={}", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    headline = json.loads(out.strip().splitlines()[-1])
+    assert set(headline) >= {"signhunter", "nes", "clean_acc", "budget"} and headline["budget"] == 30
+    saved = json.loads((run / "blackbox" / "blackbox.json").read_text())
+    assert saved["groups"] == 2 and saved["points"] == 20  # 2 episodes of 5-way 2-query
+    assert (run / "blackbox" / "blackbox.png").stat().st_size > 0 and "whitebox" in saved
+    assert all(r["attacked"] == round(saved["clean_acc"] * 20) for r in saved["attacks"].values())

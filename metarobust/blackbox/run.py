@@ -69,9 +69,8 @@ class BlackboxConfig:
         if self.budget < 1 or self.episodes < 1 or self.points < 1:
             raise ConfigError(f"blackbox.budget={self.budget}, episodes={self.episodes}, points={self.points} "
                               f"must be >= 1")
-        unknown = set(self.params) - set(self.attacks)
-        if unknown:
-            raise ConfigError(f"blackbox.params names {sorted(unknown)}, not in blackbox.attacks={self.attacks}")
+        for name in self.params:  # settings of attacks not run are kept (attacks=[...] on the command line)
+            BLACKBOX_ATTACKS.get(name, "blackbox.params")
 
 
 def load_blackbox_config(path: str | Path, overrides: list[str] | None = None) -> BlackboxConfig:
@@ -104,6 +103,9 @@ def targets(cfg: BlackboxConfig):
         x = test.images[index].float() / 255
         out.append((model, x, test.labels[index], batch_coupled(model)))
     else:
+        frozen = Path(cfg.run) / "episodes.json"  # episodes the run froze for itself, if it had to
+        if not run_cfg.eval.manifest and frozen.is_file():
+            run_cfg.eval.manifest = str(frozen)
         manifest = resolve_manifest(run_cfg, test)
         learner = recipe.evaluation_learner(model, manifest.ways)
         coupled = batch_coupled(model)
