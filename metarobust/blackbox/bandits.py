@@ -80,7 +80,7 @@ class Bandits(QueryAttack):
             return F.interpolate(t, size=(h, w), mode="nearest")
 
         prior = torch.zeros(b, c, *side, device=x.device)
-        x_adv = x.clone()
+        x_real, x_adv = x.clone(), x.clone()  # the iterate, and the (snapped) point sent
         success = torch.zeros(b, dtype=torch.bool, device=x.device)
         active = affordable(oracle, torch.ones(b, dtype=torch.bool, device=x.device), 1)
         if active.any():
@@ -91,7 +91,7 @@ class Bandits(QueryAttack):
             if not active.any():
                 break
             idx = every[active]
-            pr, xa, yy = prior[idx], x_adv[idx], y[idx]
+            pr, xa, yy = prior[idx], x_real[idx], y[idx]
             noise = exploration * draw(generator, pr.shape, x.device) / math.sqrt(dim)
             q1, q2 = up(pr + noise), up(pr - noise)
             probes = torch.cat([(xa + fd_eta * q1 / _l2(q1)).clamp(0, 1), (xa + fd_eta * q2 / _l2(q2)).clamp(0, 1)])
@@ -101,9 +101,10 @@ class Bandits(QueryAttack):
             pr = eg_step(pr, g, online_lr) if self.norm == "linf" else pr + online_lr * g
             step = up(pr)
             step = step.sign() if self.norm == "linf" else step / _l2(step)
-            xa = self.point(oracle, x[idx], xa + image_lr * step - x[idx])
-            _, won = self.losses(oracle, xa, idx, yy)
-            prior[idx], x_adv[idx], success[idx] = pr, xa, won
+            xa = x[idx] + self.project(x[idx], xa + image_lr * step - x[idx])
+            sent = self.snap(oracle, x[idx], xa - x[idx])
+            _, won = self.losses(oracle, sent, idx, yy)
+            prior[idx], x_real[idx], x_adv[idx], success[idx] = pr, xa, sent, won
         return x_adv, success
 
 

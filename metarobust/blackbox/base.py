@@ -110,17 +110,26 @@ class QueryAttack:
         """``(x_adv [B, ...], success bool [B])`` for the quantised clean ``x``."""
         raise NotImplementedError
 
-    def point(self, oracle: Oracle, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``x + delta`` with ``delta`` projected onto the eps-ball and the box, then (quantising
-        oracle) each coordinate of ``delta`` rounded *towards zero* onto the grid, which keeps
-        it inside any Lp ball and the box since ``x`` is on the grid."""
-        delta = threat.project(delta, x, self.norm, self.eps)
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` projected onto the eps-ball and then the box (``x + delta`` in [0, 1])."""
+        return threat.project(delta, x, self.norm, self.eps)
+
+    def snap(self, oracle: Oracle, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The point ``x + delta`` that is sent, for a ``delta`` from :meth:`project`: with a
+        quantising oracle each coordinate of ``delta`` is rounded *towards zero* onto the grid,
+        which keeps it in any Lp ball and the box since ``x`` is on the grid. Attacks that
+        accumulate steps keep the unrounded ``delta`` as their iterate (rounding each step
+        towards zero would shrink it) and send and return its snapped point."""
         if oracle.levels is not None:
             top = oracle.levels - 1
             k = delta * top
             near = (k - k.round()).abs() < 1e-4  # float round-off of an exact multiple
             delta = torch.where(near, k.round(), k.trunc()) / top
         return (x + delta).clamp(0, 1)
+
+    def point(self, oracle: Oracle, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """:meth:`snap` of :meth:`project`: a point in the ball, the box and on the grid."""
+        return self.snap(oracle, x, self.project(x, delta))
 
     def losses(self, oracle: Oracle, points: torch.Tensor, index: torch.Tensor, y: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

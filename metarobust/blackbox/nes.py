@@ -52,7 +52,7 @@ class NES(QueryAttack):
         lr = self.lr if self.lr is not None else (0.01 if self.norm == "linf" else self.eps / 5)
         half = self.samples // 2
         every = torch.arange(b, device=x.device)
-        x_adv = x.clone()
+        x_real, x_adv = x.clone(), x.clone()  # the iterate, and the (snapped) point sent
         success = torch.zeros(b, dtype=torch.bool, device=x.device)
         active = affordable(oracle, torch.ones(b, dtype=torch.bool, device=x.device), 1)
         if active.any():
@@ -62,7 +62,7 @@ class NES(QueryAttack):
             if not active.any():
                 break
             idx = every[active]
-            xa, yy = x_adv[idx], y[idx]
+            xa, yy = x_real[idx], y[idx]
             m = idx.numel()
             u = draw(generator, (half, *xa.shape), x.device)
             u = torch.cat([u, -u])  # antithetic: [samples, M, C, H, W]
@@ -70,9 +70,10 @@ class NES(QueryAttack):
             values, _ = self.losses(oracle, probes, idx.repeat(self.samples), yy.repeat(self.samples))
             g = (values.view(self.samples, m, 1, 1, 1) * u).mean(0) / self.sigma
             direction = g.sign() if self.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            xa = self.point(oracle, x[idx], xa + lr * direction - x[idx])
-            _, won = self.losses(oracle, xa, idx, yy)
-            x_adv[idx], success[idx] = xa, won
+            xa = x[idx] + self.project(x[idx], xa + lr * direction - x[idx])
+            sent = self.snap(oracle, x[idx], xa - x[idx])
+            _, won = self.losses(oracle, sent, idx, yy)
+            x_real[idx], x_adv[idx], success[idx] = xa, sent, won
         return x_adv, success
 
 

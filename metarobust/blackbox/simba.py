@@ -112,12 +112,12 @@ class SimBA(QueryAttack):
                 idx = every[active]
                 if idx.numel() == 0:
                     break
-                trial = delta[idx] + sign * step * direction
-                points = self.point(oracle, x[idx], trial)
+                trial = self.project(x[idx], delta[idx] + sign * step * direction)
+                points = self.snap(oracle, x[idx], trial)
                 value, won = self.losses(oracle, points, idx, y[idx])
                 better = value > best[idx]
                 keep = idx[better]
-                delta[keep] = points[better] - x[keep]
+                delta[keep] = trial[better]
                 best[keep] = value[better]
                 success[keep] = won[better]
                 # an example that improved, or that cannot pay for the other sign, is done with k
@@ -125,7 +125,7 @@ class SimBA(QueryAttack):
                 active[keep] = False
                 active = affordable(oracle, active, 1)
             active = ~success & affordable(oracle, torch.ones_like(active), 1)
-        return (x + delta).clamp(0, 1), success
+        return self.snap(oracle, x, delta), success
 
 
 @BLACKBOX_ATTACKS.register("simba", "SimBA (Guo et al. 2019): random pixel coordinates, +-step, "
