@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
+import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from metarobust.errors import ConfigError
+from metarobust.errors import ConfigError, ConfigWarning
+from metarobust.resources import config_path
 
 EPS_8 = 8 / 255
 STEP_2 = 2 / 255
@@ -219,6 +224,10 @@ class OptimConfig:
                                             if getattr(self, f.name) is None})
 
 
+EVAL_SUITES = ("single", "autoattack", "apgd_ce_t", "autoattack_reference")
+"""The values of ``eval.suite`` (``metarobust/evaluation/harness.py`` defines each)."""
+
+
 @dataclass
 class EvalConfig:
     episodes: int = 600
@@ -226,10 +235,14 @@ class EvalConfig:
     batch_size: int = 20
     """Episodes evaluated together."""
     manifest: str | None = None
-    """A manifest path; ``None``: ``episodes/<dataset>/test_<N>way_<K>shot_<Q>query_<E>.json``."""
+    """A manifest path; ``None``: ``test_<N>way_<K>shot_<Q>query_<E>.json`` shipped in
+    ``metarobust/episodes/<dataset>/``, else the user's copy (``metarobust episodes freeze``)."""
     suite: str = "single"
-    """``metarobust eval``: ``single`` (the ``attack`` section) or ``autoattack`` (APGD-CE, then
-    targeted APGD-DLR on the survivors, 100 steps each, in ``attack.norm`` at ``attack.eps``)."""
+    """The attacks, each on the points the ones before left robust, in ``attack.norm`` at
+    ``attack.eps`` (``EVAL_SUITES``): ``single`` (the ``attack`` section alone); ``autoattack``
+    (AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square, the reference's settings per
+    norm); ``apgd_ce_t`` (AutoAttack's APGD-CE + APGD-T subset; until 0.2 this was ``autoattack``);
+    ``autoattack_reference`` (the reference code, ``pip install pyautoattack``)."""
     union: dict[str, float] = field(default_factory=dict)
     """Extra threat models for the union, norm -> eps, e.g. ``{l2: 0.5, l1: 12.0}``: a point is
     robust only if it survives the suite in every threat model (and in ``attack.norm``)."""
@@ -265,8 +278,11 @@ class StandardTrainingConfig:
     """Mixed precision: ``none``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler)."""
     channels_last: bool = False
     """Model and batches in channels-last memory format (faster convolutions on recent GPUs)."""
-    compile: bool = False
-    """``torch.compile`` the model (first steps pay the compilation)."""
+    compile: str = "auto"
+    """``torch.compile`` the models and the attack's step update: ``on``, ``off`` (eager, the
+    reference) or ``auto``: compiled where ``metarobust.compilation.MEASURED`` measured it faster
+    for this device kind and model family and the run is long enough to pay the compilation back
+    (``true``/``false``, the 0.2 booleans, mean ``on``/``off``). Meta recipes stay eager."""
     attack_bn: str = "auto"
     """BatchNorm mode while the training attack runs: ``train``, ``eval`` or ``auto`` (the
     recipe's reference code: eval for TRADES/MART/Backward Smoothing, train for the others)."""
@@ -358,48 +374,189 @@ def experiment_schema() -> type:
 def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, typed and with each
     section's own checks. The registry checks come on top in
-    :func:`metarobust.experiment.load_config`, which every command uses."""
-    schema = OmegaConf.structured(experiment_schema())
-    layers: list[Any] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as exc:  # yaml.YAMLError and friends
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. meta.train_shots=5")
-        layers.append(OmegaConf.from_dotlist([item]))
-    return _merge(schema, layers)
+    :func:`metarobust.experiment.load_config`, which every command uses.
+
+    A file that sets nothing (empty, or only comments) runs every default (R-MAML on the embedded
+    glyphs for 15,000 meta-updates): it is accepted with a :class:`~metarobust.errors.ConfigWarning`.
+    """
+    layers = [] if path is None else [_read_yaml(path)]
+    return _merge(layers + _override_layers(overrides))
 
 
-def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint), typed and
-    section-checked."""
-    return _merge(OmegaConf.structured(experiment_schema()), [values])
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a nested dict (e.g. one saved in a checkpoint), then
+    ``key=value`` overrides, typed and section-checked exactly as :func:`parse_config` checks a
+    file and its overrides."""
+    _check_sections(values, "the saved config")
+    return _merge([values, *_override_layers(overrides)])
 
 
-def _merge(schema: Any, layers: list[Any]) -> ExperimentConfig:
+def _read_yaml(config: str | Path) -> Any:
+    """The mapping a config file (a path or a shipped name) holds; a folder, a list, a scalar or
+    invalid YAML is a ConfigError."""
+    import yaml
+
+    if Path(config).expanduser().is_dir():
+        raise ConfigError(f"config file {str(config)!r} is a folder; give a YAML file or a shipped config name "
+                          f"such as meta/omniglot_maml.yaml (metarobust list configs)")
+    path = config_path(config)  # a YAML file, or a shipped name such as meta/omniglot_maml.yaml
     try:
-        merged = schema
+        raw = yaml.safe_load(path.read_text())
+    except Exception as exc:  # yaml.YAMLError, a decoding error and friends
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} holds a {_kind(raw)} ({_short(raw)}); a config is a "
+                          f"mapping of sections and keys, e.g. `recipe: maml` then `meta:` with `ways: 5` "
+                          f"indented below it (see the shipped quickstart.yaml)")
+    try:  # OmegaConf's own loader: it reads 1e-3 as a number, where plain YAML 1.1 reads a string
+        layer = OmegaConf.load(path) if raw else OmegaConf.create({})
+    except Exception as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not raw:
+        defaults = ExperimentConfig()
+        warnings.warn(
+            f"config file {str(path)!r} sets nothing (it is empty or holds only comments): EVERY DEFAULT "
+            f"APPLIES, i.e. recipe {defaults.recipe} on dataset {defaults.data.dataset} with model "
+            f"{defaults.model.name} for {defaults.train.iterations:,} meta-updates (train.iterations; plain "
+            f"recipes: {defaults.at.epochs} epochs, at.epochs), unless the command line overrides them. Start "
+            f"from a shipped config (metarobust list configs) if this is not what you meant",
+            ConfigWarning, stacklevel=3)
+    _check_sections(OmegaConf.to_container(layer), f"config file {str(path)!r}")
+    return layer
+
+
+def _override_layers(overrides: list[str] | None) -> list[Any]:
+    """One OmegaConf layer per ``key=value`` argument, each checked for its shape."""
+    layers = []
+    for item in overrides or []:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. meta.train_shots=5")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r} cannot be parsed ({str(exc).splitlines()[0]}); write "
+                              f"key=value, e.g. meta.train_shots=5 or eval.eps_sweep=[0,1,2]") from None
+        _check_sections(OmegaConf.to_container(layer), f"override {item!r}")
+        layers.append(layer)
+    return layers
+
+
+def _check_sections(values: Any, source: str, cls: type | None = None, prefix: str = "") -> None:
+    """Refuse a section given a plain value (``meta=5``, ``meta: 5``, a list), naming the section
+    and its fields; unknown keys and wrong types of plain fields are left to the merge's message."""
+    cls = cls or experiment_schema()
+    if not isinstance(values, dict):
+        return
+    hints = _hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            continue
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _check_sections(value, source, hint, full + ".")
+            continue
+        fields = [f.name for f in dataclasses.fields(hint)]
+        raise ConfigError(f"{source}: {full!r} is a config section, not a value (given {_short(value)}); set "
+                          f"its fields one by one, e.g. {full}.{fields[0]}=..., or in YAML as a mapping "
+                          f"below `{full}:`; its fields: {fields}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of the dataclass ``cls`` (annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", dict: "mapping", str: "string", bool: "boolean", int: "number",
+            float: "number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _merge(layers: list[Any]) -> ExperimentConfig:
+    try:
+        merged = OmegaConf.structured(experiment_schema())
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as exc:
         raise ConfigError(_unknown_key_message(exc)) from None
     except ValidationError as exc:
-        raise ConfigError(
-            f"{exc.full_key}: {exc.msg.splitlines()[0]}; give a value of the field's type "
-            f"(see metarobust/config.py or the section's recipe)"
-        ) from None
+        raise ConfigError(_wrong_type_message(exc)) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     assert isinstance(cfg, ExperimentConfig)
     check_fields(cfg)
     return cfg
+
+
+def _wrong_type_message(exc: ValidationError) -> str:
+    """``<key>=<value> is invalid; expected <the field's type>, e.g. <key>=<its default>``."""
+    if not exc.full_key:  # OmegaConf gives no key (a shape _check_sections did not foresee)
+        return f"invalid config value ({(exc.msg or str(exc) or type(exc).__name__).splitlines()[0]})"
+    value = exc.value
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    key = re.sub(r"\[\d+\]$", "", exc.full_key)  # eval.eps_sweep[0]: an element of a list field
+    found = _field(key)
+    if found is None:
+        return (f"{exc.full_key}={_short(value)} is invalid: {(exc.msg or '').splitlines()[0]}; give a value "
+                f"of the field's type (see metarobust/config.py or the section's recipe)")
+    hint, default = found
+    return (f"{exc.full_key}={_short(value)} is invalid; expected {_describe_type(hint)}, e.g. "
+            f"{key}={_yaml_value(default)} (its default)")
+
+
+def _field(full_key: str) -> tuple[Any, Any] | None:
+    """The type and default of the field at the dotted ``full_key`` (``None`` if not a field)."""
+    cls: Any = experiment_schema()
+    parts = full_key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return None
+        f, hint = fields[part], _hints(cls)[part]
+        if i == len(parts) - 1:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            return hint, default
+        cls = hint
+    return None
+
+
+def _describe_type(hint: Any) -> str:
+    """``int`` -> "an integer", ``float | None`` -> "a number, or null", ``list[str]`` -> ...."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{_describe_type(rest[0])}, or null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s in brackets"
+    if origin is dict:
+        return "a mapping in braces, {key: value, ...}"
+    return {int: "an integer", float: "a number", bool: "a boolean (true or false)",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -446,10 +603,33 @@ def check_value(condition: bool, key: str, value: Any, accepted: str) -> None:
 _check = check_value
 
 
+def check_output_path(key: str, path: str | Path, kind: str = "file") -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: for ``kind="folder"``
+    an existing file (or a file where a parent folder must go), for ``kind="file"`` an existing
+    folder; and a place the user may not write. ``key`` names where the path came from
+    (``out_dir``, ``--out-dir``, ``RUN``)."""
+    path = Path(path).expanduser()
+    if kind == "folder":
+        _check(not path.exists() or path.is_dir(), key, str(path),
+               "a folder (created if missing), not an existing file")
+    else:
+        _check(not path.is_dir(), key, str(path), f"a file path to write, not a folder; move the folder "
+                                                   f"{str(path)!r} away")
+    existing = path if kind == "folder" else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    _check(existing.is_dir(), key, str(path), f"a path whose parent folders can be made, but {str(existing)!r} "
+                                              f"is a file")
+    _check(os.access(existing, os.W_OK | os.X_OK), key, str(path), f"a place you may write: folder "
+                                                                   f"{str(existing)!r} is not writable")
+    _check(kind == "folder" or not path.exists() or os.access(path, os.W_OK), key, str(path),
+           "a file you may write: it exists and is read-only")
+
+
 def check_fields(cfg: ExperimentConfig) -> None:
     """The checks every section can make on its own fields (no registry needed); then the
     declared sections' ``check()``."""
-    _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+    _check(cfg.device == "auto" or re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", cfg.device) is not None,
            "device", cfg.device, "auto, cpu, cuda or cuda:<index>")
     _check(cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size",
            cfg.data.image_size, "an integer >= 8, or null for the dataset's standard size")
@@ -484,7 +664,7 @@ def check_fields(cfg: ExperimentConfig) -> None:
     e = cfg.eval
     _check(e.episodes >= 1, "eval.episodes", e.episodes, "an integer >= 1")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
-    _check(e.suite in ("single", "autoattack"), "eval.suite", e.suite, "single or autoattack")
+    _check(e.suite in EVAL_SUITES, "eval.suite", e.suite, ", ".join(EVAL_SUITES))
     for norm, eps in e.union.items():
         _check(norm in NORMS and eps >= 0, f"eval.union.{norm}", eps,
                "norm -> eps with norm in linf, l2, l1 and eps >= 0")
@@ -530,6 +710,9 @@ def _check_at(at: StandardTrainingConfig) -> None:
     _check(at.epochs >= 1, "at.epochs", at.epochs, "an integer >= 1")
     _check(at.amp in ("none", "bf16", "fp16"), "at.amp", at.amp, "none, bf16 or fp16")
     _check(at.attack_bn in ("auto", "train", "eval"), "at.attack_bn", at.attack_bn, "auto, train or eval")
+    compile_ = {"true": "on", "false": "off"}.get(str(at.compile).lower(), str(at.compile).lower())
+    _check(compile_ in ("auto", "on", "off"), "at.compile", at.compile, "auto, on or off (true/false mean on/off)")
+    at.compile = compile_  # the 0.2 booleans, migrated
     if at.init is not None:
         init = Path(at.init)
         _check((init / "checkpoints" / "last.pt").is_file() if init.is_dir() else init.is_file(), "at.init", at.init,
@@ -544,5 +727,6 @@ def _check_at(at: StandardTrainingConfig) -> None:
 
 
 __all__ = ["EPS_8", "NORMS", "OPTIMIZERS", "SCHEDULES", "STEP_2", "OptimConfig", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
-           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields", "check_value",
+           "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields",
+           "check_output_path", "check_value",
            "config_from_dict", "config_section", "experiment_schema", "parse_config", "to_dict", "to_yaml"]

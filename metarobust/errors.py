@@ -22,7 +22,21 @@ class DataError(MetarobustError, ValueError):
 
 
 class TrainingDiverged(MetarobustError, RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss became NaN or infinite; the last good checkpoint is kept.
+
+    ``checkpoint_step``: the step of that checkpoint (``None``: none was written yet, start again
+    without ``--resume``); ``advice``: overrides that follow the message's advice
+    (``["optim.lr=0.0001"]``)."""
+
+    def __init__(self, message: str, checkpoint_step: int | None = None, advice: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint_step, self.advice = checkpoint_step, list(advice or [])
+
+
+class TrainingInterrupted(MetarobustError, KeyboardInterrupt):
+    """Training was stopped by Ctrl-C (SIGINT) after a checkpoint was written; ``--resume`` continues."""
+
+    exit_code = 130  # the shell's code for SIGINT
 
 
 class MaskingCheckFailed(MetarobustError, RuntimeError):
@@ -30,3 +44,8 @@ class MaskingCheckFailed(MetarobustError, RuntimeError):
     trustworthy. The results are written before it is raised."""
 
     exit_code = 3
+
+
+class ConfigWarning(UserWarning):
+    """A config that is valid but likely not what was meant (e.g. an empty config file: every
+    default applies)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -47,11 +48,13 @@ def plot_clean_vs_robust(results: dict[str, dict], path: str | Path, title: str,
     return save_figure(fig, path)
 
 
-def plot_robustness_curve(sweep: list[dict[str, float]], path: str | Path, title: str) -> Path:
-    """Robust accuracy (%) against epsilon, from the harness's eps sweep."""
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+def plot_robustness_curve(sweep: list[dict[str, float]], path: str | Path, title: str, caption: str = "") -> Path:
+    """Robust accuracy (%) against epsilon, from the harness's eps sweep; ``caption`` (under the
+    plot) says what the sweep ran on (:func:`metarobust.evaluation.report.sweep_caption`)."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.8 if caption else 3.4))
     ax.plot([s["eps"] for s in sweep], [100 * s["robust_acc"] for s in sweep], marker="o")
-    ax.set_xlabel("epsilon")
+    # The caption goes under the axis label, where the layout leaves room for it.
+    ax.set_xlabel("epsilon" + (f"\n{textwrap.fill(caption, 70)}" if caption else ""), fontsize=8 if caption else None)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)

@@ -68,11 +68,10 @@ def make_workload(args):
 def bench_config(args, recipe: str):
     """The recipe's config with the benchmark's inner loop; every other field is the default
     (training attack FGSM-RS at 8/255, R-MAML's TRADES weight 5, placement out)."""
-    from metarobust.config import ExperimentConfig
+    from metarobust.experiment import load_config
 
-    cfg = ExperimentConfig(recipe=recipe)
-    cfg.meta.inner_lr, cfg.meta.inner_steps, cfg.meta.first_order = args.inner_lr, args.inner_steps, args.first_order
-    return cfg
+    return load_config(None, [f"recipe={recipe}", f"meta.inner_lr={args.inner_lr}", f"meta.inner_steps={args.inner_steps}",
+                              f"meta.first_order={args.first_order}"])  # every section, the recipes' too
 
 
 def higher_step(recipe: str, model, cfg, attack, draw):

@@ -3,8 +3,9 @@
 Natural training, PGD-AT, TRADES, MAT and LTD train with the same budget (model, images, epochs,
 optimiser, schedule) from their own configs under ``configs/at/`` and are scored by the
 robust-evaluation harness on the same test images: clean accuracy, PGD-20 (with the
-gradient-masking checks) and the AutoAttack-style cascade (APGD-CE, then targeted APGD-DLR on the
-survivors, 100 steps each). LTD's teacher is this study's own TRADES model.
+gradient-masking checks) and AutoAttack's APGD-CE + APGD-T subset (``eval.suite=apgd_ce_t``:
+APGD-CE, then targeted APGD-DLR on the survivors, 100 steps each; not the standard AutoAttack,
+which adds FAB-T and Square: run ``metarobust eval <run> eval.suite=autoattack`` for that). LTD's teacher is this study's own TRADES model.
 
 Two scales:
 
@@ -44,14 +45,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from metarobust.config import load_config  # noqa: E402
 from metarobust.data.datasets import load_split  # noqa: E402
 from metarobust.evaluation import evaluate_run  # noqa: E402
 from metarobust.experiment import (  # noqa: E402
+    load_config,
     model_from_state,
     train_and_evaluate,
 )
 from metarobust.plots import plot_clean_vs_robust  # noqa: E402
+from metarobust.resources import configs_dir  # noqa: E402
 from metarobust.runs import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8, help="CPU scale: model.hidden (64: the paper's width)")
     parser.add_argument("--train-size", type=int, default=2000, help="CPU scale: training images")
     parser.add_argument("--points", type=int, default=500, help="CPU scale: test images for PGD-20")
-    parser.add_argument("--aa-points", type=int, default=200, help="test images for the AutoAttack-style cascade")
+    parser.add_argument("--aa-points", type=int, default=200, help="test images for APGD-CE + APGD-T")
     parser.add_argument("--data-root", default=str(STAGED) if STAGED.exists() else None)
     parser.add_argument("--out", default="runs/reproduce_at")
     parser.add_argument("--device", default="auto")
@@ -110,7 +112,7 @@ def main() -> None:
         extra = [f"name={method}"]
         if method == "ltd":
             extra.append(f"ltd.teacher={out / 'trades'}")
-        path = ROOT / "configs" / "at" / f"cifar10_{method}.yaml"
+        path = configs_dir() / "at" / f"cifar10_{method}.yaml"
         configs[method] = (path, common + extra)
         # LTD's teacher does not exist yet: check the rest now, the teacher when LTD starts.
         load_config(path, common + (extra if method != "ltd" else [f"name={method}"]))
@@ -123,8 +125,8 @@ def main() -> None:
         start = time.perf_counter()
         summary = train_and_evaluate(cfg, progress=True)
         seconds = time.perf_counter() - start
-        # The AutoAttack-style cascade on the first --aa-points test images.
-        aa_cfg = load_config(path, overrides + ["eval.suite=autoattack", f"eval.points={args.aa_points}",
+        # AutoAttack's APGD-CE + APGD-T subset on the first --aa-points test images.
+        aa_cfg = load_config(path, overrides + ["eval.suite=apgd_ce_t", f"eval.points={args.aa_points}",
                                                 "eval.checks=false"])
         state = load_checkpoint(Path(summary["run"]) / "checkpoints" / "last.pt")
         model = model_from_state(aa_cfg, state)

@@ -76,8 +76,9 @@ def load_study(path: Path, args: argparse.Namespace) -> tuple[Study, dict[str, A
     from omegaconf import OmegaConf
 
     from metarobust.errors import ConfigError
+    from metarobust.resources import config_path
 
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    raw = OmegaConf.to_container(OmegaConf.load(config_path(path)))  # a file or a shipped name
     values = raw.pop("study", None) or {}
     known = Study.__dataclass_fields__
     unknown = sorted(set(values) - set(known))

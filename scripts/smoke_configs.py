@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from metarobust.experiment import load_config, train_and_evaluate  # noqa: E402
+from metarobust.resources import configs_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOTS = {"omniglot": "omniglot", "mnist": "mnist", "fashion_mnist": "fashion-mnist", "cifar10": "cifar10-jpg"}
@@ -71,7 +72,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run only configs whose name contains this")
     args = parser.parse_args()
     data, start = Path(args.data), time.perf_counter()
-    paths = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if not p.stem.startswith("shots_study")]
+    paths = [p for p in sorted(configs_dir().rglob("*.yaml"))
+             if not p.stem.startswith("shots_study") and p.parent.name != "seg"]  # seg: metarobust seg train
     if args.only:
         paths = [p for p in paths if args.only in p.stem]
     passed, failed, skipped, natural = [], [], [], {}
@@ -85,11 +87,11 @@ def main() -> None:
             try:
                 summary = smoke(path, data, Path(tmp), natural)
                 passed.append(path.stem)
-                print(f"ok    {path.relative_to(ROOT)}  clean {summary['clean_acc']:.3f} robust "
+                print(f"ok    {path.relative_to(configs_dir())}  clean {summary['clean_acc']:.3f} robust "
                       f"{summary['robust_acc']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
             except Exception:  # report every config, then fail at the end
                 failed.append(path.stem)
-                print(f"FAIL  {path.relative_to(ROOT)}\n{traceback.format_exc()}", flush=True)
+                print(f"FAIL  {path.relative_to(configs_dir())}\n{traceback.format_exc()}", flush=True)
     print(json.dumps({"passed": len(passed), "failed": failed, "skipped": skipped,
                       "seconds": round(time.perf_counter() - start, 1)}))
     sys.exit(1 if failed else 0)

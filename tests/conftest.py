@@ -17,6 +17,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 """The staged, read-only public datasets beside the checkout (``../shared/data``)."""
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_user_episodes(tmp_path_factory):
+    """Point ``$METAROBUST_EPISODES`` at an empty folder: the default manifest lookup searches the
+    user's frozen episodes after the shipped ones, and a test must not read or write the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("METAROBUST_EPISODES", str(tmp_path_factory.mktemp("user_episodes")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (staged real datasets); the test is skipped when it is absent."""
@@ -101,3 +111,32 @@ def toy_classifier(points_per_class: int = 50, classes: int = 4, noise: float = 
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval(), x, y
+
+
+def prototype_classifier(points: int = 128, classes: int = 10):
+    """An accurate MLP with batch norm (eval mode) on noisy 1x8x8 class prototypes and ``points``
+    fresh test points, seeded: ``(model, x [points, 1, 8, 8], y [points])``. At L-inf 0.16,
+    L2 1.0 or L1 4.0 about half of the points are robust (the model of ``tests/test_apgd.py``)."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(classes, 1, 8, 8, generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(classes).repeat(n // classes + 1)[:n]
+        return (prototypes[y] + 0.3 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
+
+    x_train, y_train = sample(600)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, classes))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(x_train), y_train).backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return (model, *sample(points))

@@ -4,7 +4,9 @@ Agreement with the reference (``pyautoattack``, the code of Croce & Hein):
 
 - Same random start: the reference seeds the global generator and draws ``rand``/``randn`` of
   the batch's shape; a ``torch.Generator`` with the same seed draws the same numbers, so the
-  untargeted attacks must agree point by point (they do, to the bit, on CPU).
+  untargeted attacks must agree point by point: the same outcome for at least 98 % of the points
+  and the same adversarial point (to 1e-5) wherever both fool the model. (On the project's CPU
+  every outcome and point is equal to the bit, but the two codes need not round alike elsewhere.)
 - Different random starts: robust accuracy of APGD-CE and APGD-T within ``TOL`` (3 points of
   accuracy on 128 points) of the reference's, never higher by more than that; the same for
   the AutoAttack cascade APGD-CE then APGD-T.

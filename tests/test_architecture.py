@@ -10,15 +10,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "metarobust"
 
 LAYERS = [
-    ("errors", "registry", "precision"),
+    ("errors", "registry", "precision", "resources", "compilation"),
     ("config",),
-    ("data", "models", "attacks", "runs", "distributed", "plots"),
+    ("data", "models", "attacks", "runs", "distributed", "plots", "segmentation"),
     ("meta",),
     ("training.objectives", "training.optim"),
     ("training.recipes",),
     ("training.data", "training.engine"),
     ("evaluation", "analysis"),
-    ("experiment", "analysis.run_analysis"),
+    ("experiment", "analysis.run_analysis", "seg_experiment"),
     ("cli", "__main__"),
 ]
 """Bottom to top: a module may import its own layer and the layers below it. ``analysis.run_analysis`` is

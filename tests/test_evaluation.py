@@ -74,11 +74,15 @@ def test_end_of_training_and_metarobust_eval_write_the_same_eval_json(tmp_path, 
     capsys.readouterr()
     assert main(["eval", str(run), "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rescored = json.loads((run / "eval.json").read_text())
+    rescored = json.loads((run / "eval" / "default.json").read_text())  # beside eval.json, which stays
+    assert json.loads((run / "eval.json").read_text()) == at_training
     assert rescored["robust_acc"] == at_training["robust_acc"] == printed["robust_acc"] == summary["robust_acc"]
-    # every number, interval, class, check and sweep point; training adds what only it knows
-    assert {k: at_training[k] for k in rescored} == rescored
+    # every number, interval, class, check and sweep point; training adds what only it knows, a
+    # later evaluation what it was asked (overrides, attack and eval settings) and by whom
+    shared = set(rescored) & set(at_training) - {"plot"}
+    assert {k: at_training[k] for k in shared} == {k: rescored[k] for k in shared}
     assert set(at_training) - set(rescored) == {"train_seconds", "optimizer", "stopped"}
+    assert set(rescored) - set(at_training) == {"overrides", "attack", "eval", "provenance"}
     assert rescored["meta_order"] == "second"  # MAML's order is part of every meta-learning number
     for key in ("clean_acc", "clean_ci95", "robust_acc", "robust_ci95", "episodes"):
         assert key in printed, key
@@ -204,10 +208,11 @@ def summary_of(after: dict[str, float]) -> dict:
 def test_the_report_names_the_robust_number_after_what_produced_it():
     cfg = load_config(CONFIGS / "quickstart.yaml", [])
     single = summary_of({"linf/pgd-10": 0.4})
-    suite = summary_of({"linf/apgd-ce": 0.41, "linf/apgd-t": 0.39})
+    suite = {**summary_of({"linf/apgd-ce": 0.41, "linf/apgd-t": 0.39}), "suite": "apgd_ce_t"}
     for render in (lambda s: render_report(cfg, s, ["- trained briefly"]), lambda s: console_table({"m": s})):
         assert "PGD-10" in render(single) and "worst case" not in render(single)
-        assert "worst case over the suite" in render(suite) and "after linf/apgd-ce" in render(suite)
+        assert "APGD-CE + APGD-T subset: worst case of linf/apgd-ce, linf/apgd-t" in render(suite)
+        assert "after linf/apgd-ce" in render(suite)
     assert "95 % binomial interval over 500 points" in render_report(cfg, single)
     line = headline(single)
     assert line["robust_acc"] == 0.4 and line["points"] == 500 and "episodes" not in line

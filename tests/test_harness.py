@@ -91,11 +91,10 @@ def test_cascade_is_the_pointwise_worst_case_of_its_attacks(data):
     assert bool((robust <= clean).all())
 
 
-def test_autoattack_suite_is_at_least_as_strong_as_pgd(data):
-    pytest.importorskip("metarobust.attacks.apgd")
+def test_apgd_ce_t_suite_is_at_least_as_strong_as_pgd(data):
     model, x, y = data
     pgd = evaluate_units(units(model, x, y), config(checks=False), 4, list("abcd"))
-    aa = evaluate_units(units(model, x, y), config(checks=False, suite="autoattack"), 4, list("abcd"))
+    aa = evaluate_units(units(model, x, y), config(checks=False, suite="apgd_ce_t"), 4, list("abcd"))
     assert list(aa.after) == ["linf/apgd-ce", "linf/apgd-t"]
     assert aa.robust_acc <= pgd.robust_acc + 0.01
 
@@ -126,3 +125,26 @@ def test_a_unit_of_several_groups_gives_each_group_its_own_verdicts(data):
                     execution=execution)
         _, robust, _ = cascade(unit, pgd, g)
         assert robust.shape == alone.shape == (4, 50) and torch.equal(robust, alone), execution
+
+
+def test_masking_checks_take_the_main_pass_first_attack_as_their_base_run(data, monkeypatch):
+    """With a ``single`` suite the main pass's first attack *is* the checks' base run (same points,
+    attack and noise): reusing it gives the checks of a fresh base run, one attack pass fewer."""
+    from metarobust.evaluation import harness
+
+    model, x, y = data
+    cfg = config()
+    unit = Unit(lambda _, inputs: model(inputs), x.view(4, 50, 1, 8, 8), y.view(4, 50), y.view(4, 50))
+    calls = []
+    original = Unit.attacked_correct
+    monkeypatch.setattr(Unit, "attacked_correct", lambda self, *a: calls.append(1) or original(self, *a))
+
+    fresh = harness.masking_checks([unit], cfg, torch.Generator().manual_seed(0), chance=0.25)
+    fresh_calls = len(calls)
+    g, record = torch.Generator().manual_seed(0), []
+    cascade(unit, [("pgd", build_attack(cfg.attack))], g, record)  # draws the base noise, as fresh did first
+    calls.clear()
+    reused = harness.masking_checks([unit], cfg, g, chance=0.25, bases=record)
+    assert len(calls) == fresh_calls - 1
+    assert [(c.name, c.passed, c.detail) for c in reused[0]] == [(c.name, c.passed, c.detail) for c in fresh[0]]
+    assert reused[1] == fresh[1]  # the eps sweep

@@ -31,10 +31,15 @@ from metarobust.errors import ConfigError, DataError
 from metarobust.experiment import load_config
 from metarobust.models import Conv4
 
-skdim = pytest.importorskip("skdim", reason="scikit-dimension (test extra) is the cross-check peer")
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 N, AMBIENT = 2000, 50
+
+
+@pytest.fixture
+def skdim():
+    """scikit-dimension, the peer library of the cross-checks (a test extra): only the tests that
+    compare against it skip without it."""
+    return pytest.importorskip("skdim", reason="scikit-dimension (test extra) is the cross-check peer")
 
 
 def embed_linear(z: torch.Tensor, ambient: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,7 +85,7 @@ def test_estimators_recover_the_dimension_of_clouds_built_to_have_it(kind, d, to
     assert mle == pytest.approx(d, rel=tol_mle), (kind, d, mle)
 
 
-def test_twonn_and_mle_agree_with_scikit_dimension_to_rounding():
+def test_twonn_and_mle_agree_with_scikit_dimension_to_rounding(skdim):
     for i, X in enumerate((cloud("gaussian", 5, seed=1, n=500), cloud("cube", 3, seed=2, n=500),
                            cloud("swiss_roll", 2, seed=3, n=500))):
         x = X.numpy()
@@ -109,17 +114,21 @@ def share_tolerance(n: int, d: int) -> float:
     return 2 * (n + d) * float(np.finfo(np.float64).eps)
 
 
-def test_pca_dimension_counts_components_like_sklearn_and_scikit_dimension():
+def anisotropic_cloud(g: torch.Generator) -> torch.Tensor:
+    """600 points with 6 directions of decreasing variance, rotated into 40 dimensions."""
+    scales = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    return embed_linear(torch.randn(600, 6, generator=g, dtype=torch.float64) * scales, 40, g)
+
+
+def test_pca_dimension_counts_components_like_sklearn():
     from sklearn.decomposition import PCA
 
     g = torch.Generator().manual_seed(4)
-    scales = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
-    X = embed_linear(torch.randn(600, 6, generator=g, dtype=torch.float64) * scales, 40, g)
+    X = anisotropic_cloud(g)
     est = PCADimension(0.9).fit(X)
     ratio = PCA().fit(X.numpy()).explained_variance_ratio_
     assert est.explained_variance_ratio_[:6] == pytest.approx(ratio[:6], abs=share_tolerance(*X.shape))
     assert est.dimension_ == int(np.searchsorted(np.cumsum(ratio), 0.9) + 1)
-    assert est.dimension_ == skdim.id.lPCA(ver="ratio", alphaRatio=0.9).fit(X.numpy()).dimension_
     # a linear embedding of an isotropic d-cloud: all of its variance in exactly d components
     assert PCADimension(0.999).fit(cloud("gaussian", 7)).dimension_ == 7
     # linear measure on a curved 2-d sheet: the Swiss roll needs all 3 of its ambient directions
@@ -138,19 +147,31 @@ def test_pca_dimension_counts_components_like_sklearn_and_scikit_dimension():
 
 
 def test_duplicates_are_dropped_not_fatal():
-    X = cloud("gaussian", 5, n=1000)
-    g = torch.Generator().manual_seed(5)
-    copies = X[torch.randint(0, 1000, (300,), generator=g)]
-    noisy = torch.cat([X, copies, X[:1].repeat(20, 1)])[torch.randperm(1320, generator=g)]
+    X, noisy = noisy_duplicates()
     fitted = TwoNN().fit(noisy)
     assert fitted.n_duplicates_ == 320 and fitted.n_points_ == 1000
     assert fitted.dimension_ == pytest.approx(TwoNN().fit(X).dimension_, rel=1e-12)
     assert fitted.dimension_ == pytest.approx(5, rel=0.1)
     assert math.isfinite(MLE().fit(noisy).dimension_)
     assert MLE().fit(noisy).dimension_ == pytest.approx(MLE().fit(X).dimension_, rel=1e-12)
-    # scikit-dimension on the de-duplicated rows agrees
+
+
+def noisy_duplicates() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, X with 300 random rows repeated and one row repeated 20 times, shuffled)``."""
+    X = cloud("gaussian", 5, n=1000)
+    g = torch.Generator().manual_seed(5)
+    copies = X[torch.randint(0, 1000, (300,), generator=g)]
+    return X, torch.cat([X, copies, X[:1].repeat(20, 1)])[torch.randperm(1320, generator=g)]
+
+
+def test_pca_dimension_and_twonn_agree_with_scikit_dimension(skdim):
+    """lPCA's 90 % ratio rule counts the components ours does; on de-duplicated rows (it does not
+    drop duplicates itself) scikit-dimension's TwoNN equals ours on the duplicated cloud."""
+    X = anisotropic_cloud(torch.Generator().manual_seed(4))
+    assert PCADimension(0.9).fit(X).dimension_ == skdim.id.lPCA(ver="ratio", alphaRatio=0.9).fit(X.numpy()).dimension_
+    _, noisy = noisy_duplicates()
     unique = np.unique(noisy.numpy(), axis=0)
-    assert fitted.dimension_ == pytest.approx(skdim.id.TwoNN().fit(unique).dimension_, rel=1e-9)
+    assert TwoNN().fit(noisy).dimension_ == pytest.approx(skdim.id.TwoNN().fit(unique).dimension_, rel=1e-9)
 
 
 def test_nearest_distances_are_exact_for_nearly_coincident_points():

@@ -10,7 +10,7 @@ from metarobust.analysis.fewshot import fewshot_id_report
 from metarobust.analysis.id_plot import plot_id_per_layer
 from metarobust.analysis.report import IDReport, intrinsic_dimension_of_units
 from metarobust.analysis.units import classifier_feature_units
-from metarobust.config import ExperimentConfig
+from metarobust.config import ExperimentConfig, check_output_path
 from metarobust.runs import atomic_write_text
 
 
@@ -28,6 +28,11 @@ def analyse_run(path: str | Path, overrides: list[str] | None = None,
     from metarobust.training.recipes import build_recipe
 
     cfg, model, state = model_from_checkpoint(path, overrides)
+    run_path = Path(path)
+    out_dir = run_path if run_path.is_dir() else run_path.parent
+    json_path, plot_path = out_dir / "id.json", out_dir / "id.png"
+    for output in (json_path, plot_path):  # before the analysis, not after it
+        check_output_path("RUN", output)
     recipe = build_recipe(cfg)
     stores = load_training_data(cfg, recipe, resolve_device(cfg.device))
     if recipe.evaluation == "classifier":
@@ -36,16 +41,13 @@ def analyse_run(path: str | Path, overrides: list[str] | None = None,
         report = intrinsic_dimension_of_units(units, model, cfg.analysis, cfg.attack, cfg.seed, progress)
         report.meta = {"recipe": cfg.recipe, "dataset": cfg.data.dataset}
     else:
-        manifest = resolve_manifest(cfg, stores.test)
+        manifest = resolve_manifest(cfg, stores.test, model=model, recipe=recipe)
         report = fewshot_id_report(cfg, model, stores.test, manifest, progress)
     report.meta = {"run": str(path), "step": int(state["step"]), **report.meta}
-    run_path = Path(path)
-    out_dir = run_path if run_path.is_dir() else run_path.parent
-    json_path = out_dir / "id.json"
     atomic_write_text(json_path, json.dumps(report.as_dict(), indent=2) + "\n")
     title = (f"{cfg.recipe} on {cfg.data.dataset}: {report.points} test points, adversarial = "
              f"{cfg.attack.name}-{cfg.attack.steps} {cfg.attack.norm} eps {cfg.attack.eps:.4g}")
-    plot = plot_id_per_layer(report, out_dir / "id.png", title)
+    plot = plot_id_per_layer(report, plot_path, title)
     return cfg, report, {"json": json_path, "plot": plot}
 
 

@@ -28,7 +28,7 @@ import torch
 
 from metarobust.attacks import threat
 from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
-from metarobust.attacks.pgd import inside_func_transform
+from metarobust.attacks.pgd import input_gradient, inside_func_transform
 from metarobust.attacks.registry import ATTACKS
 from metarobust.config import AttackConfig
 from metarobust.errors import ConfigError
@@ -135,7 +135,7 @@ class APGD:
     Distance Measure : Linf, L2, L1
 
     Arguments:
-        norm (str): threat model, ``'linf'``, ``'l2'`` or ``'l1'``.
+        norm (str): threat model, ``'linf'``, ``'l2'`` or ``'l1'`` (case-insensitive).
         eps (float): radius of the ball in [0, 1] pixel units (L-inf 8/255, L2 0.5, L1 12).
         steps (int): iterations per restart and target class. (Default: 100)
         restarts (int): random restarts (per target class when targeted). (Default: 1)
@@ -163,9 +163,14 @@ class APGD:
           loss; a point misclassified when clean is returned unchanged.
 
     Call: ``attack(forward, x, y, loss=None, noise=noise) -> x_adv``; ``loss`` overrides the
-    configured one with a name or a per-sample callable (see :data:`PerSampleLoss`).
+    configured one with a name or a per-sample callable (see :data:`PerSampleLoss`). Instead of
+    ``noise``, ``generator=`` or ``seed=`` has the call draw it (the same seed, the same
+    ``x_adv``). The call first checks ``x`` (float, finite, in [0, 1]: normalisation belongs
+    inside the model) and warns about a module in train mode, with one host synchronisation,
+    outside ``torch.func`` transforms; ``check=False`` skips that.
 
     Examples::
+        >>> x_adv = APGD("Linf", eps=8/255)(model.eval(), x, y, seed=0)   # APGD-CE, 100 steps
         >>> attack = APGD("linf", eps=8/255, steps=100, restarts=1, loss="ce")
         >>> noise = attack.init_noise(x, torch.Generator().manual_seed(0))
         >>> x_adv = attack(model, x, y, noise=noise)
@@ -185,8 +190,7 @@ class APGD:
     verdicts: ClassVar[bool] = True  # __call__(..., verdict=True) -> (x_adv, fooled)
 
     def __post_init__(self) -> None:
-        if self.norm not in threat.NORMS:
-            raise ConfigError(f"attack.norm={self.norm!r}; APGD supports {', '.join(threat.NORMS)}")
+        object.__setattr__(self, "norm", threat.norm_name(self.norm, "attack.norm"))
         if self.eps < 0:
             raise ConfigError(f"attack.eps={self.eps} must be >= 0")
         if self.steps < 1 or self.restarts < 1 or self.target_classes < 1:
@@ -258,10 +262,12 @@ class APGD:
                                  f"shape {tuple(loss.shape)}: it adapts its step size per sample")
             return loss.sum(), (loss, logits)
 
-        grad_and_value = torch.func.grad_and_value(total, has_aux=True)
+        # Plain autograd outside torch.func transforms (faster, and it runs a compiled forward's
+        # compiled backward), torch.func.grad under vmap: input_gradient chooses, once per call.
+        gradient = input_gradient(total)
 
         def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            grad, (_, (loss, logits)) = grad_and_value(z)
+            grad, (loss, logits) = gradient(z)
             # Detached: a forward over live parameters must not chain a graph across iterations.
             return grad.detach(), loss.detach(), logits.detach()
 
@@ -379,15 +385,24 @@ class APGD:
     # -- the attack ----------------------------------------------------------------------------
     def __call__(self, forward: Forward, x: torch.Tensor, y: torch.Tensor,
                  loss: str | PerSampleLoss | None = None, noise: torch.Tensor | None = None,
-                 verdict: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 verdict: bool = False, *, generator: torch.Generator | None = None, seed: int | None = None,
+                 check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The adversarial examples, or with ``verdict`` ``(x_adv, fooled [B])``: ``fooled`` marks
         the points misclassified clean or at some iterate of some run, every iterate a whole batch
         the model scored. The returned examples are a per-sample choice among iterates, a batch
         no run produced: for a batch-coupled model (transductive batch norm) another point's
-        change can un-fool a point in it, and ``fooled`` still counts that point."""
+        change can un-fool a point in it, and ``fooled`` still counts that point.
+        ``generator``/``seed`` and ``check``: see the class docstring."""
         x = x.detach()
-        if noise is None:
-            raise ValueError("APGD starts from random points: pass noise=attack.init_noise(x, generator)")
+        batch_norms = threat.train_mode_layers(forward, (torch.nn.modules.batchnorm._BatchNorm,))
+        if batch_norms:  # torch.func.grad refuses the in-place update of the running statistics
+            raise ConfigError(f"APGD cannot attack a model whose BatchNorm layers ({', '.join(batch_norms)}) are "
+                              f"in train mode: it differentiates with torch.func, which cannot update their "
+                              f"running statistics; call model.eval() first")
+        if check and not inside_func_transform():  # once per call, never in the step loop
+            threat.check_call(x)
+            threat.warn_if_training(forward)
+        noise = threat.start_noise(noise, generator, seed, lambda g: self.init_noise(x, g), x.device)
         if tuple(noise.shape) != (*x.shape, self.runs):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(*x.shape, self.runs)} "
                              f"= (*x.shape, runs) from attack.init_noise(x, generator)")

@@ -18,12 +18,14 @@ The threat models (projections, step directions, random starts) are in
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from metarobust import compilation
 from metarobust.attacks import threat
 from metarobust.attacks.losses import LOSSES, TARGETED_LOSSES
 from metarobust.attacks.registry import ATTACKS
@@ -49,7 +51,7 @@ def input_gradient(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch
     none active it is plain ``torch.autograd.grad`` (under ``enable_grad``, so it also runs inside
     ``torch.no_grad()``). Both give bit-identical gradients (same engine, same accumulation
     order), but ``func.grad`` accumulates out of place through its tensor wrappers and measured
-    ~10 % slower on Conv-4 (``scripts/bench_attacks.py``, ``floor_func``). The check is made
+    ~10 % slower on Conv-4 (BENCHMARKS.md, the former ``scripts/bench_attacks.py``'s ``floor_func``). The check is made
     once per attack call, not per step.
     """
     if inside_func_transform():
@@ -81,12 +83,15 @@ class PGD:
     projects onto the eps-ball, then onto the box [0, 1] (:mod:`metarobust.attacks.threat`).
 
     Arguments:
-        norm (str): threat model, ``"linf"``, ``"l2"`` or ``"l1"``.
+        norm (str): threat model, ``"linf"``, ``"l2"`` or ``"l1"`` (case-insensitive: ``"Linf"``,
+            ``"L2"``).
         eps (float or Tensor [B]): radius of the ball in [0, 1] pixel units, or one per sample
             (L-inf 8/255; L2 0.5; L1 12 on CIFAR-sized inputs).
-        step_size (float or Tensor [B]): the norm of each step (L-inf 2/255; L2 ``2.5 eps / steps``;
-            L1 e.g. ``eps / 4``, spread over the top 1 % coordinates).
-        steps (int): number of steps (>= 1).
+        step_size (float or Tensor [B] or None): the norm of each step; ``None``: Madry et al.'s
+            ``2.5 eps / steps`` in every norm (the constructor's ``eps``), so the steps could
+            cross the ball 2.5 times over (L-inf 8/255, 10 steps: 2/255; L2 0.5: 0.125; L1 12:
+            3, spread over the top 1 % coordinates). (Default: None)
+        steps (int): number of steps (>= 1). (Default: 10)
         random_start (bool): start from a random point of the ball. (Default: True)
         restarts (int): independent random starts; per sample the best is kept: one that
             succeeds (misclassified, or target reached) if any does, else the highest loss
@@ -106,29 +111,45 @@ class PGD:
             maximise the loss) never stops early. (Default: False)
         l1_quantile (float): SLIDE's quantile ``q``: L1 steps move the top ``1 - q`` fraction of
             coordinates by ``|g|``. (Default: 0.99)
+        compile (bool or None): run the step loop compiled: the forward (an ``nn.Module``;
+            compiled once and cached) and, in L-inf and L2, the step update :func:`pgd_update`
+            (one ``fullgraph`` graph taking ``eps`` and the step as tensors: a new budget does not
+            recompile). ``False``: eager, the reference. ``None``: compiled when ``forward`` is
+            already a ``torch.compile`` module (``at.compile=on`` in training). Inside ``vmap`` the
+            loop is always eager. (Default: None)
 
     Shape (call): ``attack(forward, x, y, loss=None, noise=None, *, eps=None, labels=None,
-    step_size=None) -> x_adv``
+    step_size=None, generator=None, seed=None, check=True) -> x_adv``
 
-        - forward: ``x -> logits [B, N]`` (a module, or a function of fast weights).
-        - x: ``[B, C, H, W]`` (any ``[B, ...]``) in [0, 1].
+        - forward: ``x -> logits [B, N]`` (a module, or a function of fast weights). A module in
+          train mode with BatchNorm or dropout gets a :class:`~metarobust.attacks.threat.TrainModeWarning`
+          (its running statistics would be overwritten): call ``model.eval()`` first.
+        - x: ``[B, C, H, W]`` (any ``[B, ...]``) in [0, 1]; normalisation belongs inside the model.
         - y: labels ``int64 [B]`` (untargeted), target classes ``[B]`` (targeted), or whatever
           ``loss`` takes as its target (e.g. clean log-probabilities ``[B, N]`` for TRADES).
         - loss: ``(logits, y) -> scalar``, summed over the batch (``cross_entropy_sum``,
           ``kl_from_clean``); ``None``: the configured per-sample loss, summed.
-        - noise: from :meth:`init_noise` (required when ``random_start``).
+        - noise: from :meth:`init_noise`; or ``generator=`` / ``seed=`` to have the call draw it
+          (the same seed gives the same ``x_adv``). One of the three is required when
+          ``random_start``.
         - eps: overrides the radius for this call (float or ``[B]``).
         - step_size: overrides the step for this call (float, 0-dim or ``[B]``): per-sample
           steps computed on the device each batch (FRL's per-class steps) without building a new
           attack, whose constructor checks a tensor's sign on the host.
         - labels: the true classes in targeted mode (only the targeted DLR loss needs them;
           default: the clean prediction).
+        - check: validate the call first (outside ``torch.func`` transforms): ``x`` float,
+          finite and in [0, 1], ``eps``/``step_size`` non-negative with one value per sample, the
+          model's mode; one host synchronisation per call, none in the step loop. ``False``
+          skips it (a hot loop that built ``x`` itself).
         - output: ``x_adv`` shaped like ``x``, in [0, 1] and in the eps-ball around ``x``.
 
     Logits in float16/bfloat16 (autocast) are cast to float32 before the loss; the step loop
     never calls ``.item()``.
 
     Examples::
+        >>> attack = PGD("Linf", eps=8/255)                  # 10 steps of 2.5 eps / 10 = 2/255
+        >>> x_adv = attack(model.eval(), x, y, seed=0)       # the same seed, the same x_adv
         >>> attack = PGD("linf", eps=8/255, step_size=2/255, steps=10)
         >>> x_adv = attack(model, x, y, noise=attack.init_noise(x, generator))
         >>> attack = PGD("l2", eps=0.5, step_size=0.125, steps=10, restarts=5)
@@ -137,18 +158,23 @@ class PGD:
 
     norm: str
     eps: threat.Budget
-    step_size: threat.Budget
-    steps: int
+    step_size: threat.Budget | None = None
+    steps: int = 10
     random_start: bool = True
     restarts: int = 1
     loss: str = "ce"
     targeted: bool = False
     early_stop: bool = False
     l1_quantile: float = 0.99
+    compile: bool | None = None
     verdicts: ClassVar[bool] = True  # __call__(..., verdict=True) -> (x_adv, fooled)
 
     def __post_init__(self) -> None:
-        threat.check_norm(self.norm)
+        object.__setattr__(self, "norm", threat.norm_name(self.norm))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
+        if self.step_size is None and self.steps >= 1:  # Madry et al.: 2.5 eps / steps
+            object.__setattr__(self, "step_size", 2.5 * self.eps / self.steps)
         if _negative(self.eps):
             raise ValueError(f"eps={self.eps} must be >= 0 (a {self.norm} radius in [0, 1] pixel units)")
         if _negative(self.step_size) or self.steps < 1:
@@ -188,17 +214,26 @@ class PGD:
         labels: torch.Tensor | None = None,
         step_size: threat.Budget | None = None,
         verdict: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        check: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The adversarial examples, or with ``verdict`` ``(x_adv, fooled [B])``: ``fooled`` marks
         the points misclassified in the final batch of some restart, each batch scored whole. For a
         batch-coupled model (transductive batch norm) the returned per-sample best of the restarts
         is a mixture no restart produced, in which another point's change can un-fool a point;
-        ``fooled`` still counts it (:meth:`metarobust.evaluation.harness.Unit.attacked_correct`)."""
+        ``fooled`` still counts it (:meth:`metarobust.evaluation.harness.Unit.attacked_correct`).
+        ``generator``/``seed`` and ``check``: see the class docstring."""
         x = x.detach()
+        if self._compiled(forward):
+            forward = compilation.compiled_forward(forward)
+        if check and not inside_func_transform():  # once per call, never in the step loop
+            threat.check_call(x, eps=self.eps if eps is None else eps,
+                              step_size=self.step_size if step_size is None else step_size)
+            threat.warn_if_training(forward)
         restarts = self._restarts
         if self.random_start:
-            if noise is None:
-                raise ValueError("random_start=True needs noise=attack.init_noise(x, generator)")
+            noise = threat.start_noise(noise, generator, seed, lambda g: self.init_noise(x, g), x.device)
             expected = tuple(x.shape) + ((restarts,) if restarts > 1 else ())
             if tuple(noise.shape) != expected:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected} "
@@ -286,6 +321,11 @@ class PGD:
                 return logits.argmax(dim=-1) != y
         return batch_loss, per_sample_loss, success
 
+    def _compiled(self, forward: Forward) -> bool:
+        """Whether this call runs the compiled step loop (``compile``; never inside ``vmap``)."""
+        wanted = compilation.is_compiled(forward) if self.compile is None else self.compile
+        return bool(wanted) and not inside_func_transform()
+
     def _run(self, forward, x, budget, step, noise, losses, stop_early, score):
         """One restart: ``(delta, logits)``, the logits of the final batch ``x + delta`` (only when
         ``score``, else ``None``)."""
@@ -303,12 +343,20 @@ class PGD:
         shape = (-1,) + (1,) * (x.dim() - 1)
         # L1: spread a step over at least ceil(step) coordinates, none moving more than 1.
         min_coordinates = math.ceil(step) if isinstance(step, (int, float)) else 1
+        if self.norm != "l1" and self._compiled(forward):
+            # Budgets as tensors: the compiled update is one graph for every eps and step.
+            update = compilation.compiled_function(pgd_update)
+            step = torch.as_tensor(step, dtype=x.dtype, device=x.device)
+            budget = torch.as_tensor(budget, dtype=x.dtype, device=x.device)
+        else:
+            update = pgd_update
         for _ in range(self.steps):
             g, logits = gradient(delta)
-            here = x + delta if self.norm == "l1" else None  # L1 skips coordinates the box blocks
-            direction = threat.step_direction(g, self.norm, here, self.l1_quantile, min_coordinates)
-            moved = delta + step * direction
-            moved = threat.project(moved, x, self.norm, budget)
+            if self.norm == "l1":  # L1 skips coordinates the box blocks
+                direction = threat.step_direction(g, self.norm, x + delta, self.l1_quantile, min_coordinates)
+                moved = threat.project(delta + step * direction, x, self.norm, budget)
+            else:
+                moved = update(delta, g, x, step, budget, self.norm)
             if stop_early:  # keep a sample's first successful point
                 moved = torch.where(success(logits).view(shape), delta, moved)
             delta = moved.detach()
@@ -318,7 +366,19 @@ class PGD:
             return delta, full_precision(forward((x + delta).clamp(0, 1))).detach()  # the point returned
 
 
-def _negative(value: threat.Budget) -> bool:
+def pgd_update(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, step: threat.Budget,
+               eps: threat.Budget, norm: str) -> torch.Tensor:
+    """One L-inf or L2 PGD move: ``delta + step * direction(grad)`` projected onto the
+    ``eps``-ball, then onto the box [0, 1] around ``x`` (``delta``, ``grad``, ``x``: ``[B, ...]``;
+    ``step``, ``eps``: floats, 0-dim or ``[B, 1, ..., 1]``). The step loop's body after the
+    gradient, and the graph ``compile=True`` compiles."""
+    moved = delta + step * threat.step_direction(grad, norm)
+    return threat.project(moved, x, norm, eps)
+
+
+def _negative(value: threat.Budget | None) -> bool:
+    if value is None:
+        return False
     if isinstance(value, torch.Tensor):
         return bool((value < 0).any())  # once, at construction
     return value < 0
@@ -372,4 +432,4 @@ def _fgsm_rs(cfg: AttackConfig) -> PGD:
     return fgsm_rs(cfg.norm, cfg.eps, loss=cfg.loss, targeted=cfg.targeted)
 
 
-__all__ = ["PGD", "fgsm", "fgsm_rs", "inside_func_transform", "input_gradient"]
+__all__ = ["PGD", "fgsm", "fgsm_rs", "inside_func_transform", "input_gradient", "pgd_update"]

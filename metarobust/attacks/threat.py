@@ -23,13 +23,25 @@ synchronise with the host, and run under ``torch.func.vmap``:
 
 ``eps`` (and step sizes) may be a float or a per-sample tensor ``[B]``; :func:`per_sample`
 broadcasts it to ``[B, 1, ..., 1]``.
+
+What an attack's public call checks before its step loop (never inside it, never under
+``vmap``): :func:`norm_name` (the norm, case-insensitive), :func:`check_call` (images in [0, 1]
+and finite, budgets non-negative with one value per sample: one host synchronisation),
+:func:`warn_if_training` (a module in train mode), and :func:`seeded` (a generator from a seed).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from metarobust.config import NORMS
+from metarobust.errors import ConfigError, DataError
 
 Budget = float | torch.Tensor
 
@@ -38,6 +50,117 @@ def check_norm(norm: str) -> str:
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}; expected one of {NORMS}")
     return norm
+
+
+def norm_name(norm: str, name: str = "norm") -> str:
+    """``norm`` as the attacks spell it, case, dashes and underscores ignored: ``"Linf"``,
+    ``"L-inf"``, ``"LINF"`` and ``"inf"`` give ``"linf"``; ``"L2"`` gives ``"l2"``.
+    :class:`ConfigError` naming ``name`` otherwise."""
+    key = norm.lower().replace("-", "").replace("_", "") if isinstance(norm, str) else norm
+    key = "linf" if key == "inf" else key
+    if key not in NORMS:
+        raise ConfigError(f"{name}={norm!r}; expected one of {', '.join(NORMS)} (case-insensitive: "
+                          f"'Linf', 'L2' and 'L1' work too)")
+    return key
+
+
+class TrainModeWarning(UserWarning):
+    """An attack ran on a module in train mode: its BatchNorm layers used batch statistics and
+    overwrote their running statistics with those of the adversarial batch, and dropout was on.
+    Call ``model.eval()`` first; a recipe that attacks in train mode on purpose runs it under
+    ``bn_mode(model, "train")``, which silences this warning."""
+
+
+def train_mode_layers(forward: object, kinds: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,
+                                                                   nn.modules.dropout._DropoutNd)) -> list[str]:
+    """Class names of the layers of ``forward`` (if a module) that are in train mode and of one of
+    ``kinds`` (default: BatchNorm, dropout, whose train mode changes what they compute). Host-side
+    only: the root's ``training`` flag is read first, so an eval-mode model costs one attribute read."""
+    if not isinstance(forward, nn.Module) or not forward.training:
+        return []
+    return sorted({type(m).__name__ for m in forward.modules() if m.training and isinstance(m, kinds)})
+
+
+def warn_if_training(forward: object, stacklevel: int = 3) -> None:
+    """Warn (:class:`TrainModeWarning`) when ``forward`` is a module with BatchNorm or dropout
+    layers in train mode (:func:`train_mode_layers`)."""
+    layers = train_mode_layers(forward)
+    if layers:
+        warnings.warn(f"the attacked model is in train mode ({', '.join(layers)}): BatchNorm running "
+                      f"statistics are overwritten by the adversarial batch and dropout is active; call "
+                      f"model.eval() before attacking it", TrainModeWarning, stacklevel=stacklevel)
+
+
+def check_call(x: torch.Tensor, **budgets: Budget | None) -> None:
+    """Check an attack's inputs once, at its public entry: ``x`` float, finite and in [0, 1];
+    each budget (``eps``, ``step_size``...; ``None`` skipped) a number or a tensor of one value
+    per sample ``[B]`` (or 0-dim), non-negative.
+
+    The minimum and maximum of ``x`` and of the tensor budgets are read in one host
+    synchronisation. Raises :class:`DataError` for the images, :class:`ConfigError` for a budget,
+    each naming the value and the fix.
+    """
+    if not torch.is_floating_point(x):
+        raise DataError(f"x has dtype {x.dtype}; attacks take float images in [0, 1] "
+                        f"(uint8 images: x.float() / 255)")
+    batch = x.shape[0] if x.dim() else 1
+    reads, tensors = [], []
+    for name, value in budgets.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+                raise ConfigError(f"{name} has shape {tuple(value.shape)}; expected a number, a 0-dim tensor "
+                                  f"or one value per sample, shape [{batch}] for x of shape {tuple(x.shape)}")
+            if value.numel():
+                tensors.append(name)
+                reads.append(value.detach().amin().to(device=x.device, dtype=torch.float32))
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name}={value!r}; expected a number or a tensor of shape [{batch}]")
+        elif not value >= 0:  # NaN too
+            raise ConfigError(f"{name}={value}; expected a radius >= 0 in [0, 1] pixel units")
+    if x.numel():
+        reads = [x.detach().amin().float(), x.detach().amax().float()] + reads
+    if not reads:
+        return
+    values = torch.stack(reads).tolist()  # the call's one host synchronisation
+    if x.numel():
+        low, high = values[:2]
+        values = values[2:]
+        if math.isnan(low) or math.isnan(high):
+            raise DataError("x contains NaN; attacks need finite images in [0, 1]")
+        if low < 0 or high > 1:
+            raise DataError(f"x has values in [{low:.4g}, {high:.4g}]; attacks expect images in [0, 1] "
+                            f"(eps is in [0, 1] pixel units): divide 0-255 images by 255 and put the "
+                            f"normalisation inside the model, e.g. nn.Sequential("
+                            f"metarobust.models.layers.Normalize(mean, std), model)")
+    for name, low in zip(tensors, values):
+        if not low >= 0:
+            raise ConfigError(f"{name} has an entry {low:g}; every per-sample {name} must be >= 0")
+
+
+def start_noise(noise: torch.Tensor | None, generator: torch.Generator | None, seed: int | None,
+                draw: Callable[[torch.Generator], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """An attack's random-start noise: ``noise`` as passed, or ``draw(generator)`` with the
+    generator :func:`seeded` gives on ``device`` (``draw``: the attack's ``init_noise`` on ``x``)."""
+    if noise is None:
+        return draw(seeded(generator, seed, device))
+    if generator is not None or seed is not None:
+        raise ConfigError("pass noise= or generator=/seed=, not both")
+    return noise
+
+
+def seeded(generator: torch.Generator | None, seed: int | None, device: torch.device) -> torch.Generator:
+    """The generator an attack draws its random starts from: ``generator``, or a new one on
+    ``device`` seeded with ``seed`` (the same seed gives the same draws). One of them is needed."""
+    if generator is not None and seed is not None:
+        raise ConfigError("pass generator= or seed=, not both")
+    if generator is not None:
+        return generator
+    if seed is None:
+        raise ConfigError("a random start needs seed=<int>, generator=<torch.Generator>, or "
+                          "noise=attack.init_noise(x, generator)")
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def expand_per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -212,5 +335,7 @@ def in_threat_model(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: Budget
     return inside & box
 
 
-__all__ = ["NORMS", "check_norm", "clip_to_box", "draw_noise", "expand_per_sample", "in_threat_model", "lp_norm", "per_sample",
-           "project", "project_ball", "project_l1_ball", "random_start", "step_direction", "unit_ball_point"]
+__all__ = ["NORMS", "TrainModeWarning", "check_call", "check_norm", "clip_to_box", "draw_noise", "expand_per_sample",
+           "in_threat_model", "lp_norm", "norm_name", "per_sample", "project", "project_ball", "project_l1_ball",
+           "random_start", "seeded", "start_noise", "step_direction", "train_mode_layers", "unit_ball_point",
+           "warn_if_training"]

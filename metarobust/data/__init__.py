@@ -2,6 +2,6 @@
 
 from metarobust.data.episode import Episode, EpisodeBatch
 from metarobust.data.sampler import BatchSampler, EpisodicSampler
-from metarobust.data.store import ImageStore
+from metarobust.data.store import ImageStore, StoreDataset
 
-__all__ = ["BatchSampler", "Episode", "EpisodeBatch", "EpisodicSampler", "ImageStore"]
+__all__ = ["BatchSampler", "Episode", "EpisodeBatch", "EpisodicSampler", "ImageStore", "StoreDataset"]

@@ -4,8 +4,9 @@
 
 Every reader registers a loader ``loader(cfg: DataConfig, split: str) -> ImageStore`` with
 :data:`DATASETS`; ``split`` is ``"train"``, ``"val"`` or ``"test"``. Class splits (which classes
-belong to which split) are data, not code: they live in the repository's ``episodes/<dataset>/``
-folder next to the frozen evaluation episodes, and are read with :func:`read_split_file`.
+belong to which split) are data, not code: they ship inside the package, in
+``metarobust/episodes/<dataset>/`` next to the frozen evaluation episodes (:mod:`metarobust.resources`),
+and are read with :func:`read_split_file`.
 
 Example:
     >>> from metarobust.config import DataConfig
@@ -24,6 +25,7 @@ from metarobust.config import DataConfig
 from metarobust.data.store import ImageStore
 from metarobust.errors import ConfigError, DataError
 from metarobust.registry import Registry
+from metarobust.resources import episodes_dir
 
 DATASETS = Registry("dataset")
 """Loaders ``(cfg: DataConfig, split: str) -> ImageStore``, by ``data.dataset`` name."""
@@ -33,9 +35,13 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 EMBEDDED_DATASETS: set[str] = set()
 """Datasets generated in-process (no files, no download); readers add their name here."""
 
-SPLITS_DIR = Path(__file__).resolve().parents[2] / "episodes"
-"""The repository's ``episodes/`` folder. metarobust is installed editable (``pip install -e .``),
-so this file stays inside the checkout and the folder is found beside the package."""
+SPLITS_DIR = episodes_dir()
+"""The shipped ``metarobust/episodes/`` folder (package data, so any install has it)."""
+
+
+class NoSuchSplitError(DataError):
+    """The dataset has no such split by design (MNIST and CIFAR have only the official train and
+    test splits): not a broken install, so ``metarobust data info`` reports it without failing."""
 
 
 def check_split(split: str) -> str:
@@ -92,17 +98,21 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
         "images", "images_per_class": [min, max], "image_shape": [C, H, W]}}}``; ``source`` is the
         root folder, or ``"embedded"`` for datasets generated in-process. A split that cannot be
         loaded (:class:`DataError`) is reported as ``{"error": message}``; if none can, the
-        first error is raised.
+        first error is raised. ``"failed"`` lists the splits that exist but did not load (a
+        :class:`NoSuchSplitError`, a split the dataset does not have, is not a failure).
     """
     source = "embedded" if cfg.dataset in EMBEDDED_DATASETS else str(dataset_root(cfg))
     splits: dict[str, Any] = {}
     errors: list[DataError] = []
+    failed: list[str] = []
     for split in SPLITS:
         try:
             store = load_split(cfg, split)
         except DataError as err:  # e.g. CIFAR has no val split: report it, show the others
             errors.append(err)
             splits[split] = {"error": str(err)}
+            if not isinstance(err, NoSuchSplitError):
+                failed.append(split)
             continue
         counts = store.counts()
         splits[split] = {
@@ -119,11 +129,12 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
         "image_size": image_size_of(cfg),
         "rotations": cfg.rotations,
         "splits": splits,
+        "failed": failed,
     }
 
 
 def split_file_path(dataset: str) -> Path:
-    """``episodes/<dataset>/splits.json`` in the repository."""
+    """``metarobust/episodes/<dataset>/splits.json``, shipped with the package."""
     return SPLITS_DIR / dataset / "splits.json"
 
 
@@ -132,8 +143,9 @@ def read_split_file(dataset: str) -> dict[str, Any]:
     path = split_file_path(dataset)
     if not path.is_file():
         raise DataError(
-            f"{dataset}: split file {path} not found; it ships in the repository's episodes/ "
-            f"folder, so install metarobust editable from a checkout (pip install -e .)"
+            f"{dataset}: split file {path} not found; it ships inside the package "
+            f"(metarobust/episodes/{dataset}/), so reinstall metarobust (pip install metarobust, "
+            f"or pip install -e . from a checkout)"
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))

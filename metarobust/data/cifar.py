@@ -70,6 +70,7 @@ from metarobust.data.catalog import (
     DATASETS,
     DEFAULT_IMAGE_SIZE,
     SPLITS_DIR,
+    NoSuchSplitError,
     check_split,
     dataset_root,
     image_size_of,
@@ -139,13 +140,13 @@ class Source:
 
 
 def official_names(variant: str) -> dict[str, Any]:
-    """``episodes/<variant>/classes.json``: the official class names in label order."""
+    """``metarobust/episodes/<variant>/classes.json``: the official class names in label order."""
     path = SPLITS_DIR / variant / "classes.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(f"{variant}: class list {path} cannot be read ({err}); it ships in the "
-                        f"repository's episodes/ folder (pip install -e . from a checkout)") from err
+        raise DataError(f"{variant}: class list {path} cannot be read ({err}); it ships inside the "
+                        f"package (metarobust/episodes/{variant}/), so reinstall metarobust") from err
 
 
 def _is_tar(path: Path) -> bool:
@@ -440,7 +441,7 @@ def read_cifar(cfg: DataConfig, split: str, variant: str | None = None) -> Cifar
     from any supported format under ``cfg``'s root, images at ``image_size_of(cfg)``."""
     v = VARIANTS[variant or cfg.dataset]
     if split not in ("train", "test"):
-        raise DataError(
+        raise NoSuchSplitError(
             f"{v.name}: split {split!r} does not exist: CIFAR has only the official train and test "
             f"splits. For a validation set, standard training holds out training images "
             f"(at.holdout=N); few-shot learning on CIFAR-100 classes uses cifar_fs or fc100"

@@ -10,7 +10,7 @@ Example:
     >>> store.images.shape  # uint8 [M, 1, 28, 28]
 """
 
-from metarobust.data import cifar, cifar_fs, glyphs, mini_imagenet, mnist, omniglot  # noqa: F401  (register)
+from metarobust.data import cifar, cifar_fs, glyphs, image_folder, mini_imagenet, mnist, omniglot  # noqa: F401  (register)
 from metarobust.data.catalog import (
     DATASETS,
     SPLITS,

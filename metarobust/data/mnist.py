@@ -52,6 +52,7 @@ from metarobust.config import DataConfig
 from metarobust.data.catalog import (
     DATASETS,
     DEFAULT_IMAGE_SIZE,
+    NoSuchSplitError,
     check_split,
     dataset_root,
     image_size_of,
@@ -156,7 +157,7 @@ def _load(cfg: DataConfig, split: str) -> ImageStore:
     check_split(split)
     v = VARIANTS[cfg.dataset]
     if split not in PREFIX:
-        raise DataError(
+        raise NoSuchSplitError(
             f"{v.name}: split {split!r} does not exist: {v.title} has only the official train and "
             f"test splits. For a validation set, standard training holds out training images "
             f"(at.holdout=N)"

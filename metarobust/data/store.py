@@ -6,9 +6,11 @@ until a batch is gathered (4x less memory than float32 and no host round-trip pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import Dataset
 
 from metarobust.errors import DataError
 
@@ -72,6 +74,10 @@ class ImageStore:
         """Images per class, ``int64 [num_classes]``."""
         return torch.bincount(self.labels, minlength=self.num_classes)
 
+    def dataset(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StoreDataset:
+        """This store as a ``torch.utils.data.Dataset`` (:class:`StoreDataset`)."""
+        return StoreDataset(self, transform)
+
     def to(self, device: torch.device | str) -> ImageStore:
         return ImageStore(
             self.images.to(device),
@@ -120,6 +126,39 @@ class ImageStore:
         table = torch.zeros(self.num_classes, max_count, dtype=torch.long, device=self.device)
         table[sorted_labels, slot] = order
         return table, counts
+
+
+class StoreDataset(Dataset):
+    """A ``torch.utils.data.Dataset`` view of an :class:`ImageStore` (no copy), for a
+    ``DataLoader`` or any code written against torch datasets.
+
+    ``dataset[i]`` is ``(image, label)``: the image float ``[C, H, W]`` in [0, 1] (what the models
+    and attacks take), passed through ``transform`` if given, and the label an ``int`` in
+    ``0..num_classes-1``. ``len(dataset) == len(store)``; ``classes`` are the class names.
+
+    Example:
+        >>> train = load_split(DataConfig(dataset="image_folder", root="~/data/birds"), "train")
+        >>> loader = torch.utils.data.DataLoader(train.dataset(), batch_size=64, shuffle=True)
+        >>> x, y = next(iter(loader))   # x: float [64, C, H, W] in [0, 1], y: int64 [64]
+    """
+
+    def __init__(self, store: ImageStore, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.store = store
+        self.transform = transform
+        self.classes = list(store.class_names)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        size = len(self.store)
+        i = int(index)
+        if not -size <= i < size:
+            raise IndexError(f"{self.store.name}: index {i} out of range for {size} images")
+        image = self.store.images[i].float().div(255)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.store.labels[i])
 
 
 def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:

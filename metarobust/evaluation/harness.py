@@ -1,8 +1,10 @@
 """The robust-evaluation harness: an attack suite, the union of threat models, per-class
 accuracies, a robust-accuracy-vs-eps sweep and gradient-masking checks.
 
-It follows the AutoAttack protocol (Croce & Hein, ICML 2020) and the checklist of Carlini et al.
-("On Evaluating Adversarial Robustness", 2019):
+It runs the suite ``eval.suite`` (:data:`SUITE_NAMES`: the ``attack`` section alone by default;
+``autoattack``, the standard AutoAttack of Croce & Hein, ICML 2020, with the reference's settings
+per norm, :func:`autoattack_configs`) and the checklist of Carlini et al. ("On Evaluating
+Adversarial Robustness", 2019):
 
 - **Cascade**: the attacks of a suite run in a fixed order and each attacks only the points
   still robust; a point is robust if it is classified correctly clean and after every attack,
@@ -49,6 +51,7 @@ from torch.func import vmap
 
 from metarobust.attacks import build_attack
 from metarobust.config import AttackConfig, ExperimentConfig
+from metarobust.errors import ConfigError
 from metarobust.evaluation.result import CheckResult, EvalResult, binomial_ci95, mean_ci95
 from metarobust.meta.functional import FunctionalForward, Params
 from metarobust.models.layers import TaskBatchNorm2d
@@ -69,6 +72,10 @@ class Unit:
         coupled: a group's predictions depend on all its points (transductive batch norm):
             attacks perturb whole groups, never slices.
         execution: ``"loop"`` (group by group) or ``"vmap"`` (all groups in one vectorised call).
+        adversarial: optional, a tensor like ``x`` (e.g. a copy of it): the cascade writes into it
+            each point's adversarial input from the attack that first broke it (a coupled
+            group's point: its input in the group as that attack left it); the other points
+            keep what it held.
 
     A plain classifier is one group: :func:`~metarobust.evaluation.classifier.classifier_unit`.
     """
@@ -81,6 +88,7 @@ class Unit:
     shared: Params = field(default_factory=dict)
     coupled: bool = False
     execution: str = "loop"
+    adversarial: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -156,8 +164,42 @@ def batch_coupled(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
+SUITE_NAMES = {
+    "single": "the attack section",
+    "autoattack": "AutoAttack standard",
+    "apgd_ce_t": "AutoAttack's APGD-CE + APGD-T subset",
+    "autoattack_reference": "the reference AutoAttack (pyautoattack, standard)",
+}
+"""What each ``eval.suite`` runs, as reports name it."""
+
+
+def autoattack_configs(base: AttackConfig, num_classes: int, standard: bool = True
+                       ) -> list[tuple[str, AttackConfig]]:
+    """AutoAttack's standard version in ``base.norm`` at ``base.eps`` with the reference's settings
+    (``AutoAttack._set_version('standard')`` of ``pyautoattack``): APGD-CE (100 steps; 1 restart,
+    L1 5), APGD-T (100 steps, 1 restart; 9 target classes, L1 5), FAB-T (100 steps, 1 restart,
+    9 target classes) and Square (5000 queries, ``p_init`` 0.8). ``standard=False``: the first two
+    only (``apgd_ce_t``). Target classes are capped at ``num_classes - 1``; APGD-T needs 4
+    classes and is skipped below (with a warning)."""
+    norm, l1 = base.norm, base.norm == "l1"
+    out = [(f"{norm}/apgd-ce", replace(base, name="apgd", steps=100, restarts=5 if l1 else 1, loss="ce",
+                                       targeted=False))]
+    if num_classes >= 4:  # targeted DLR needs the 4 largest logits
+        out.append((f"{norm}/apgd-t", replace(base, name="apgd_t", steps=100, restarts=1, loss="dlr", targeted=True,
+                                              target_classes=min(5 if l1 else 9, num_classes - 1))))
+    else:
+        warnings.warn(f"apgd-t skipped: targeted DLR needs >= 4 classes, got {num_classes}", stacklevel=3)
+    if not standard:
+        return out
+    out.append((f"{norm}/fab-t", replace(base, name="fab_t", steps=100, restarts=1, targeted=True,
+                                         target_classes=min(9, num_classes - 1))))
+    out.append((f"{norm}/square", replace(base, name="square", restarts=1)))
+    return out
+
+
 def suite_configs(cfg: ExperimentConfig, num_classes: int) -> list[tuple[str, AttackConfig]]:
-    """``(label, attack config)`` in cascade order, over every threat model of the evaluation."""
+    """``(label, attack config)`` in cascade order, over every threat model of the evaluation
+    (``eval.suite``: :data:`SUITE_NAMES`)."""
     threat_models = [(cfg.attack.norm, cfg.attack.eps)]
     threat_models += [(n, e) for n, e in cfg.eval.union.items() if (n, e) != threat_models[0]]
     out = []
@@ -167,38 +209,62 @@ def suite_configs(cfg: ExperimentConfig, num_classes: int) -> list[tuple[str, At
             base = replace(base, step_size=2.5 * eps / base.steps)
         if cfg.eval.suite == "single":
             out.append((f"{norm}/{base.name}-{base.steps}", base))
-            continue
-        out.append((f"{norm}/apgd-ce", replace(base, name="apgd", steps=100, loss="ce", targeted=False)))
-        if num_classes >= 4:  # targeted DLR needs the 4 largest logits
-            targets = min(9, num_classes - 1)
-            out.append((f"{norm}/apgd-t", replace(base, name="apgd_t", steps=100, loss="dlr", targeted=True,
-                                                  target_classes=targets)))
+        elif cfg.eval.suite == "autoattack_reference":
+            out.append((f"{norm}/autoattack-reference", replace(base, name="autoattack_reference")))
         else:
-            warnings.warn(f"apgd-t skipped: targeted DLR needs >= 4 classes, got {num_classes}", stacklevel=2)
+            out += autoattack_configs(base, num_classes, standard=cfg.eval.suite == "autoattack")
     return out
 
 
-def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+@dataclass
+class BaseRun:
+    """The first attack of a cascade run on *every* point of a unit (whole groups): its noise, its
+    adversarial inputs and which points survived it, ``[T, B, ...]``. When that attack is the
+    ``attack`` section itself, the masking checks take it as their base run instead of attacking
+    the same points with the same attack a second time (:func:`masking_checks`)."""
+
+    noise: torch.Tensor | None
+    x_adv: torch.Tensor
+    survived: torch.Tensor
+
+    def head(self, groups: int) -> BaseRun:
+        return BaseRun(None if self.noise is None else self.noise[:groups], self.x_adv[:groups],
+                       self.survived[:groups])
+
+
+def cascade(unit: Unit, attacks: list[tuple[str, Callable]], generator: torch.Generator,
+            record: list[BaseRun] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Run ``attacks`` in order on the points still robust.
 
     Returns ``clean_correct [T, B]``, ``robust [T, B]`` (bool, after the whole cascade) and the
     robust mask after each attack. A single uncoupled group attacks only its survivors; other
     units attack whole groups (survivors cannot be sliced out of a coupled group or out of
     groups stacked for ``vmap``) and, for uncoupled models, give the same verdicts per point.
+    ``record``: a list that gets the first attack's :class:`BaseRun` when it attacked whole
+    groups (nothing is appended otherwise).
     """
     clean_correct = unit.predict(unit.x) == unit.y
     robust = clean_correct.clone()
     after = {}
-    for name, attack in attacks:
+    for i, (name, attack) in enumerate(attacks):
         noise = attack.init_noise(unit.x, generator)  # for every point: the draws never depend on survivors
-        if bool(robust.any()):
-            if unit.coupled or unit.groups > 1:
-                robust &= unit.attacked_correct(attack, unit.x, unit.y, noise)[1]
+        whole = unit.coupled or unit.groups > 1
+        if bool(robust.any()) or (whole and i == 0 and record is not None):
+            if whole:
+                x_adv, survived = unit.attacked_correct(attack, unit.x, unit.y, noise)
+                if i == 0 and record is not None:
+                    record.append(BaseRun(noise, x_adv, survived))
+                fooled = robust & ~survived
+                robust &= survived
+                if unit.adversarial is not None:
+                    unit.adversarial[fooled] = x_adv[fooled]
             else:
                 idx = robust[0].nonzero().squeeze(1)
                 x_adv = unit.attack(attack, unit.x[:, idx], unit.y[:, idx], None if noise is None else noise[:, idx])
                 robust[0, idx] = (unit.predict(x_adv) == unit.y[:, idx])[0]
+                if unit.adversarial is not None:
+                    fooled = ~robust[0, idx]
+                    unit.adversarial[0, idx[fooled]] = x_adv[0, fooled]
         after[name] = robust.clone()
     return clean_correct, robust, after
 
@@ -216,8 +282,12 @@ def large_eps(norm: str, dim: int) -> float:
 
 
 def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Generator,
-                   chance: float) -> tuple[list[CheckResult], list[dict[str, float]]]:
-    """Carlini et al.'s sanity checks on ``units`` (a few hundred points), and the eps sweep."""
+                   chance: float, bases: list[BaseRun] | None = None) -> tuple[list[CheckResult], list[dict[str, float]]]:
+    """Carlini et al.'s sanity checks on ``units`` (a few hundred points), and the eps sweep.
+
+    ``bases``: one :class:`BaseRun` of the ``attack`` section per unit, from the main pass (the
+    first attack of a ``single`` suite on the same points): reused as the checks' base run
+    (noise, adversarial inputs, verdicts) instead of a second identical attack."""
     a = cfg.attack
     tol = 0.02  # two points of accuracy: sampling noise of a few hundred points and restarts
     total = sum(u.points for u in units)
@@ -238,9 +308,14 @@ def masking_checks(units: list[Unit], cfg: ExperimentConfig, generator: torch.Ge
 
     # Paired comparisons: the stronger attack starts from the same random points as the base
     # one (its first restart *is* the base run), so only the attack, not the draw, can differ.
-    base_noise = [build_attack(a).init_noise(u.x, generator) for u in units]
     checks = []
-    base, base_inputs = attacked(a, base_noise)
+    if bases is not None and len(bases) == len(units):
+        base_noise = [b.noise for b in bases]
+        base_inputs = [b.x_adv for b in bases]
+        base = sum(int(b.survived.sum()) for b in bases) / total
+    else:
+        base_noise = [build_attack(a).init_noise(u.x, generator) for u in units]
+        base, base_inputs = attacked(a, base_noise)
     more_steps = mean_acc(replace(a, steps=4 * a.steps, step_size=a.step_size / 2), base_noise)
     checks.append(CheckResult("more steps do not help the model", more_steps <= base + tol,
                               f"{a.steps} steps: {100 * base:.1f}%, {4 * a.steps} steps: {100 * more_steps:.1f}%"))
@@ -336,19 +411,30 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
     ``run`` or ``step``).
     """
     generator = None
-    attacks = [(name, build_attack(c)) for name, c in suite_configs(cfg, num_classes)]
+    configs = suite_configs(cfg, num_classes)
+    attacks = [(name, build_attack(c)) for name, c in configs]
     counts = {"clean": 0, "robust": 0, **{name: 0 for name, _ in attacks}}
     per_group: dict[str, list[torch.Tensor]] = {k: [] for k in counts}
     total = 0
     per_class = torch.zeros(3, len(class_names))  # points, clean, robust
     check_units: list[Unit] = []
     check_points = 0
+    # The checks' base run is the ``attack`` section; when the suite starts with that very attack,
+    # the main pass's first attack on whole groups is that run (same points, attack and noise).
+    reusable = cfg.eval.checks and configs[0][1] == cfg.attack
+    bases: list[BaseRun] | None = [] if reusable else None
     with torch.no_grad():  # the attacks differentiate inside (torch.enable_grad / torch.func.grad)
         for unit in (progress(units) if progress else units):
             if generator is None:
                 generator = torch.Generator(device=unit.x.device)
                 generator.manual_seed(cfg.seed)
-            clean_correct, robust, after = cascade(unit, attacks, generator)
+            if unit.coupled and cfg.eval.suite == "autoattack_reference":
+                raise ConfigError("eval.suite=autoattack_reference: the reference AutoAttack attacks slices of a "
+                                  "batch, but this model's predictions couple its batch (transductive batch norm); "
+                                  "use eval.suite=autoattack")
+            wanted = cfg.eval.checks and check_points < cfg.eval.check_points
+            record: list[BaseRun] | None = [] if wanted and bases is not None else None
+            clean_correct, robust, after = cascade(unit, attacks, generator, record)
             total += unit.points
             for key, mask in {"clean": clean_correct, "robust": robust, **after}.items():
                 counts[key] += int(mask.sum())
@@ -357,12 +443,16 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
             for row, weights in enumerate((None, clean_correct, robust)):
                 w = None if weights is None else weights.flatten().cpu().float()
                 per_class[row] += torch.bincount(cls, weights=w, minlength=len(class_names)).float()
-            if cfg.eval.checks and check_points < cfg.eval.check_points:
+            if wanted:
                 check_units.append(unit.head(cfg.eval.check_points - check_points))
                 check_points += check_units[-1].points
+                if bases is not None and record:  # whole groups: head() keeps the first groups
+                    bases.append(record[0].head(check_units[-1].groups))
+                else:
+                    bases = None  # a unit attacked survivors only: the checks run their own base
         checks, sweep = [], []
         if check_units and cfg.attack.eps > 0:
-            checks, sweep = masking_checks(check_units, cfg, generator, chance=1 / num_classes)
+            checks, sweep = masking_checks(check_units, cfg, generator, chance=1 / num_classes, bases=bases)
         else:
             check_points = 0
     if interval == "episodes":

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from metarobust.config import ExperimentConfig
+from metarobust.evaluation.harness import SUITE_NAMES
 
 HEADLINE = ("run", "recipe", "dataset", "suite", "norm", "eps", "step", "episodes", "points", "clean_acc",
             "clean_ci95", "robust_acc", "robust_ci95", "after", "train_seconds", "stopped")
@@ -17,12 +18,24 @@ HEADLINE = ("run", "recipe", "dataset", "suite", "norm", "eps", "step", "episode
 
 
 def robust_name(summary: dict[str, Any]) -> str:
-    """What the robust number is: ``"worst case over the suite"`` when the cascade had more than
-    one attack, else that attack (``"PGD-10"``)."""
-    attacks = list(summary["after"])
+    """What the robust number is, after what was run: the one attack (``"PGD-10"``), else the
+    suite and the attacks it is the worst case of (``"AutoAttack standard: worst case of
+    linf/apgd-ce, linf/apgd-t, linf/fab-t, linf/square"``; ``"worst case of linf/pgd-10,
+    l2/pgd-10"`` for one attack in a union of threat models)."""
+    attacks, name = list(summary["after"]), summary.get("suite", "single")
+    suite = None if name == "single" else SUITE_NAMES.get(name)
     if len(attacks) == 1:
-        return attacks[0].split("/", 1)[-1].upper()
-    return "worst case over the suite"
+        return suite if name == "autoattack_reference" else attacks[0].split("/", 1)[-1].upper()
+    worst = f"worst case of {', '.join(attacks)}"
+    return f"{suite}: {worst}" if suite else worst
+
+
+def sweep_caption(summary: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """What the eps sweep ran: the ``attack`` section alone on the first ``check_points`` points,
+    so its value at the headline eps differs from the table's robust accuracy."""
+    a = cfg.attack
+    return (f"{a.name.upper()}-{a.steps} ({a.norm}) alone on the first {summary['check_points']} points; the table's "
+            f"robust accuracy is {robust_name(summary)} on all {summary['points']} points")
 
 
 def interval_note(summary: dict[str, Any]) -> str:
@@ -81,11 +94,35 @@ def render_report(cfg: ExperimentConfig, summary: dict[str, Any], header: Sequen
         lines += [f"- [{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}" for c in summary["checks"]]
         lines.append("")
     if summary.get("eps_sweep"):
-        lines += ["Robust accuracy vs eps: " + ", ".join(f"{s['eps']:.3g}: {100 * s['robust_acc']:.1f} %"
+        lines += [f"Robust accuracy vs eps ({sweep_caption(summary, cfg)}): " + ", ".join(f"{s['eps']:.3g}: {100 * s['robust_acc']:.1f} %"
                                                         for s in summary["eps_sweep"]), ""]
     if summary.get("stopped"):
         lines += [f"Training stopped early: {summary['stopped']}", ""]
     return "\n".join(lines)
+
+
+def render_later_evaluations(evaluations: dict[str, dict[str, Any]]) -> str:
+    """The report's section on later evaluations (``metarobust eval``'s ``eval/<name>.json``, by
+    name): what each changed, its threat model and suite, what it scored, clean and robust accuracy
+    with their intervals. Empty when there are none.
+
+    Example:
+        >>> text = render_later_evaluations({"attack.steps=20": json.loads(path.read_text())})
+    """
+    if not evaluations:
+        return ""
+    lines = ["", "## Later evaluations (`metarobust eval`, `eval/<name>.json`)", "",
+             "| name | overrides | robust = | threat model | scored on | step | clean accuracy | robust accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, s in evaluations.items():
+        overrides = " ".join(f"`{o}`" for o in s.get("overrides", [])) or "none"
+        scored = f"{s['episodes']} episodes" if s.get("episodes") is not None else f"{s['points']} points"
+        lines.append(f"| {name} | {overrides} | {robust_name(s)} (suite {s['suite']}) | {s['norm']} eps {s['eps']:.4g} "
+                     f"| {scored} | {s.get('step')} | {_pct(s['clean_acc'], s['clean_ci95'])} "
+                     f"| {_pct(s['robust_acc'], s['robust_ci95'])} |")
+        notes.append(f"- {name}: {interval_note(s)}")
+    return "\n".join([*lines, "", *notes, ""])
 
 
 def console_table(results: dict[str, dict[str, Any]]) -> str:

@@ -30,7 +30,7 @@ class EvalResult:
     The schema of ``eval.json`` (:meth:`as_dict`; accuracies in [0, 1]):
 
     - ``run``, ``recipe``, ``dataset``, ``step`` (the checkpoint's step, ``None`` if unknown):
-      what was scored. ``suite`` (``single``/``autoattack``), ``norm``, ``eps``: the ``attack``
+      what was scored. ``suite`` (``eval.suite``: ``single``, ``autoattack``...), ``norm``, ``eps``: the ``attack``
       section's threat model (``eval.union`` adds more; see ``after``).
     - ``clean_acc``, ``clean_ci95``: accuracy on the clean points and the half-width of its 95 %
       interval.

@@ -16,15 +16,16 @@ from metarobust.errors import MaskingCheckFailed
 from metarobust.evaluation.classifier import EVAL_BATCH, classifier_units, evaluation_points
 from metarobust.evaluation.fewshot import Learner, fewshot_units
 from metarobust.evaluation.harness import evaluate_units
+from metarobust.evaluation.report import sweep_caption
 from metarobust.evaluation.result import EvalResult
 from metarobust.plots import plot_robustness_curve
-from metarobust.runs import RunDir
+from metarobust.runs import RunFolder
 
 
 def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore, *,
-                 manifest: Manifest | None = None, learner: Learner | None = None, run: RunDir | None = None,
-                 step: int | None = None, progress: bool = False, extra: dict[str, Any] | None = None
-                 ) -> EvalResult:
+                 manifest: Manifest | None = None, learner: Learner | None = None, run: RunFolder | None = None,
+                 step: int | None = None, progress: bool = False, extra: dict[str, Any] | None = None,
+                 output: str = "eval.json") -> EvalResult:
     """Clean and robust accuracy of ``model`` on the test split, through the harness.
 
     Few-shot when ``manifest`` is given: each frozen episode is fitted on its support set by
@@ -43,12 +44,15 @@ def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore
         test: the test split.
         manifest: the frozen test episodes (few-shot); ``None``: plain classifier.
         learner: few-shot only: what fits each support set.
-        run: when given, ``eval.json`` (:meth:`EvalResult.as_dict`) and, with a sweep,
-            ``robustness_vs_eps.png`` are written into its folder.
+        run: when given, ``output`` (:meth:`EvalResult.as_dict`) and, with a sweep,
+            ``robustness_vs_eps.png`` (``eval/<name>_robustness_vs_eps.png`` beside
+            ``eval/<name>.json``) are written into its folder.
         step: the checkpoint's training step, recorded in the result.
         progress: a progress bar over the harness's units.
         extra: keys added to ``eval.json`` (e.g. ``train_seconds``); they never replace a
             key of the schema.
+        output: the result's file in ``run`` (``eval.json``: the end of training;
+            ``eval/<name>.json``: a later ``metarobust eval``).
 
     Returns: the :class:`~metarobust.evaluation.result.EvalResult`.
 
@@ -79,11 +83,16 @@ def evaluate_run(cfg: ExperimentConfig, model: torch.nn.Module, test: ImageStore
         result.run = str(run.path)
         if result.eps_sweep:
             title = f"{cfg.recipe} on {cfg.data.dataset}: robust accuracy vs eps ({cfg.attack.norm})"
-            result.plot = str(plot_robustness_curve(result.eps_sweep, run.path / "robustness_vs_eps.png", title))
-        run.write_json("eval.json", result.as_dict())
+            target = run.path / output
+            plot = target.parent / ("robustness_vs_eps.png" if output == "eval.json"
+                                    else f"{target.stem}_robustness_vs_eps.png")
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            result.plot = str(plot_robustness_curve(result.eps_sweep, plot, title,
+                                                    caption=sweep_caption(result.as_dict(), cfg)))
+        run.write_json(output, result.as_dict())
     failed = [c for c in result.checks if not c.passed]
     if cfg.eval.strict and failed:
-        written = f" ({run.path / 'eval.json'} is written)" if run is not None else ""
+        written = f" ({run.path / output} is written)" if run is not None else ""
         raise MaskingCheckFailed(
             "eval.strict=true and gradient-masking checks failed, so the robust accuracy "
             f"{100 * result.robust_acc:.2f}% is not trustworthy{written}: "

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from metarobust.attacks.pgd import inside_func_transform
+from metarobust.meta.batch_norm import batch_norm_error, running_batch_norms
+
 Params = dict[str, torch.Tensor]
 FunctionalForward = Callable[[Params, torch.Tensor], torch.Tensor]
 
@@ -23,9 +26,19 @@ def params_of(model: nn.Module) -> Params:
 
 
 def functional_forward(model: nn.Module) -> FunctionalForward:
-    """``forward(params, x) -> logits``; buffers (e.g. input normalisation) come from ``model``."""
+    """``forward(params, x) -> logits``; buffers (e.g. input normalisation) come from ``model``.
+
+    A torch BatchNorm layer in train mode cannot run inside a ``torch.func`` transform (MAML's
+    inner loop): it updates its running statistics in place. Called inside one, the forward then
+    raises :class:`~metarobust.errors.ConfigError` naming the layers and the fixes
+    (:func:`~metarobust.meta.batch_norm.convert_batch_norm`, or ``model.eval()``) instead of
+    functorch's error; a model without such layers pays nothing for the check.
+    """
+    tracked = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
     def forward(params: Params, x: torch.Tensor) -> torch.Tensor:
+        if tracked and any(m.training for m in tracked) and inside_func_transform():
+            raise batch_norm_error(running_batch_norms(model))
         return functional_call(model, params, (x,), strict=False)
 
     return forward
@@ -39,3 +52,6 @@ def detached(params: Params) -> Params:
 def bind(forward: FunctionalForward, params: Params) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> forward(params, x)``: the form an attack takes."""
     return lambda x: forward(params, x)
+
+
+__all__ = ["FunctionalForward", "Params", "bind", "detached", "functional_forward", "params_of"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarobust.errors import ConfigError
-from metarobust.meta.functional import FunctionalForward, Params
+from metarobust.meta.functional import FunctionalForward, Params, functional_forward
 
 InnerLoss = Callable[[Params], torch.Tensor]
 StepLoss = Callable[[int, Params], InnerLoss]
@@ -41,7 +41,11 @@ class MAML:
     """The MAML learner (ANIL when ``adapted`` names only the head).
 
     Args:
-        forward: ``forward(params, x) -> logits`` (:func:`functional_forward`).
+        forward: ``forward(params, x) -> logits`` (:func:`functional_forward`), or the
+            ``nn.Module`` itself (wrapped with :func:`functional_forward`). A model with torch
+            BatchNorm layers adapts in eval mode (frozen running statistics) or after
+            :func:`~metarobust.meta.batch_norm.convert_batch_norm`; in train mode its forward
+            raises a :class:`ConfigError` saying so.
         inner_lr: SGD step size of the inner loop (alpha).
         inner_steps: SGD steps on the support set.
         first_order: drop the second-order terms (FOMAML).
@@ -49,7 +53,7 @@ class MAML:
             (MAML); the head's names: ANIL (:func:`head_names`).
 
     Example:
-        >>> maml = MAML(functional_forward(model), inner_lr=0.4, inner_steps=1)
+        >>> maml = MAML(model, inner_lr=0.4, inner_steps=1)    # or MAML(functional_forward(model), ...)
         >>> fast = maml.adapt(params_of(model), support_x, support_y)
         >>> loss = F.cross_entropy(maml.forward(fast, query_x), query_y)
         >>> anil = MAML(functional_forward(model), 0.4, 1, adapted=head_names(model))
@@ -60,6 +64,10 @@ class MAML:
     inner_steps: int
     first_order: bool = False
     adapted: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.forward, nn.Module):
+            object.__setattr__(self, "forward", functional_forward(self.forward))
 
     def adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor,
               steps: int | None = None, first_order: bool | None = None,

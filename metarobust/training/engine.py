@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -43,13 +45,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metarobust import distributed
+from metarobust import compilation, distributed
 from metarobust.config import ExperimentConfig, to_dict
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import to_float
 from metarobust.distributed import DistInfo
-from metarobust.errors import ConfigError, TrainingDiverged
-from metarobust.models import build_model, convert_dual_bn
+from metarobust.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from metarobust.models import convert_dual_bn
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
 from metarobust.training.optim import build_optimizer, lr_at, resolve_optim
@@ -88,6 +90,8 @@ class Trainer:
         train, world = self.data.train, self.dist.world_size
         self.total_steps, self.steps_per_epoch = self.recipe.schedule(train, world)
         self.sampler = self.recipe.sampler(train, self.dist.rank, world)
+        self.compile_decision = self._compile_decision()
+        """Whether the steps run compiled (``at.compile``), and why."""
         self.models = self._build_models()
         self.optim = resolve_optim(cfg.optim, self.recipe.default_optim(), self.recipe.epochs(cfg))
         self.optimizer = build_optimizer(self._trainable_parameters(), self.optim)
@@ -103,24 +107,39 @@ class Trainer:
         self.first_batch: EpisodeBatch | None = None
         self._pending: dict[str, float] = {}
         self._generator_states: list[torch.Tensor] | None = None
+        self.checkpoint_step: int | None = None
+        """The step of the last checkpoint written or resumed from (``None``: none yet)."""
+        self._interrupted = False
         if resume:
             if run is None:
                 raise ValueError("resume=True needs a run folder")
             self._restore(run.load_checkpoint("cpu"))
             run.truncate_metrics(self.step_count)
+        if run is not None:
+            run.record(device=str(self.device), world_size=self.dist.world_size,
+                       compiled=self.compile_decision.on, compile_reason=self.compile_decision.reason,
+                       device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
 
     # -- models ---------------------------------------------------------------------------------
+    def _compile_decision(self) -> compilation.Decision:
+        """``at.compile`` for this run: meta recipes stay eager (their inner loop calls the model
+        functionally per task); ``auto`` reads :data:`metarobust.compilation.MEASURED`. With the
+        models compiled, the recipes' PGD attacks compile their step update too (``PGD.compile``)."""
+        if self.recipe.episodic:
+            return compilation.Decision(False, "meta recipes run eager (functional calls per task)")
+        return compilation.decide(self.cfg.at.compile, self.device, self.cfg.model.name, self.total_steps)
+
     def _build_models(self) -> Models:
         cfg, train = self.cfg, self.data.train
         in_channels, size = train.image_shape[0], train.image_shape[-1]
         outputs = self.recipe.head_size(train)
-        compiled = cfg.at.compile
+        compiled = self.compile_decision.on
         wrapped, raw, modules, trainable = {}, {}, {}, []
         with torch.random.fork_rng(devices=[]):  # every rank builds the same initial weights,
             torch.manual_seed(cfg.seed)          # without reseeding the caller's global RNG
             for role in self.recipe.roles():
                 arch = role.model or cfg.model
-                module = build_model(arch, in_channels, outputs, size, cfg.data.dataset).to(self.device)
+                module = self.recipe.build_model(arch, in_channels, outputs, size, cfg.data.dataset).to(self.device)
                 if role.checkpoint:
                     _load_role_weights(module, role.checkpoint, role.name, arch, self.device)
                 if role.dual_bn:
@@ -130,13 +149,13 @@ class Trainer:
                 if not role.trainable:
                     module.eval().requires_grad_(False)
                 modules[role.name] = module
-                raw[role.name] = torch.compile(module) if compiled else module
+                raw[role.name] = compilation.compile_module(module) if compiled else module
                 wrapped[role.name] = raw[role.name]
                 if role.trainable:
                     trainable.append(role.name)
                     if self.dist.distributed and not self.recipe.episodic:
                         ddp = distributed.wrap(module, self.dist)
-                        wrapped[role.name] = torch.compile(ddp) if compiled else ddp
+                        wrapped[role.name] = compilation.compile_module(ddp) if compiled else ddp
         if not trainable:
             raise ConfigError(f"recipe {cfg.recipe!r} declares no trainable model role")
         return Models(wrapped, raw, modules, trainable)
@@ -259,34 +278,83 @@ class Trainer:
         count = 0
         bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not self.progress,
                    desc=f"{self.cfg.recipe}", dynamic_ncols=True)
-        try:
-            while self.step_count < self.total_steps and self.stopped is None:
-                loss, stats = self.train_step()
-                for k, v in {"loss": loss, **stats}.items():
-                    sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
-                count += 1
-                bar.update(1)
-                step = self.step_count
-                if step % log_every == 0 or step == self.total_steps:
-                    metrics = self.reduce_metrics(sums, count)
-                    sums, count = {}, 0
-                    if not math.isfinite(metrics["loss"]):
-                        raise TrainingDiverged(
-                            f"loss is {metrics['loss']} at step {step}; training stopped. The last good "
-                            f"checkpoint is kept" + self._where() + f"; {self.recipe.divergence_hint}")
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
-                    self.log(step, metrics)
-                extra = self.end_of_step()
-                if extra:
-                    self.log(step, extra)
-                if self.should_checkpoint(step) or self.stopped is not None:
-                    self.save()
-        finally:
-            bar.close()
+        with self.interrupts_after_step():
+            try:
+                while self.step_count < self.total_steps and self.stopped is None:
+                    loss, stats = self.train_step()
+                    for k, v in {"loss": loss, **stats}.items():
+                        sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
+                    count += 1
+                    bar.update(1)
+                    step = self.step_count
+                    if step % log_every == 0 or step == self.total_steps:
+                        metrics = self.reduce_metrics(sums, count)
+                        sums, count = {}, 0
+                        if not math.isfinite(metrics["loss"]):
+                            raise self._diverged(f"loss is {metrics['loss']} at step {step}")
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+                        self.log(step, metrics)
+                    extra = self.end_of_step()
+                    if extra:
+                        self.log(step, extra)
+                    interrupted = self._interrupt_requested(step)
+                    if self.should_checkpoint(step) or self.stopped is not None or interrupted:
+                        self.save()
+                    if interrupted:
+                        where = f"written to {self.run.checkpoint_path}" if self.run is not None else "not written (no run folder)"
+                        raise TrainingInterrupted(f"interrupted (Ctrl-C) after step {step} of {self.total_steps}; the "
+                                                  f"checkpoint is {where}; to continue, run the same command with --resume")
+            finally:
+                bar.close()
         return self.model
 
-    def _where(self) -> str:
-        return f" at {self.run.checkpoint_path}" if self.run is not None else ""
+    def _interrupt_requested(self, step: int) -> bool:
+        """Whether Ctrl-C was pressed; under torchrun the ranks agree at logging steps (a collective)."""
+        if not self.dist.distributed:
+            return self._interrupted
+        if step % self.cfg.train.log_every and step != self.total_steps:
+            return False
+        flag = torch.tensor(float(self._interrupted), device=self.device)
+        return bool(distributed.all_mean(flag, self.dist) > 0)
+
+    @contextlib.contextmanager
+    def interrupts_after_step(self):
+        """Defer Ctrl-C (SIGINT) to the end of the current step, where :meth:`fit` writes a
+        checkpoint and raises :class:`TrainingInterrupted` (a half-done optimizer step is never
+        saved); a second Ctrl-C interrupts at once, leaving the last checkpoint as it was."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self._interrupted:
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The stop on a non-finite loss or parameter, with advice that works when followed: which
+        setting to lower (to what), and whether to ``--resume`` (a checkpoint exists) or start
+        again (none was written yet: a fresh start clears the run folder)."""
+        lower = f"optim.lr={self.optim.lr / 10:g}"
+        advice = f"{self.recipe.divergence_hint} (optim.lr is {self.optim.lr:g}; e.g. {lower})"
+        if self.checkpoint_step is None:
+            first = min(self.cfg.train.checkpoint_every, self.total_steps)
+            return TrainingDiverged(
+                f"{what}; training stopped before its first checkpoint (due at step {first}), so there is nothing "
+                f"to resume: {advice}, and run the same command again without --resume (the run folder starts "
+                f"clean)", None, [lower])
+        where = f" ({self.run.checkpoint_path})" if self.run is not None else ""
+        return TrainingDiverged(
+            f"{what}; training stopped. The last good checkpoint, step {self.checkpoint_step}, is kept{where}: "
+            f"{advice}, and run the same command with that change and --resume", self.checkpoint_step, [lower])
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> None:
@@ -294,11 +362,11 @@ class Trainer:
         Every rank's noise generator goes into it (a collective: all ranks call this)."""
         finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
         if not bool(finite):
-            raise TrainingDiverged(f"non-finite parameters at step {self.step_count}; the last good checkpoint"
-                                   + self._where() + f" is kept; {self.recipe.divergence_hint}")
+            raise self._diverged(f"non-finite parameters at step {self.step_count}")
         self._generator_states = list(distributed.gather_objects(self.generator.get_state(), self.dist))
         if self.run is not None:
             self.run.save_checkpoint(self.state_dict())
+        self.checkpoint_step = self.step_count
 
     def state_dict(self) -> dict[str, Any]:
         first, train = self.first_batch, self.data.train
@@ -322,8 +390,12 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         for name, module_state in state["models"].items():
             self.models.modules[name].load_state_dict(module_state)
+        settings = {k: v for k, v in self.optimizer.defaults.items() if k != "params"}  # this config's
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        for group in self.optimizer.param_groups:  # the checkpoint's lr, momentum, weight decay... are
+            group.update(settings)                  # replaced by the config's (runs.RESUME_APPLIED)
+        if state["scaler"]:  # an fp16 run; at.amp changed to fp16: the scaler starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         generators = state["generators"]
         self.generator.set_state(generators[self.dist.rank % len(generators)])
@@ -331,8 +403,10 @@ class Trainer:
         self.stopped = state["stopped"]
         first = state["first_batch"]
         if first is not None:
-            self.first_batch = self._layout(EpisodeBatch(**_to_device(first, self.device)))
+            batch_type = getattr(self.sampler, "batch_type", EpisodeBatch)  # segmentation: SegEpisodeBatch
+            self.first_batch = self._layout(batch_type(**_to_device(first, self.device)))
         self.step_count = int(state["step"])
+        self.checkpoint_step = self.step_count
         self.epoch = self.step_count // self.steps_per_epoch
 
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -68,7 +69,9 @@ import torch
 from torch import nn
 
 from metarobust.attacks import build_attack
+from metarobust.attacks.apgd import APGD
 from metarobust.attacks.pgd import PGD
+from metarobust.attacks.threat import TrainModeWarning
 from metarobust.config import AttackConfig, ExperimentConfig, ModelConfig, OptimConfig
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import BatchSampler, EpisodicSampler
@@ -78,6 +81,7 @@ from metarobust.meta.execution import Noise, TaskFn, meta_backward, resolve_exec
 from metarobust.meta.functional import functional_forward, params_of
 from metarobust.meta.logistic import LogisticProbe
 from metarobust.meta.maml import MAML, adapted_names
+from metarobust.models import build_model
 from metarobust.models.dual_bn import strip_aux_bn
 from metarobust.registry import Registry
 
@@ -203,7 +207,10 @@ def bn_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     was_training = model.training
     model.train(mode == "train")
     try:
-        yield model
+        with warnings.catch_warnings():
+            if mode == "train":  # on purpose (the recipe's reference attacks in train mode)
+                warnings.simplefilter("ignore", TrainModeWarning)
+            yield model
     finally:
         model.train(was_training)
 
@@ -230,7 +237,7 @@ class Recipe:
     episodic: ClassVar[bool] = False
     evaluation: ClassVar[str] = "classifier"
     attack_bn: ClassVar[str] = "train"
-    divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none) and --resume"
+    divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none)"
     """Appended to the error raised when training diverges."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -251,6 +258,12 @@ class Recipe:
     def head_size(self, train: ImageStore) -> int:
         """Outputs of the trained models' classifier: the training split's classes."""
         return train.num_classes
+
+    def build_model(self, arch: ModelConfig, in_channels: int, outputs: int, image_size: int,
+                    dataset: str | None = None) -> nn.Module:
+        """A role's network (default: the ``model`` registry); segmentation recipes build a
+        few-shot segmenter with their own section's settings."""
+        return build_model(arch, in_channels, outputs, image_size, dataset)
 
     @property
     def replays(self) -> int:
@@ -303,7 +316,12 @@ class Recipe:
     def attack(self, model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor,
                loss: Callable | None = None, noise: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         """``attack(model, x, y, loss, noise, **kw)`` with ``model`` in this recipe's BatchNorm
-        mode; returns detached adversarial inputs ``[B, C, H, W]`` in [0, 1]."""
+        mode; returns detached adversarial inputs ``[B, C, H, W]`` in [0, 1].
+
+        PGD and APGD skip their input checks here (``check=False``): the engine's batches are in
+        [0, 1] by construction, and the checks' host synchronisation would be one per step."""
+        if isinstance(attack, (PGD, APGD)):
+            kw.setdefault("check", False)
         with bn_mode(model, self.bn):
             return attack(model, x, y, loss, noise, **kw).detach()
 
@@ -381,7 +399,7 @@ class MetaRecipe(Recipe):
     noise: ClassVar[tuple[str, ...]] = ()
     adapt: ClassVar[str | None] = None
     """Forces ``meta.adapt`` (``"head"`` for ANIL); ``None``: the config's value."""
-    divergence_hint: ClassVar[str] = "lower optim.lr or meta.inner_lr and --resume"
+    divergence_hint: ClassVar[str] = "lower optim.lr or meta.inner_lr"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -393,10 +411,10 @@ class MetaRecipe(Recipe):
         if cfg.at.amp == "fp16":
             raise ConfigError(f"at.amp=fp16 with the meta recipe {cls.name!r}: the meta-gradient is "
                               f"accumulated task by task without a GradScaler; use at.amp=bf16 or none")
-        if cfg.at.compile:
-            raise ConfigError(f"at.compile=true with the meta recipe {cls.name!r}: the inner loop runs the "
+        if cfg.at.compile == "on":
+            raise ConfigError(f"at.compile=on with the meta recipe {cls.name!r}: the inner loop runs the "
                               f"model as a torch.func functional call, which compiles per task shape; "
-                              f"set at.compile=false")
+                              f"set at.compile=auto or off (auto keeps meta recipes eager)")
 
     def noise_keys(self) -> tuple[str, ...]:
         """The kinds of random-start noise this recipe's tasks take (empty: no attack)."""
