@@ -6,6 +6,7 @@
     metarobust id RUN_OR_CHECKPOINT [key=value ...]      intrinsic dimension per layer
     metarobust data info DATASET [--root PATH]
     metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
+    metarobust blackbox CONFIG [key=value ...]            query-based attacks on a trained run
     metarobust list recipes|models|datasets|attacks|configs
     metarobust seg train|eval ...              few-shot organ segmentation (docs/segmentation.md)
     metarobust --version
@@ -86,6 +87,18 @@ def _cmd_id(args: argparse.Namespace) -> None:
     print(id_table(report))
     print(f"json: {paths['json']}\nplot: {paths['plot']}")
     print(json.dumps(id_headline(report)))
+
+
+def _cmd_blackbox(args: argparse.Namespace) -> None:
+    from metarobust.blackbox.run import blackbox_headline, blackbox_table, load_blackbox_config, run_blackbox
+
+    cfg = load_blackbox_config(args.config, args.overrides)
+    report = None if args.quiet else (lambda name, r: print(f"{name}: {100 * r['success_rate']:.1f}% "
+                                                              f"of {r['attacked']} attacked", flush=True))
+    summary, paths = run_blackbox(cfg, report)
+    print(blackbox_table(summary))
+    print(f"json: {paths['json']}\nplot: {paths['plot']}")
+    print(json.dumps(blackbox_headline(summary)))
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> None:
@@ -215,6 +228,13 @@ def _cmd_list(args: argparse.Namespace) -> None:
     width = max(len(name) for name, _ in rows)
     for name, description in rows:
         print(f"{name:<{width}}  {description}")
+    if args.what == "attacks":  # the query-based ones take an oracle, not a forward (metarobust blackbox)
+        from metarobust.blackbox import BLACKBOX_ATTACKS
+
+        print("\nblack-box (query-based; metarobust blackbox):")
+        width = max(width, *(len(n) for n in BLACKBOX_ATTACKS.names()))
+        for name, description in BLACKBOX_ATTACKS.describe():
+            print(f"{name:<{width}}  {description}")
 
 
 def positive_int(text: str) -> int:
@@ -284,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "analysis.layers=[penultimate])")
     p.add_argument("--quiet", action="store_true", help=quiet_help)
     p.set_defaults(func=_cmd_id)
+
+    p = sub.add_parser("blackbox", help="query-based black-box attacks (SimBA, Bandits, NES, SignHunter) on a "
+                                        "trained run through a score-only oracle: table, blackbox.json, blackbox.png")
+    p.add_argument("config", help="a YAML file, e.g. configs/blackbox/glyphs_linf.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget=500 run=runs/quickstart/maml")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_blackbox)
 
     root_help = ("where the dataset's files are (default: $METAROBUST_DATA/DATASET, else "
                  "~/.cache/metarobust/DATASET)")

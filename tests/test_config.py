@@ -19,6 +19,11 @@ def test_every_shipped_config_loads():
     for path in files:
         if path.stem.startswith("shots_study"):  # a study file: base config + `study:` (scripts/shots_study.py)
             continue
+        if path.parent.name == "blackbox":  # `metarobust blackbox` configs: a run and its attacks
+            from metarobust.blackbox.run import load_blackbox_config
+
+            load_blackbox_config(path)
+            continue
         load_config(path)
 
 

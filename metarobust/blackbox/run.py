@@ -1,0 +1,196 @@
+"""``metarobust blackbox CONFIG``: query-based attacks on a trained run, table, JSON and plot.
+
+The target is a trained run's deployed model. For a few-shot recipe it is the learner fine-tuned
+on each frozen test episode's support set (:func:`~metarobust.evaluation.fewshot.adapted_episodes`),
+and the oracle answers for that episode's query set; for a plain classifier it is the model on
+the run's test points. Only the points the target classifies correctly are attacked (the others
+get a budget of 0). With ``whitebox_check`` APGD attacks the same points with gradients, and a
+black-box attack that beats it by more than sampling noise is reported as a sign of gradient
+masking (a black-box attack is a special case of a white-box one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarobust.attacks import APGD
+from metarobust.blackbox.base import BLACKBOX_ATTACKS
+from metarobust.blackbox.oracle import OUTPUTS, Oracle
+from metarobust.blackbox.report import blackbox_headline, blackbox_table, plot_success_vs_queries, summarise
+from metarobust.errors import ConfigError
+
+
+@dataclass
+class BlackboxConfig:
+    """A ``configs/blackbox/*.yaml`` file; defaults are the common score-based protocol."""
+
+    run: str = ""
+    """The target: a run folder (``runs/<name>``) or a checkpoint file."""
+    attacks: list[str] = field(default_factory=lambda: ["simba", "simba_dct", "bandits", "nes", "signhunter"])
+    """Black-box attacks in order (``metarobust list attacks``)."""
+    norm: str = "linf"
+    eps: float | None = None
+    """Radius; ``null``: the run's ``attack.eps`` (L-inf) or 0.5 (L2)."""
+    budget: int = 1000
+    """Queries per attacked example."""
+    output: str = "probs"
+    """What the oracle returns: probs, logits or label."""
+    levels: int | None = 256
+    """Quantise every query to this many grey levels (8-bit); null: none."""
+    episodes: int = 5
+    """Few-shot targets: the first episodes of the run's frozen test manifest."""
+    points: int = 100
+    """Classifier targets: test points."""
+    seed: int = 0
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-attack settings overriding the papers' defaults, e.g. ``{bandits: {tile: 2}}``."""
+    whitebox_check: bool = True
+    """Run APGD-CE (100 steps) on the same points and flag a black-box attack beating it."""
+    overrides: list[str] = field(default_factory=list)
+    """Overrides of the run's own config (e.g. ``[device=cpu]``)."""
+    out: str | None = None
+    """Folder for blackbox.json and blackbox.png; ``null``: ``<run>/blackbox``."""
+
+    def check(self) -> None:
+        if not self.run:
+            raise ConfigError("blackbox.run is empty; name a run folder or checkpoint (runs/<name>)")
+        for name in self.attacks:
+            BLACKBOX_ATTACKS.get(name, "blackbox.attacks")
+        if self.norm not in ("linf", "l2"):
+            raise ConfigError(f"blackbox.norm={self.norm!r}; choose linf or l2")
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"blackbox.output={self.output!r}; choose one of {list(OUTPUTS)}")
+        if self.budget < 1 or self.episodes < 1 or self.points < 1:
+            raise ConfigError(f"blackbox.budget={self.budget}, episodes={self.episodes}, points={self.points} "
+                              f"must be >= 1")
+        for name in self.params:  # settings of attacks not run are kept (attacks=[...] on the command line)
+            BLACKBOX_ATTACKS.get(name, "blackbox.params")
+
+
+def load_blackbox_config(path: str | Path, overrides: list[str] | None = None) -> BlackboxConfig:
+    """Defaults, then the YAML at ``path``, then ``key=value`` overrides; checked."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(BlackboxConfig), OmegaConf.load(path),
+                             OmegaConf.from_dotlist(overrides or []))
+    cfg = BlackboxConfig(**OmegaConf.to_container(merged))
+    cfg.check()
+    return cfg
+
+
+def targets(cfg: BlackboxConfig):
+    """``(run config, [(forward, x, y, coupled)])``: the run's deployed model on its test points,
+    one entry per episode (few-shot) or one for the classifier's points."""
+    from metarobust.evaluation.classifier import evaluation_points
+    from metarobust.evaluation.fewshot import adapted_episodes
+    from metarobust.evaluation.harness import batch_coupled
+    from metarobust.experiment import model_from_checkpoint, resolve_manifest
+    from metarobust.training.data import load_training_data, resolve_device
+    from metarobust.training.recipes import build_recipe
+
+    run_cfg, model, _ = model_from_checkpoint(cfg.run, cfg.overrides)
+    recipe = build_recipe(run_cfg)
+    test = load_training_data(run_cfg, recipe, resolve_device(run_cfg.device)).test
+    out = []
+    if recipe.evaluation == "classifier":
+        index = evaluation_points(test, cfg.points)
+        x = test.images[index].float() / 255
+        out.append((model, x, test.labels[index], batch_coupled(model)))
+    else:
+        frozen = Path(cfg.run) / "episodes.json"  # episodes the run froze for itself, if it had to
+        if not run_cfg.eval.manifest and frozen.is_file():
+            run_cfg.eval.manifest = str(frozen)
+        manifest = resolve_manifest(run_cfg, test)
+        learner = recipe.evaluation_learner(model, manifest.ways)
+        coupled = batch_coupled(model)
+        for i, (forward, episode, _) in enumerate(adapted_episodes(model, test, manifest, run_cfg, learner)):
+            if i >= cfg.episodes:
+                break
+            out.append((forward, episode.query_x, episode.query_y, coupled))
+    return run_cfg, out
+
+
+def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None) -> dict[str, Any]:
+    """Run every attack of ``cfg`` on ``groups`` (``[(forward, x, y, coupled)]``); the summary."""
+    from metarobust.blackbox import build_blackbox_attack
+
+    clean = [Oracle(f, 0, len(x), cfg.output, cfg.levels, x if coupled else None).predict(x) == y
+             for f, x, y, coupled in groups]
+    correct = torch.cat(clean).cpu()
+    summary: dict[str, Any] = {"norm": cfg.norm, "eps": eps, "budget": cfg.budget, "output": cfg.output,
+                               "levels": cfg.levels, "points": len(correct), "clean_acc": float(correct.float().mean()),
+                               "attacks": {}}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for name in cfg.attacks:
+        attack = build_blackbox_attack(name, cfg.norm, eps, **cfg.params.get(name, {}))
+        queries, claimed, verified, spent = [], [], [], 0
+        for (forward, x, y, coupled), ok in zip(groups, clean):
+            oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
+            outcome = attack(oracle, x, y, generator)
+            verdict = oracle.verify(outcome.x_adv, y)
+            queries.append(outcome.queries[ok])
+            claimed.append(outcome.success[ok])
+            verified.append(verdict[ok])
+            spent += oracle.verification_queries
+        summary["attacks"][name] = summarise(torch.cat(queries), torch.cat(claimed), torch.cat(verified), cfg.budget)
+        summary["attacks"][name]["verification_queries"] = spent
+        if progress:
+            progress(name, summary["attacks"][name])
+    if cfg.whitebox_check:
+        summary["whitebox"] = whitebox_check(groups, clean, cfg.norm, eps, summary, cfg.seed)
+    return summary
+
+
+def whitebox_check(groups, clean, norm: str, eps: float, summary: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """APGD-CE (100 steps, white-box) on the same points, and per black-box attack whether its
+    success rate exceeds APGD's by more than noise (two binomial standard errors of the pooled
+    rate, and at least one point): a failed check suggests gradient masking."""
+    apgd = APGD(norm, eps, steps=100)
+    generator = torch.Generator().manual_seed(seed)
+    broken = []
+    for (forward, x, y, _), ok in zip(groups, clean):
+        x_adv = apgd(forward, x, y, noise=apgd.init_noise(x, generator).to(x.device))
+        with torch.no_grad():
+            broken.append(((forward(x_adv).argmax(-1) != y) & ok).cpu()[ok.cpu()])
+    broken = torch.cat(broken)
+    attacked = max(len(broken), 1)
+    rate = float(broken.float().mean()) if len(broken) else 0.0
+    out = {"attack": "apgd-ce-100", "success_rate": rate, "passed": True, "masking_suspects": []}
+    for name, r in summary["attacks"].items():
+        pooled = (rate + r["success_rate"]) / 2
+        noise = max(2 * math.sqrt(2 * pooled * (1 - pooled) / attacked), 1 / attacked)
+        if r["success_rate"] > rate + noise:
+            out["masking_suspects"].append(name)
+            out["passed"] = False
+    return out
+
+
+def run_blackbox(cfg: BlackboxConfig, progress=None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Attack the run of ``cfg``; write ``blackbox.json`` and ``blackbox.png``; the summary and paths."""
+    from metarobust.runs import atomic_write_text
+
+    run_cfg, groups = targets(cfg)
+    eps = cfg.eps if cfg.eps is not None else (run_cfg.attack.eps if cfg.norm == "linf" else 0.5)
+    summary = attack_targets(cfg, groups, eps, progress)
+    summary["target"] = cfg.run
+    summary["recipe"] = run_cfg.recipe
+    summary["dataset"] = run_cfg.data.dataset
+    summary["groups"] = len(groups)
+    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent) / "blackbox"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "blackbox.json"
+    atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
+    title = (f"{run_cfg.recipe} on {run_cfg.data.dataset}: {cfg.norm} eps {eps:.3g}, "
+             f"{summary['points']} points, clean acc {100 * summary['clean_acc']:.0f}%")
+    plot = plot_success_vs_queries(summary, out / "blackbox.png", title)
+    return summary, {"json": json_path, "plot": plot}
+
+
+__all__ = ["BlackboxConfig", "attack_targets", "blackbox_headline", "blackbox_table", "load_blackbox_config",
+           "run_blackbox", "targets", "whitebox_check"]
