@@ -13,12 +13,13 @@ LAYERS = [
     ("errors", "registry", "precision", "resources", "compilation"),
     ("config",),
     ("data", "models", "attacks", "runs", "distributed", "plots", "segmentation"),
+    ("blackbox",),  # the oracle and the query attacks (over attacks; its ``run`` is a command, below)
     ("meta",),
     ("training.objectives", "training.optim"),
     ("training.recipes",),
     ("training.data", "training.engine"),
     ("evaluation", "analysis"),
-    ("experiment", "analysis.run_analysis", "seg_experiment"),
+    ("experiment", "analysis.run_analysis", "seg_experiment", "blackbox.run"),
     ("cli", "__main__"),
 ]
 """Bottom to top: a module may import its own layer and the layers below it. ``analysis.run_analysis`` is
