@@ -214,13 +214,7 @@ class APGD:
         ``2 u - 1`` with ``u`` uniform (L-inf), standard normal (L2, L1). The call maps each
         sample's draw into the ball (L-inf/L2: scaled to norm ``eps``, the reference's
         ``normalize``; L1: projected), which needs to know what one sample is, so it waits."""
-        shape = (self.runs, *x.shape)
-        if self.norm == "linf":
-            t = 2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1
-        else:
-            t = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-        # Drawn run-major so that run r gets the numbers the reference draws for restart r.
-        return t.movedim(0, -1)
+        return threat.reference_draws(x, self.norm, self.runs, generator)
 
     # -- geometry ------------------------------------------------------------------------------
     def _start(self, x: torch.Tensor, t: torch.Tensor, eps: float) -> torch.Tensor:

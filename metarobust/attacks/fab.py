@@ -233,12 +233,7 @@ class FAB:
         L-inf: uniform in [-1, 1]; L2 and L1: standard normal, as the reference."""
         if self.restarts == 1:
             return None
-        shape = (self.runs, *x.shape)
-        if self.norm == "linf":
-            t = 2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1
-        else:
-            t = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-        return t.movedim(0, -1)
+        return threat.reference_draws(x, self.norm, self.runs, generator)
 
     def _start(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The reference's random start: ``x + eps * t / ||t|| / 2``, clipped to [0, 1]."""

@@ -297,6 +297,19 @@ def draw_noise(x: torch.Tensor, norm: str, generator: torch.Generator | None = N
     return w.sign() * -torch.log1p(-w.abs().clamp(max=1 - 1e-7))
 
 
+def reference_draws(x: torch.Tensor, norm: str, runs: int, generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """AutoAttack's random-start draws for ``runs`` runs, ``[*x.shape, runs]``: ``2 u - 1`` with
+    ``u`` uniform (L-inf), standard normal (L2, L1). Drawn run-major, so run ``r`` gets the numbers
+    the reference draws for its restart ``r`` (APGD and FAB map them into the ball in the call)."""
+    shape = (runs, *x.shape)
+    if norm == "linf":
+        t = 2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+    else:
+        t = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    return t.movedim(0, -1)
+
+
 def unit_ball_point(noise: torch.Tensor, norm: str) -> torch.Tensor:
     """A point of the unit ``norm`` ball per sample from one restart's raw ``noise [B, ...]``
     (see :func:`draw_noise`); multiply by eps for the eps-ball."""
