@@ -7,13 +7,12 @@ replays of one batch."""
 from __future__ import annotations
 
 from metarobust.segmentation.attacks import SegAttack
-from metarobust.segmentation.prototypes import alignment_loss
 from metarobust.training.recipes.base import register_recipe
-from metarobust.training.recipes.seg_base import SegRecipe
+from metarobust.training.recipes.seg_panet import SegPANet
 
 
 @register_recipe("seg_at_panet", "AT-PANet: PANet with FGSM (eps 0.04) support and query, 3 steps per iteration")
-class SegATPANet(SegRecipe):
+class SegATPANet(SegPANet):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._adv = None
@@ -33,10 +32,4 @@ class SegATPANet(SegRecipe):
             self._adv = (adv_s, adv_q)
         adv_s, adv_q = self._adv
         support_x, query_x = [(None, None), (adv_s, None), (None, adv_q)][ctx.replay]
-        out = self.segment(model, batch, support_x, query_x)
-        loss = self.ce(out, batch)
-        w = self.cfg.seg.align_weight
-        if w:
-            loss = loss + w * alignment_loss(out["query_features"], out["logits"], out["support_features"],
-                                             batch.support_mask, model.scale)
-        return loss, self.stats(out, batch, model)
+        return self.objective(model, batch, support_x, query_x)

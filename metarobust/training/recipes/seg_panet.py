@@ -12,8 +12,12 @@ from metarobust.training.recipes.seg_base import SegRecipe
 @register_recipe("seg_panet", "PANet (Wang et al. 2019): prototype segmentation, CE + prototype alignment")
 class SegPANet(SegRecipe):
     def loss(self, models, batch, ctx):
-        model = models["model"]
-        out = self.segment(model, batch)
+        return self.objective(models["model"], batch)
+
+    def objective(self, model, batch, support_x=None, query_x=None):
+        """PANet's loss on ``batch`` (its support or query replaced by ``support_x``/``query_x``):
+        CE of the query, plus the prototype alignment weighted by ``seg.align_weight``."""
+        out = self.segment(model, batch, support_x, query_x)
         loss = self.ce(out, batch)
         w = self.cfg.seg.align_weight
         if w:
