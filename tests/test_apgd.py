@@ -23,6 +23,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prototype_classifier
 from numerics import float64_copy, vmap_attack_atol
 from pyautoattack import AutoAttack
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted, L1_projection
@@ -59,27 +60,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def trained(one_thread):
     """An accurate MLP with batch norm (eval mode), and 128 fresh test points."""
-    g = torch.Generator().manual_seed(0)
-    prototypes = torch.rand(CLASSES, 1, 8, 8, generator=g)
-
-    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.arange(CLASSES).repeat(n // CLASSES + 1)[:n]
-        return (prototypes[y] + 0.3 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
-
-    x_train, y_train = sample(600)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
-                          nn.Linear(64, CLASSES))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(x_train), y_train).backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    x, y = sample(128)
-    return model, x, y
+    return prototype_classifier(128, CLASSES)
 
 
 def ours(model, x, y, seed=0, **kw):
