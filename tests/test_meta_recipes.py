@@ -299,12 +299,13 @@ def test_shots_study_files_give_a_valid_config_for_every_grid_point(tmp_path):
     sys.modules["shots_study"] = study_module  # its dataclass looks its module up
     spec.loader.exec_module(study_module)
     flags = argparse.Namespace(recipes=None, train_shots="1,5", inner_steps=None, layers=None, iterations=None,
-                               episodes=None, points=None, bootstrap=None, test_shots=None, seed=None, name=None)
+                               episodes=None, points=None, bootstrap=None, test_shots=None, seed=None, name=None,
+                               replicate_seeds=None, cascade_episodes=None)
     for path in sorted((CONFIGS / "meta").glob("shots_study_*.yaml")):
         study, base = study_module.load_study(path, flags)
-        assert study.train_shots == [1, 5] and len(study.inner_steps) >= 2
+        assert study.train_shots == [1, 5] and study.inner_steps
         for recipe in study.recipes:
-            for shots, steps in zip(study.train_shots, study.inner_steps[-2:]):
+            for shots, steps in zip(study.train_shots, study.inner_steps * 2):
                 cfg = study_module.run_config(study, base, recipe, shots, steps, tmp_path, tmp_path / "e.json", [])
                 assert (cfg.meta.train_shots, cfg.meta.inner_steps) == (shots, steps)
                 assert cfg.meta.test_shots == study.test_shots and cfg.train.iterations == study.iterations
