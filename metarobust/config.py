@@ -44,6 +44,8 @@ EPS_8 = 8 / 255
 STEP_2 = 2 / 255
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "piecewise", "cosine", "cyclic")
+SELECTIONS = ("last", "best")
+"""The values of ``at.select``: deploy the last epoch, or the best on the held-out images."""
 NORMS = ("linf", "l2", "l1")
 """The threat models (L-inf, L2, L1 balls), in the order attacks and the harness list them."""
 
@@ -294,8 +296,15 @@ class StandardTrainingConfig:
     """Train on the first ``train_size`` images of a seeded permutation (0: all); for tests and
     CPU-sized runs."""
     holdout: int = 0
-    """Images of the train split held out as a validation set (fast AT's early-stop check; 0: none,
-    the check then uses the epoch's first training batch as in Wong et al.)."""
+    """Images of the train split held out as a validation set (fast AT's early-stop check, FRL's
+    validation, ``select=best``; 0: none, fast AT's check then uses the epoch's first training
+    batch as in Wong et al.)."""
+    select: str = "last"
+    """Which epoch's weights the run deploys: ``last`` (the end of training), or ``best``: after
+    every epoch the model (eval mode) is scored under PGD-10 (the ``attack`` section's norm, eps
+    and step size) on the ``holdout`` images, and the epoch with the highest robust accuracy is
+    written to ``checkpoints/best.pt``, evaluated at the end and by ``metarobust eval`` (Rice et
+    al. 2020's early stopping against robust overfitting; needs ``holdout`` > 0)."""
     beta: float = 6.0
     """Weight of the robust KL term (TRADES, MART: 6; Backward Smoothing's README: 10)."""
     replays: int = 8
@@ -719,6 +728,11 @@ def _check_at(at: StandardTrainingConfig) -> None:
                "a run folder holding checkpoints/last.pt, or a .pt checkpoint file")
     _check(at.train_size >= 0, "at.train_size", at.train_size, "an integer >= 0 (0: all images)")
     _check(at.holdout >= 0, "at.holdout", at.holdout, "an integer >= 0 (0: no held-out images)")
+    _check(at.select in SELECTIONS, "at.select", at.select,
+           "last (the final epoch) or best (the best epoch on the at.holdout images)")
+    _check(at.select != "best" or at.holdout > 0, "at.select", at.select,
+           "last, or best together with held-out images to select on: set at.holdout=1000 (at.holdout is 0; "
+           "never select on the test set)")
     _check(at.beta >= 0, "at.beta", at.beta, "a weight >= 0")
     _check(at.replays >= 1, "at.replays", at.replays, "an integer >= 1 (Free AT's m, e.g. 8)")
     _check(0 < at.early_stop_drop <= 1, "at.early_stop_drop", at.early_stop_drop,
@@ -726,7 +740,7 @@ def _check_at(at: StandardTrainingConfig) -> None:
     _check(at.smoothing_gamma >= 0, "at.smoothing_gamma", at.smoothing_gamma, "a noise scale >= 0")
 
 
-__all__ = ["EPS_8", "NORMS", "OPTIMIZERS", "SCHEDULES", "STEP_2", "OptimConfig", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
+__all__ = ["EPS_8", "NORMS", "OPTIMIZERS", "SCHEDULES", "SELECTIONS", "STEP_2", "OptimConfig", "AttackConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "IDConfig",
            "MetaConfig", "ModelConfig", "StandardTrainingConfig", "TrainConfig", "check_fields",
            "check_output_path", "check_value",
            "config_from_dict", "config_section", "experiment_schema", "parse_config", "to_dict", "to_yaml"]

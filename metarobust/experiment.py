@@ -37,12 +37,12 @@ from metarobust.evaluation.report import render_later_evaluations
 from metarobust.meta.maml import MAML
 from metarobust.models import MIN_IMAGE_SIZES, MODELS, build_model
 from metarobust.models.options import NORMALIZE_CHOICES
-from metarobust.runs import EVAL_DIR, RunDir, RunFolder, load_checkpoint, provenance
+from metarobust.runs import EVAL_DIR, RunDir, RunFolder, load_checkpoint, model_checkpoint, provenance
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
 from metarobust.training.engine import Trainer
 from metarobust.training.optim import describe as describe_optim
 from metarobust.training.optim import resolve_optim
-from metarobust.training.recipes import RECIPES, Recipe, build_recipe
+from metarobust.training.recipes import RECIPES, Recipe, build_recipe, check_recipe
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -71,8 +71,9 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
 def validate(cfg: ExperimentConfig) -> None:
     """The checks that need a registry: the names of the recipe, model, dataset, attacks,
     augmentation, input normalisation and estimators, the model's minimum image size, and the
-    recipe's own :meth:`~metarobust.training.recipes.Recipe.config_check` (every section's field
-    checks ran when the config was parsed)."""
+    recipe's checks (:func:`~metarobust.training.recipes.check_recipe`: the engine options it must
+    support, then its own :meth:`~metarobust.training.recipes.Recipe.config_check`); every
+    section's field checks ran when the config was parsed."""
     recipe = RECIPES.get(cfg.recipe, "recipe")
     MODELS.get(cfg.model.name, "model.name")
     DATASETS.get(cfg.data.dataset, "data.dataset")
@@ -88,7 +89,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for name in cfg.analysis.estimators:
         ESTIMATORS.get(name, "analysis.estimators")
     resolve_optim(cfg.optim, recipe.default_optim(), recipe.epochs(cfg))
-    recipe.config_check(cfg)
+    check_recipe(recipe, cfg)
 
 
 def check_device(device: str) -> None:
@@ -187,7 +188,8 @@ def eval_name(overrides: list[str] | None = None, name: str | None = None) -> st
 
 
 def run_folder_of(path: str | Path) -> RunFolder | None:
-    """The run folder of a run path or of its ``checkpoints/last.pt`` (``None`` for a loose ``.pt``)."""
+    """The run folder of a run path or of its ``checkpoints/last.pt`` or ``best.pt`` (``None`` for
+    a loose ``.pt``)."""
     path = Path(path)
     if path.is_dir():
         return RunFolder(path)
@@ -199,6 +201,8 @@ def run_folder_of(path: str | Path) -> RunFolder | None:
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, name: str | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """``metarobust eval``: score a trained run (or checkpoint) with its config plus ``overrides``.
+    A run folder is scored at its model's checkpoint: ``best.pt`` when it selected its best epoch
+    (``at.select=best``), else ``last.pt``; give ``RUN/checkpoints/last.pt`` to score the last.
     In a run folder, writes ``eval/<name>.json`` (:func:`eval_name`; with the overrides, the
     attack and eval settings, the episodes and provenance) beside the training's ``eval.json`` and
     rewrites ``report.md`` to show them all; the run's ``config.yaml``, checkpoint and lock are
@@ -268,14 +272,15 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
         run = _open_run(cfg, resume, info)
         trainer = Trainer(cfg, run, resume=resume, data=data, progress=progress and info.is_main, dist=info,
                           recipe=recipe)
-        model = trainer.fit().eval()
+        trainer.fit()
+        model = trainer.selected_model().eval()  # at.select=best: the best epoch on the held-out images
         if not info.is_main:
             return None
         extra = {"train_seconds": round(time.perf_counter() - start, 1), "optimizer": describe_optim(trainer.optim),
-                 "stopped": trainer.stopped}
+                 "stopped": trainer.stopped, **selection_summary(cfg, trainer.best)}
         if recipe.evaluation == "fewshot" and not recipe.episodic:
             extra["pretrain_classes"] = data.train.num_classes
-        result = evaluate(cfg, model, recipe, data.test, run, progress=progress, step=trainer.step_count,
+        result = evaluate(cfg, model, recipe, data.test, run, progress=progress, step=trainer.selected_step,
                           extra=extra)
         result.run = str(run.path)
         write_run_report(run, cfg, recipe)
@@ -284,6 +289,18 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
         if run is not None:
             run.close()
         distributed.cleanup(info)
+
+
+def selection_summary(cfg: ExperimentConfig, best: dict[str, float] | None) -> dict[str, Any]:
+    """What ``eval.json`` records of the deployed epoch: ``select`` (``at.select``) and, with
+    ``best``, ``best_epoch`` (from 1), ``best_holdout_robust_acc`` (PGD-10 on the held-out
+    images) and ``holdout`` (their number)."""
+    if RECIPES.get(cfg.recipe, "recipe").episodic:
+        return {}
+    if cfg.at.select != "best" or best is None:
+        return {"select": cfg.at.select}
+    return {"select": "best", "best_epoch": int(best["epoch"]),
+            "best_holdout_robust_acc": best["holdout_robust_acc"], "holdout": cfg.at.holdout}
 
 
 def _open_run(cfg: ExperimentConfig, resume: bool, info: distributed.DistInfo) -> RunDir | None:
@@ -329,10 +346,11 @@ CHECKPOINT_ENTRIES = ("config", "model", "step")
 
 
 def read_run_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint of the run at ``path`` (a run folder or a ``.pt`` file), refused with a
+    """The checkpoint of the run at ``path`` (a run folder: its model's checkpoint,
+    :func:`~metarobust.runs.model_checkpoint`; or a ``.pt`` file), refused with a
     :class:`ConfigError` unless it is one ``metarobust train`` wrote."""
     given = Path(path)
-    file = given / "checkpoints" / "last.pt" if given.is_dir() else given
+    file = model_checkpoint(given) if given.is_dir() else given
     expected = ("expected a run folder (runs/<name>) or its checkpoints/last.pt, as `metarobust train` writes "
                 f"them: a dict with {list(CHECKPOINT_ENTRIES)} entries (model: the weights, config: the run's "
                 f"resolved config)")
@@ -422,6 +440,10 @@ def training_lines(cfg: ExperimentConfig, recipe: Recipe, summary: dict[str, Any
                 f"{summary['optimizer']}, {cfg.train.iterations} iterations", attack]
     lines = [f"- model: {cfg.model.name}; {at.epochs} epochs, batch {at.batch_size}, {summary['optimizer']}, "
              f"amp {at.amp}", attack]
+    if summary.get("best_epoch") is not None:
+        lines.append(f"- deployed epoch: {summary['best_epoch']} of {at.epochs}, the best PGD-10 robust accuracy on "
+                     f"{summary['holdout']} held-out training images ({100 * summary['best_holdout_robust_acc']:.2f} %; "
+                     f"at.select=best)")
     if recipe.evaluation == "fewshot":  # RFS: plain pre-training, then the probe per episode
         lines.append(f"- few-shot evaluation: {summary.get('pretrain_classes')}-way pre-training, then "
                      f"{m.ways}-way {m.test_shots}-shot episodes, logistic regression (C = 1) on L2-normalised "

@@ -7,6 +7,8 @@ provenance, evaluations, report (docs/runs.md).
     runs/<name>/metrics.jsonl      one JSON object per logged step ({"step": ..., "loss": ...})
     runs/<name>/events.out.tfevents.*   TensorBoard scalars (``tensorboard --logdir runs``)
     runs/<name>/checkpoints/last.pt     written atomically (temporary file, then rename)
+    runs/<name>/checkpoints/best.pt     ``at.select=best``: the best epoch on the held-out images
+                                        (same format; the run's model for eval, id, teachers)
     runs/<name>/eval.json          the evaluation at the end of training
     runs/<name>/eval/<name>.json   each later ``metarobust eval`` (its attack, manifest, intervals)
     runs/<name>/report.md          a short human summary of all of them
@@ -43,6 +45,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 CHECKPOINT = "last.pt"
+BEST = "best.pt"
+"""The checkpoint of the epoch ``at.select=best`` selected (same format as ``last.pt``, which stays
+the one training resumes from)."""
 LOCK = "run.lock"
 PROVENANCE = "provenance.json"
 EVAL_DIR = "eval"
@@ -114,6 +119,7 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.checkpoint_path = self.path / "checkpoints" / CHECKPOINT
+        self.best_path = self.path / "checkpoints" / BEST
 
     @property
     def metrics_path(self) -> Path:
@@ -234,6 +240,10 @@ class RunDir(RunFolder):
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
 
+    def save_best(self, state: dict[str, Any]) -> None:
+        """Write the selected epoch's checkpoint (``checkpoints/best.pt``) atomically."""
+        atomic_write_bytes(self.best_path, lambda f: torch.save(state, f))
+
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """The checkpoint; on resume, the one already read to compare configs (read once)."""
         if self._state is not None:
@@ -323,6 +333,7 @@ def clean_outputs(folder: Path) -> None:
     ``eval/``) so that nothing is appended to them."""
     for name in RUN_OUTPUTS:
         (folder / name).unlink(missing_ok=True)
+    (folder / "checkpoints" / BEST).unlink(missing_ok=True)  # a killed attempt's selection
     for p in folder.glob("events.out.tfevents.*"):
         p.unlink()
     shutil.rmtree(folder / EVAL_DIR, ignore_errors=True)
@@ -417,11 +428,20 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def model_checkpoint(folder: str | Path) -> Path:
+    """The checkpoint holding a run folder's model: ``checkpoints/best.pt`` when the run selected
+    its best epoch (``at.select=best``), else ``checkpoints/last.pt``."""
+    best = Path(folder) / "checkpoints" / BEST
+    return best if best.is_file() else Path(folder) / "checkpoints" / CHECKPOINT
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only). A run
+    folder gives its model's checkpoint (:func:`model_checkpoint`: ``best.pt`` when the run
+    selected one, else ``last.pt``); resuming reads ``last.pt`` itself (:class:`RunDir`)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / CHECKPOINT
+        path = model_checkpoint(path)
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}; give a run folder (runs/<name>) or a .pt file")
     try:
@@ -430,6 +450,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["CHECKPOINT", "RESUME_APPLIED", "RUN_OUTPUTS", "RunDir", "RunFolder", "acquire_lock", "atomic_write_bytes",
-           "atomic_write_text", "clean_outputs", "git_commit", "load_checkpoint", "provenance", "release_lock",
+__all__ = ["BEST", "CHECKPOINT", "RESUME_APPLIED", "RUN_OUTPUTS", "RunDir", "RunFolder", "acquire_lock", "atomic_write_bytes",
+           "atomic_write_text", "clean_outputs", "git_commit", "load_checkpoint", "model_checkpoint", "provenance", "release_lock",
            "remove_temporary_files", "resume_changes"]

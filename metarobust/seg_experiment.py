@@ -26,7 +26,7 @@ from metarobust.runs import RunDir, atomic_write_text, load_checkpoint
 from metarobust.training.data import TrainingData, resolve_device
 from metarobust.training.engine import Trainer
 from metarobust.training.optim import resolve_optim
-from metarobust.training.recipes import RECIPES, build_recipe
+from metarobust.training.recipes import RECIPES, build_recipe, check_recipe
 from metarobust.training.recipes.seg_base import SegRecipe
 
 
@@ -39,7 +39,7 @@ def load_seg_config(path: str | Path | None = None, overrides: list[str] | None 
         raise ConfigError(f"recipe={cfg.recipe!r} is not a segmentation recipe; choose one of "
                           f"{[n for n in RECIPES.names() if n.startswith('seg_')]}")
     resolve_optim(cfg.optim, recipe.default_optim(), recipe.epochs(cfg))
-    recipe.config_check(cfg)
+    check_recipe(recipe, cfg)
     return cfg
 
 

@@ -13,7 +13,7 @@ from metarobust.config import ExperimentConfig
 from metarobust.evaluation.harness import SUITE_NAMES
 
 HEADLINE = ("run", "recipe", "dataset", "suite", "norm", "eps", "step", "episodes", "points", "clean_acc",
-            "clean_ci95", "robust_acc", "robust_ci95", "after", "train_seconds", "stopped")
+            "clean_ci95", "robust_acc", "robust_ci95", "after", "train_seconds", "stopped", "best_epoch")
 """Keys of the JSON headline, in order (those a summary has and that are not ``None``)."""
 
 

@@ -8,7 +8,7 @@ Per step::
         set lr = lr_at(optim, t)                   # every optimizer step (a closed form of t)
         loss, stats = recipe.backward(models, batch, ctx)   # under autocast; meta: per task
         recipe.after_backward(...); all-reduce (meta under torchrun); scaler.step(optimizer)
-    after an epoch's last batch: recipe.on_epoch_end(trainer)
+    after an epoch's last batch: recipe.on_epoch_end(trainer); at.select=best: score the epoch
 
 The trainer owns what every recipe shares: the models of the recipe's roles (built from
 ``cfg.model`` with a seeded, RNG-isolated initialisation, loaded from checkpoints, dual-BN,
@@ -18,8 +18,10 @@ with a GradScaler), metrics accumulated on the device and read on the host only 
 ``train.log_every`` steps, the run folder (metrics.jsonl, TensorBoard), atomic checkpoints every
 ``train.checkpoint_every`` steps (models, optimizer, scaler, sampler, every rank's noise
 generator, the recipe's state), exact resume (a resumed run reaches the parameters of an
-uninterrupted one), and the stop on a non-finite loss or parameter (:class:`TrainingDiverged`,
-the last good checkpoint left untouched).
+uninterrupted one), the stop on a non-finite loss or parameter (:class:`TrainingDiverged`,
+the last good checkpoint left untouched), and the choice of the deployed epoch (``at.select``):
+``best`` scores every epoch of a plain recipe on the held-out images (:meth:`Trainer.select`) and
+keeps the best in ``checkpoints/best.pt``.
 
 Under ``torchrun`` (:mod:`metarobust.distributed`) plain recipes train DDP-wrapped models on
 disjoint slices of each global batch; meta recipes split each meta-batch's tasks across the ranks
@@ -35,17 +37,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from metarobust import compilation, distributed
+from metarobust.attacks import build_attack
 from metarobust.config import ExperimentConfig, to_dict
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import to_float
@@ -55,11 +59,16 @@ from metarobust.models import convert_dual_bn
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, load_training_data, resolve_device
 from metarobust.training.optim import build_optimizer, lr_at, resolve_optim
-from metarobust.training.recipes import Models, Recipe, StepContext, build_recipe
+from metarobust.training.recipes import Models, Recipe, StepContext, bn_mode, build_recipe
 
 Callback = Callable[[int, dict[str, float]], None]
 NOISE_RANK_STRIDE = 7919
 """Plain recipes: rank r draws attack noise from ``seed + 1 + 7919 r`` (independent streams)."""
+SELECT_STEPS = 10
+"""``at.select=best`` scores each epoch under PGD-10 (the ``attack`` section's norm, eps, step size)."""
+CHECK_CHUNK = 512
+"""Held-out images attacked together by :meth:`Trainer.robust_accuracy` (eval mode: the chunking
+changes no prediction, only the memory an attack needs)."""
 
 
 class Trainer:
@@ -109,6 +118,10 @@ class Trainer:
         self._generator_states: list[torch.Tensor] | None = None
         self.checkpoint_step: int | None = None
         """The step of the last checkpoint written or resumed from (``None``: none yet)."""
+        self.best: dict[str, float] | None = None
+        """``at.select=best``: ``{"epoch", "step", "holdout_robust_acc"}`` of the best epoch so far
+        (checkpointed: a resumed run keeps it); ``None`` before the first epoch ends."""
+        self._best_weights: dict[str, torch.Tensor] | None = None
         self._interrupted = False
         if resume:
             if run is None:
@@ -200,6 +213,76 @@ class Trainer:
     def all_mean(self, value: torch.Tensor) -> torch.Tensor:
         return distributed.all_mean(value, self.dist)
 
+    def robust_accuracy(self, attack: Callable, model: torch.nn.Module | None = None,
+                        batch: EpisodeBatch | None = None, seed: int | None = None) -> float:
+        """Accuracy of ``model`` (default: the deployed model, :attr:`model`) in eval mode under
+        ``attack`` on ``batch`` (default :meth:`check_batch`: the held-out images), attacked
+        :data:`CHECK_CHUNK` images at a time with random starts drawn from a generator seeded with
+        ``seed`` (default ``cfg.seed``); the mean over the ranks, so every rank takes the same
+        decision. Fast AT's early stop and ``at.select=best`` both score with it."""
+        batch = self.check_batch() if batch is None else batch
+        model = self.model if model is None else model
+        x, y = batch.x, batch.y
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(self.cfg.seed if seed is None else seed)
+        correct = torch.zeros((), device=x.device)
+        with bn_mode(model, "eval"), self.autocast():
+            for start in range(0, len(y), CHECK_CHUNK):
+                xc, yc = x[start:start + CHECK_CHUNK], y[start:start + CHECK_CHUNK]
+                x_adv = attack(model, xc, yc, noise=attack.init_noise(xc, generator))
+                with torch.no_grad():
+                    correct += (model(x_adv).argmax(dim=-1) == yc).sum()
+        return float(self.all_mean(correct / len(y)))
+
+    # -- the deployed epoch (at.select) ---------------------------------------------------------
+    @property
+    def selects_best(self) -> bool:
+        """Whether this run selects its best epoch on the held-out images (``at.select=best``;
+        plain recipes only)."""
+        return self.cfg.at.select == "best" and not self.recipe.episodic
+
+    def select(self) -> dict[str, float]:
+        """Score the epoch that just ended for ``at.select=best``: PGD-10 (the ``attack``
+        section's norm, eps, step size and random start; one restart) on the held-out images,
+        the deployed model in eval mode, the same noise every epoch (``cfg.seed``), so epochs
+        differ only by their weights. A strictly better epoch (ties keep the earlier one) becomes
+        the best: its checkpoint is written to ``checkpoints/best.pt`` (the format of ``last.pt``)
+        and its deployed weights kept for :meth:`selected_model`. Returns the metrics to log."""
+        if self.data.holdout is None:
+            raise ConfigError("at.select=best needs held-out images to select on: set at.holdout=1000 "
+                              "(at.holdout is 0; never select on the test set)")
+        attack = build_attack(replace(self.cfg.attack, name="pgd", steps=SELECT_STEPS, restarts=1))
+        acc = self.robust_accuracy(attack)
+        epoch = self.step_count // self.steps_per_epoch
+        if self.best is None or acc > self.best["holdout_robust_acc"]:
+            self.best = {"epoch": epoch, "step": self.step_count, "holdout_robust_acc": acc}
+            self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.run is not None and self.dist.is_main:
+                self.run.save_best(self.state_dict())
+        return {"holdout_robust_acc": acc, "best_epoch": float(self.best["epoch"]),
+                "best_holdout_robust_acc": self.best["holdout_robust_acc"]}
+
+    @property
+    def selected_step(self) -> int:
+        """The training step of the deployed weights: the best epoch's last step with
+        ``at.select=best``, else the current step."""
+        return int(self.best["step"]) if self.selects_best and self.best is not None else self.step_count
+
+    def selected_model(self) -> torch.nn.Module:
+        """The model the run deploys: the last weights (:attr:`model`), or with ``at.select=best``
+        a copy holding the best epoch's weights (kept in memory, or read from ``best.pt`` when the
+        best epoch came before a resume)."""
+        if not self.selects_best or self.best is None:
+            return self.model
+        weights = self._best_weights
+        if weights is None:
+            if self.run is None or not self.run.best_path.is_file():
+                raise RuntimeError("the best epoch's weights are neither in memory nor in a run folder's best.pt")
+            weights = load_checkpoint(self.run.best_path, self.device)["model"]
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(weights)
+        return model
+
     def stop(self, reason: str) -> None:
         """End training after the current step; the reason is saved with the checkpoint."""
         self.stopped = reason
@@ -249,6 +332,8 @@ class Trainer:
             self._pending.update(self.recipe.on_epoch_end(self) or {})
             if not self.recipe.episodic:
                 self._pending["epoch"] = float(self.step_count // self.steps_per_epoch)
+            if self.selects_best:
+                self._pending.update(self.select())
         out, self._pending = self._pending, {}
         return out or None
 
@@ -381,6 +466,7 @@ class Trainer:
             "generators": self._generator_states or [self.generator.get_state()],
             "recipe": self.recipe.state_dict(),
             "stopped": self.stopped,
+            "selection": self.best,
             "first_batch": None if first is None else {f.name: getattr(first, f.name) for f in fields(first)},
             "data": {"num_classes": self.recipe.head_size(train), "in_channels": train.image_shape[0],
                      "image_size": train.image_shape[-1], "class_names": list(train.class_names)},
@@ -401,6 +487,7 @@ class Trainer:
         self.generator.set_state(generators[self.dist.rank % len(generators)])
         self.recipe.load_state_dict(_to_device(state["recipe"], self.device))
         self.stopped = state["stopped"]
+        self.best = state.get("selection")  # absent from checkpoints written before at.select
         first = state["first_batch"]
         if first is not None:
             batch_type = getattr(self.sampler, "batch_type", EpisodeBatch)  # segmentation: SegEpisodeBatch

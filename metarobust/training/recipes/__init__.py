@@ -23,6 +23,7 @@ from metarobust.training.recipes.base import (
     TrainerView,
     bn_mode,
     build_recipe,
+    check_recipe,
     register_recipe,
 )
 
@@ -32,4 +33,4 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["RECIPES", "MetaRecipe", "Models", "Recipe", "Role", "StepContext", "TrainerView", "bn_mode",
-           "build_recipe", "register_recipe"]
+           "build_recipe", "check_recipe", "register_recipe"]

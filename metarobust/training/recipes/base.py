@@ -188,6 +188,12 @@ class TrainerView(Protocol):
     def stop(self, reason: str) -> None:
         """End training after this epoch (the run records ``reason``)."""
 
+    def robust_accuracy(self, attack: Callable, model: nn.Module | None = None, batch: EpisodeBatch | None = None,
+                        seed: int | None = None) -> float:
+        """Accuracy of ``model`` (default: the deployed model) in eval mode under ``attack`` on
+        ``batch`` (default :meth:`check_batch`), noise seeded with ``seed`` (default
+        ``cfg.seed``), averaged over the ranks."""
+
     def all_mean(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` averaged over the ranks of a distributed run (itself otherwise): decisions
         taken in hooks must agree on every rank."""
@@ -536,12 +542,22 @@ def register_recipe(name: str, description: str) -> Callable[[type[Recipe]], typ
     return decorator
 
 
+def check_recipe(cls: type[Recipe], cfg: ExperimentConfig) -> None:
+    """The engine options a recipe must support (``at.select=best``: a plain classifier), then the
+    recipe's own :meth:`Recipe.config_check`; a :class:`ConfigError` before any work."""
+    if cfg.at.select == "best" and (cls.episodic or cls.evaluation != "classifier"):
+        raise ConfigError(f"at.select=best with recipe {cls.name!r}: the best epoch is selected by the robust "
+                          f"accuracy of a plain classifier on held-out images of its training classes, and "
+                          f"{cls.name!r} is scored on few-shot episodes; use at.select=last")
+    cls.config_check(cfg)
+
+
 def build_recipe(cfg: ExperimentConfig) -> Recipe:
     """The recipe object of ``cfg.recipe`` (its checks run first)."""
     cls = RECIPES.get(cfg.recipe, "recipe")
-    cls.config_check(cfg)
+    check_recipe(cls, cfg)
     return cls(cfg)
 
 
 __all__ = ["RECIPES", "MetaRecipe", "Models", "Recipe", "Role", "StepContext", "Stats", "TrainerView",
-           "bn_mode", "build_recipe", "register_recipe", "resolve_augment"]
+           "bn_mode", "build_recipe", "check_recipe", "register_recipe", "resolve_augment"]

@@ -18,7 +18,6 @@ from metarobust.training.recipes.base import (
     Stats,
     StepContext,
     TrainerView,
-    bn_mode,
     register_recipe,
 )
 
@@ -62,19 +61,12 @@ class FastAT(Recipe):
         return F.cross_entropy(logits, batch.y), {"adv_acc": accuracy(logits, batch.y)}
 
     def check_accuracy(self, trainer: TrainerView) -> float:
-        """PGD-5 robust accuracy of the deployed model on the check batch (all ranks agree)."""
-        batch = trainer.check_batch()
-        model = trainer.models.raw["model"]
+        """PGD-5 robust accuracy of the trained model (eval mode) on the check batch (all ranks
+        agree; :meth:`Trainer.robust_accuracy`, which ``at.select=best`` scores with too)."""
         # Wong et al.'s early-stop check is a fixed PGD-5, whatever the training attack.
         attack = self.train_attack(name="pgd", step_size=CHECK_STEP_SIZE, steps=CHECK_STEPS, random_start=True,
                                    restarts=1)
-        generator = torch.Generator(device=batch.x.device)
-        generator.manual_seed(self.cfg.seed + trainer.epoch)
-        with bn_mode(model, "eval"), trainer.autocast():
-            x_adv = attack(model, batch.x, batch.y, noise=attack.init_noise(batch.x, generator))
-            with torch.no_grad():
-                correct = (model(x_adv).argmax(dim=-1) == batch.y).float().mean()
-        return float(trainer.all_mean(correct))
+        return trainer.robust_accuracy(attack, model=trainer.models.raw["model"], seed=self.cfg.seed + trainer.epoch)
 
     def on_epoch_end(self, trainer: TrainerView) -> dict[str, float] | None:
         if not self.at.early_stop:
