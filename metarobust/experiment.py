@@ -440,6 +440,9 @@ def training_lines(cfg: ExperimentConfig, recipe: Recipe, summary: dict[str, Any
                 f"{summary['optimizer']}, {cfg.train.iterations} iterations", attack]
     lines = [f"- model: {cfg.model.name}; {at.epochs} epochs, batch {at.batch_size}, {summary['optimizer']}, "
              f"amp {at.amp}", attack]
+    awp = getattr(cfg, "awp", None)
+    if awp is not None and awp.gamma > 0:
+        lines.append(f"- AWP (Wu et al. 2020): gamma {awp.gamma:g}, from epoch {awp.warmup + 1}")
     if summary.get("best_epoch") is not None:
         lines.append(f"- deployed epoch: {summary['best_epoch']} of {at.epochs}, the best PGD-10 robust accuracy on "
                      f"{summary['holdout']} held-out training images ({100 * summary['best_holdout_robust_acc']:.2f} %; "

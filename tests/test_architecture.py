@@ -15,7 +15,7 @@ LAYERS = [
     ("data", "models", "attacks", "runs", "distributed", "plots", "segmentation"),
     ("blackbox",),  # the oracle and the query attacks (over attacks; its ``run`` is a command, below)
     ("meta",),
-    ("training.objectives", "training.optim"),
+    ("training.objectives", "training.optim", "training.awp"),
     ("training.recipes",),
     ("training.data", "training.engine"),
     ("evaluation", "analysis"),

@@ -8,6 +8,7 @@ Per step::
         set lr = lr_at(optim, t)                   # every optimizer step (a closed form of t)
         loss, stats = recipe.backward(models, batch, ctx)   # under autocast; meta: per task
         recipe.after_backward(...); all-reduce (meta under torchrun); scaler.step(optimizer)
+        recipe.after_step(...)                     # AWP: the weight perturbation is taken off
     after an epoch's last batch: recipe.on_epoch_end(trainer); at.select=best: score the epoch
 
 The trainer owns what every recipe shares: the models of the recipe's roles (built from
@@ -315,7 +316,7 @@ class Trainer:
                 group["lr"] = self.lr
             ctx = StepContext(update, self.epoch, update / total_updates, replay, self.generator,
                               self.num_classes, self.autocast, self.scaler.scale, self.dist.rank,
-                              self.dist.world_size)
+                              self.dist.world_size, self.all_mean)
             self.optimizer.zero_grad(set_to_none=True)
             loss, stats = self.recipe.backward(self.models, batch, ctx)
             self.recipe.after_backward(self.models, batch, ctx)
@@ -323,6 +324,7 @@ class Trainer:
                 distributed.average_gradients(self._trainable_parameters(), self.dist)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.recipe.after_step(self.models, batch, ctx)
         self.step_count += 1
         return loss, stats
 

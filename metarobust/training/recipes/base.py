@@ -32,8 +32,12 @@ A recipe names its pieces (``shared/ARCHITECTURE.md``):
   :meth:`Recipe.attack` in the recipe's BatchNorm mode (:attr:`Recipe.attack_bn`, overridable
   with ``at.attack_bn``); noise comes from ``ctx.generator`` (checkpointed: a resumed run draws
   the same perturbations).
+- **adversarial inputs, then objective** (:meth:`Recipe.inputs`, :meth:`Recipe.objective`): a
+  recipe that writes its loss in these two halves (PGD-AT, TRADES, LTD) gets Adversarial Weight
+  Perturbation (``awp.gamma``, :mod:`metarobust.training.awp`) from the base class: the weights
+  are perturbed between the two, and restored after the optimizer step (:meth:`after_step`).
 - **hooks and state**: :attr:`Recipe.replays` optimizer steps per batch (Free AT),
-  :meth:`after_backward` (input gradients before the step), :meth:`on_epoch_start` /
+  :meth:`after_backward` (input gradients before the step), :meth:`after_step`, :meth:`on_epoch_start` /
   :meth:`on_epoch_end` (FRL's multipliers, Fast AT's early stop), :meth:`state_dict` (anything
   carried across steps, so that resume is exact).
 
@@ -47,11 +51,15 @@ has a worked example). PGD-AT, the whole recipe::
 
     @register_recipe("pgd_at", "PGD-AT (Madry et al. 2018): CE on PGD examples")
     class PGDAT(Recipe):
-        def loss(self, models, batch, ctx):
+        supports_awp = True
+
+        def inputs(self, models, batch, ctx):
             attack = self.train_attack()
-            x_adv = self.attack(models.raw["model"], attack, batch.x, batch.y,
-                                noise=attack.init_noise(batch.x, ctx.generator))
-            logits = models["model"](x_adv)
+            return self.attack(models.raw["model"], attack, batch.x, batch.y,
+                               noise=attack.init_noise(batch.x, ctx.generator))
+
+        def objective(self, forward, batch, x_adv):
+            logits = forward(x_adv)
             return F.cross_entropy(logits, batch.y), {"adv_acc": accuracy(logits, batch.y)}
 """
 
@@ -84,6 +92,7 @@ from metarobust.meta.maml import MAML, adapted_names
 from metarobust.models import build_model
 from metarobust.models.dual_bn import strip_aux_bn
 from metarobust.registry import Registry
+from metarobust.training.awp import WeightPerturbation
 
 Stats = dict[str, torch.Tensor]
 
@@ -128,6 +137,8 @@ class StepContext:
         autocast: ``() -> context``: the configured mixed precision (``at.amp``) for forwards.
         scale: ``loss -> loss`` before ``backward`` (the fp16 GradScaler; identity otherwise).
         rank, world_size: this process among the ``torchrun`` group (0 and 1 alone).
+        all_mean: ``tensor -> tensor`` averaged over the ranks (identity alone): AWP's proxy
+            gradient, so every rank perturbs its weights alike.
     """
 
     step: int
@@ -140,6 +151,7 @@ class StepContext:
     scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
     rank: int = 0
     world_size: int = 1
+    all_mean: Callable[[torch.Tensor], torch.Tensor] = lambda value: value
 
 
 class Models(Mapping[str, nn.Module]):
@@ -231,6 +243,8 @@ class Recipe:
     Class attributes:
         name: the registry name (set by :func:`register_recipe`).
         episodic: trained on N-way K-shot episodes (meta-learning) rather than mini-batches.
+        supports_awp: writes its loss as :meth:`inputs` + :meth:`objective`, so ``awp.gamma > 0``
+            perturbs its ``"model"`` between the two (:mod:`metarobust.training.awp`).
         evaluation: ``"classifier"`` (the test split has the training classes: scored image by
             image) or ``"fewshot"`` (held-out classes: adapted and scored per frozen episode).
         attack_bn: BatchNorm mode while the training attack runs (``at.attack_bn=auto``).
@@ -243,6 +257,7 @@ class Recipe:
     episodic: ClassVar[bool] = False
     evaluation: ClassVar[str] = "classifier"
     attack_bn: ClassVar[str] = "train"
+    supports_awp: ClassVar[bool] = False
     divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none)"
     """Appended to the error raised when training diverges."""
 
@@ -250,6 +265,9 @@ class Recipe:
         self.cfg = cfg
         self.at = cfg.at
         self.bn = self.attack_bn if cfg.at.attack_bn == "auto" else cfg.at.attack_bn
+        awp = getattr(cfg, "awp", None)
+        self.awp = WeightPerturbation(awp.gamma, awp.warmup) if awp is not None and awp.gamma > 0 else None
+        """AWP (``awp.gamma > 0``; recipes with :attr:`supports_awp`), else ``None``."""
 
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
@@ -335,7 +353,29 @@ class Recipe:
         """The training loss of one batch (a scalar to back-propagate) and 0-dim statistics
         (never synchronised with the host here). Called under the configured autocast, with every
         trainable model in train mode. Plain recipes read ``batch.x [B, C, H, W]`` in [0, 1],
-        ``batch.y [B]`` and ``batch.index [B]`` (store positions, for per-sample state)."""
+        ``batch.y [B]`` and ``batch.index [B]`` (store positions, for per-sample state).
+
+        Default: :meth:`objective` of ``models["model"]`` on :meth:`inputs`; with AWP on (and past
+        its warm-up), the model's weights are perturbed in between, against that same objective
+        (:class:`~metarobust.training.awp.WeightPerturbation`), and :meth:`after_step` takes the
+        perturbation off after the optimizer step."""
+        inputs = self.inputs(models, batch, ctx)
+        if self.awp is not None:
+            self.awp.perturb(models.modules["model"], lambda forward: self.objective(forward, batch, inputs)[0], ctx)
+        return self.objective(models["model"], batch, inputs)
+
+    def inputs(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> Any:
+        """What :meth:`objective` scores one batch on, made before any weight is perturbed: the
+        adversarial inputs ``[B, C, H, W]`` (detached), and anything else the recipe needs from
+        other models (LTD: the teacher's soft labels). Recipes that override :meth:`loss` whole
+        need not write it (they take no AWP)."""
+        raise NotImplementedError(f"recipe {self.name!r} implements neither loss() nor inputs() + objective()")
+
+    def objective(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: EpisodeBatch,
+                  inputs: Any) -> tuple[torch.Tensor, Stats]:
+        """The training loss of the model ``forward`` (``x [B, C, H, W] -> logits [B, K]``, in
+        train mode: ``models["model"]``, or AWP's proxy) on what :meth:`inputs` made, and 0-dim
+        statistics."""
         raise NotImplementedError
 
     def backward(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
@@ -348,6 +388,12 @@ class Recipe:
 
     def after_backward(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> None:
         """Called after ``backward`` and before the optimizer step (gradients are live)."""
+
+    def after_step(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> None:
+        """Called after the optimizer step. Default: take AWP's perturbation off the weights,
+        keeping the optimizer's update (:meth:`WeightPerturbation.restore`)."""
+        if self.awp is not None:
+            self.awp.restore(models.modules["model"])
 
     def on_epoch_start(self, trainer: TrainerView) -> dict[str, float] | None:
         """Called before each epoch's first batch; may return metrics to log."""
@@ -543,8 +589,14 @@ def register_recipe(name: str, description: str) -> Callable[[type[Recipe]], typ
 
 
 def check_recipe(cls: type[Recipe], cfg: ExperimentConfig) -> None:
-    """The engine options a recipe must support (``at.select=best``: a plain classifier), then the
-    recipe's own :meth:`Recipe.config_check`; a :class:`ConfigError` before any work."""
+    """The engine options a recipe must support (``awp.gamma > 0``: :attr:`Recipe.supports_awp`;
+    ``at.select=best``: a plain classifier), then the recipe's own :meth:`Recipe.config_check`;
+    a :class:`ConfigError` before any work."""
+    awp = getattr(cfg, "awp", None)
+    if awp is not None and awp.gamma > 0 and not cls.supports_awp:
+        takers = [name for name in RECIPES.names() if getattr(RECIPES.get(name), "supports_awp", False)]
+        raise ConfigError(f"awp.gamma={awp.gamma} with recipe {cls.name!r}: AWP perturbs the weights of recipes "
+                          f"written as adversarial inputs + objective, which are {takers}; set awp.gamma=0")
     if cfg.at.select == "best" and (cls.episodic or cls.evaluation != "classifier"):
         raise ConfigError(f"at.select=best with recipe {cls.name!r}: the best epoch is selected by the robust "
                           f"accuracy of a plain classifier on held-out images of its training classes, and "

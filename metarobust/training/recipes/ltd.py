@@ -7,6 +7,7 @@ no training code; the temperatures and which terms take soft labels are [R]
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -106,8 +107,11 @@ class LTD(Recipe):
     softens is unverified). Attack: TRADES' KL-PGD (eval mode, start ``x + 0.001 N(0, I)``).
     ``at.beta`` = 6.
 
-    Not included: AWP (the released LTD models were trained inside a TRADES-AWP codebase); this is
-    LTD on plain TRADES. The teacher's architecture is read from its checkpoint's config.
+    AWP (``awp.gamma``): the released LTD models were trained inside a TRADES-AWP codebase, so
+    ``awp.gamma=0.005 awp.warmup=9`` (TRADES-AWP's defaults; LTD's own are unknown [?]) perturbs
+    the student's weights against this same loss before each step (:mod:`metarobust.training.awp`);
+    off by default, LTD on plain TRADES. The teacher's architecture is read from its
+    checkpoint's config.
 
     Example:
         >>> cfg = load_config("configs/at/cifar10_ltd.yaml", ["ltd.teacher=runs/cifar10_trades"])
@@ -115,6 +119,7 @@ class LTD(Recipe):
     """
 
     attack_bn = "eval"
+    supports_awp = True
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -148,23 +153,28 @@ class LTD(Recipe):
         with bn_mode(teacher, "eval"), torch.no_grad():
             return F.softmax(teacher(x).float() / self.tau_t, dim=-1)
 
-    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
-        x, y = batch.x, batch.y
+    def inputs(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q [B, K], x_adv [B, C, H, W])``: the teacher's soft labels of the clean images and
+        the KL-PGD examples against the tempered student."""
+        x = batch.x
         q = self.soft_labels(models, x)
         raw = Tempered(models.raw["model"], self.tau_s)
         with bn_mode(raw, self.bn), torch.no_grad():
             target = F.log_softmax(raw(x).float(), dim=-1)
         attack = self.train_attack()
         noise = gaussian_start(x, TRADES_START_SIGMA, self.cfg.train_attack.eps, ctx.generator)
-        x_adv = self.attack(raw, attack, x, target, kl_from_clean, noise)
-        student = models["model"]
-        clean = student(x).float() / self.tau_s
-        adv = student(x_adv).float() / self.tau_s
+        return q, self.attack(raw, attack, x, target, kl_from_clean, noise)
+
+    def objective(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: EpisodeBatch,
+                  inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        q, x_adv = inputs
+        clean = forward(batch.x).float() / self.tau_s
+        adv = forward(x_adv).float() / self.tau_s
         soft = soft_cross_entropy(q, clean)
         robust = trades_kl(clean, adv)
         return soft + self.at.beta * robust, {
-            "clean_acc": accuracy(clean, y), "adv_acc": accuracy(adv, y), "soft_ce": soft.detach(),
-            "kl": robust.detach(), "teacher_acc": accuracy(q, y)}
+            "clean_acc": accuracy(clean, batch.y), "adv_acc": accuracy(adv, batch.y), "soft_ce": soft.detach(),
+            "kl": robust.detach(), "teacher_acc": accuracy(q, batch.y)}
 
     def deployed(self, models: Models) -> nn.Module:
         """The student with ``1 / tau_S`` folded into its last layer (itself when ``tau_S = 1``)."""

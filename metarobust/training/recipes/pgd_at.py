@@ -3,6 +3,8 @@ Attacks", ICLR 2018, arXiv 1706.06083)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -20,16 +22,24 @@ class PGDAT(Recipe):
     The attack runs with BatchNorm in train mode, as Madry's TF code and Rice et al.'s PyTorch code
     (``at.attack_bn=eval`` changes it). Only the adversarial batch is trained on.
 
+    AWP (``awp.gamma``; AT-AWP, Wu et al. 2020: gamma 0.01, no warm-up): the weights are perturbed
+    against this CE on the PGD examples before the step (:mod:`metarobust.training.awp`).
+
     Example:
         >>> cfg = load_config("configs/at/cifar10_pgd_at.yaml")
         >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "train"
+    supports_awp = True
 
-    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    def inputs(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> torch.Tensor:
+        """The PGD examples ``[B, C, H, W]`` against the current model."""
         attack = self.train_attack()
-        x_adv = self.attack(models.raw["model"], attack, batch.x, batch.y,
-                            noise=attack.init_noise(batch.x, ctx.generator))
-        logits = models["model"](x_adv)
+        return self.attack(models.raw["model"], attack, batch.x, batch.y,
+                           noise=attack.init_noise(batch.x, ctx.generator))
+
+    def objective(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: EpisodeBatch,
+                  x_adv: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        logits = forward(x_adv)
         return F.cross_entropy(logits, batch.y), {"adv_acc": accuracy(logits, batch.y)}

@@ -3,6 +3,8 @@ Robustness and Accuracy", ICML 2019, arXiv 1901.08573; code ``yaodongyu/TRADES``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -37,12 +39,17 @@ class TRADES(Recipe):
     statistics), the clean branch not detached. ``at.beta`` = 6 (the paper's CIFAR-10 value; the
     README recommends 1..10).
 
+    TRADES-AWP (``awp.gamma``; Wu et al. 2020's ``trades_AWP``: gamma 0.005, ``awp.warmup=9``):
+    the weights are perturbed against this same loss on the KL-PGD examples before the step, as
+    the reference's ``TradesAWP.calc_awp`` (:mod:`metarobust.training.awp`).
+
     Example:
         >>> cfg = load_config("configs/at/cifar10_trades.yaml", ["at.beta=1"])
         >>> model = Trainer(cfg).fit()
     """
 
     attack_bn = "eval"
+    supports_awp = True
 
     def adversarial(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> torch.Tensor:
         raw = models.raw["model"]
@@ -51,11 +58,14 @@ class TRADES(Recipe):
         noise = gaussian_start(batch.x, TRADES_START_SIGMA, self.cfg.train_attack.eps, ctx.generator)
         return self.attack(raw, attack, batch.x, target, kl_from_clean, noise)
 
-    def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
-        x_adv = self.adversarial(models, batch, ctx)
-        model = models["model"]
-        clean_logits = model(batch.x)
-        adv_logits = model(x_adv)
+    def inputs(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> torch.Tensor:
+        """The KL-PGD examples ``[B, C, H, W]``."""
+        return self.adversarial(models, batch, ctx)
+
+    def objective(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: EpisodeBatch,
+                  x_adv: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        clean_logits = forward(batch.x)
+        adv_logits = forward(x_adv)
         natural = F.cross_entropy(clean_logits, batch.y)
         robust = trades_kl(clean_logits, adv_logits)
         return natural + self.at.beta * robust, {
