@@ -52,7 +52,7 @@ from torch.func import vmap
 from metarobust.attacks import build_attack
 from metarobust.config import AttackConfig, ExperimentConfig
 from metarobust.errors import ConfigError
-from metarobust.evaluation.result import CheckResult, EvalResult, binomial_ci95, mean_ci95
+from metarobust.evaluation.result import CheckResult, EvalResult, binomial_ci95, encode_verdicts, mean_ci95
 from metarobust.meta.functional import FunctionalForward, Params
 from metarobust.models.layers import TaskBatchNorm2d
 
@@ -415,6 +415,7 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
     attacks = [(name, build_attack(c)) for name, c in configs]
     counts = {"clean": 0, "robust": 0, **{name: 0 for name, _ in attacks}}
     per_group: dict[str, list[torch.Tensor]] = {k: [] for k in counts}
+    per_point: dict[str, list[torch.Tensor]] = {k: [] for k in counts}
     total = 0
     per_class = torch.zeros(3, len(class_names))  # points, clean, robust
     check_units: list[Unit] = []
@@ -439,6 +440,7 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
             for key, mask in {"clean": clean_correct, "robust": robust, **after}.items():
                 counts[key] += int(mask.sum())
                 per_group[key].append(mask.float().mean(dim=1).cpu())
+                per_point[key].append(mask.flatten().cpu())
             cls = unit.classes.flatten().cpu()
             for row, weights in enumerate((None, clean_correct, robust)):
                 w = None if weights is None else weights.flatten().cpu().float()
@@ -470,5 +472,6 @@ def evaluate_units(units: Iterable[Unit], cfg: ExperimentConfig, num_classes: in
         interval=interval, points=total,
         episodes=sum(len(v) for v in per_group["clean"]) if interval == "episodes" else None,
         per_class=classes, checks=checks, eps_sweep=sweep, check_points=check_points,
+        verdicts={k: encode_verdicts(torch.cat(v)) for k, v in per_point.items() if v},
         recipe=cfg.recipe, dataset=cfg.data.dataset, suite=cfg.eval.suite, norm=cfg.attack.norm,
         eps=cfg.attack.eps)

@@ -51,6 +51,12 @@ class EvalResult:
       ``[{"eps", "robust_acc"}]``, robust accuracy under the ``attack`` section at multiples of
       its eps; both on the first ``check_points`` points (0: not run).
     - ``plot``: the eps sweep's PNG when it was written, else ``None``.
+    - ``verdicts``: ``{"clean", "robust", <attack label>...: "0110..."}``, one character per
+      point in the order the points were scored (a plain classifier: the ``eval.points`` subset,
+      :func:`~metarobust.evaluation.classifier.evaluation_points`; few-shot: the query points of
+      the episodes in order), ``"1"`` where the point was classified correctly clean, after the
+      whole cascade, after that attack. Two runs scored on the same points can be compared point
+      by point (:func:`point_verdicts`, :func:`~metarobust.evaluation.paired.paired_comparison`).
 
     Keys of ``extra`` (e.g. ``train_seconds``, ``stopped``) are added after these and never
     replace one of them.
@@ -82,6 +88,7 @@ class EvalResult:
     norm: str = "linf"
     eps: float = 0.0
     plot: str | None = None
+    verdicts: dict[str, str] = field(default_factory=dict, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +101,29 @@ class EvalResult:
         out["checks"] = [asdict(c) for c in self.checks]
         out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
+
+
+def encode_verdicts(mask: torch.Tensor) -> str:
+    """A bool mask ``[N]`` (or any shape, flattened) as a string of ``"0"``/``"1"`` (``eval.json``'s
+    ``verdicts``)."""
+    return (mask.flatten().cpu().to(torch.uint8) + ord("0")).numpy().tobytes().decode("ascii")
+
+
+def point_verdicts(summary: EvalResult | dict[str, Any], key: str = "robust") -> torch.Tensor:
+    """Per-point verdicts of an evaluation (an :class:`EvalResult` or its ``eval.json`` dict) as a
+    bool tensor ``[N]``: ``key`` is ``"clean"``, ``"robust"`` (the whole cascade) or an attack label
+    of ``after`` (``"linf/pgd-20"``...).
+
+    Example:
+        >>> a = point_verdicts(json.loads(Path("runs/trades/eval.json").read_text()))
+        >>> b = point_verdicts(json.loads(Path("runs/pgd_at/eval.json").read_text()))
+        >>> paired_comparison(a, b).p_value
+    """
+    verdicts = summary.verdicts if isinstance(summary, EvalResult) else summary.get("verdicts") or {}
+    if key not in verdicts:
+        raise KeyError(f"no per-point verdicts {key!r} in this evaluation (it has {sorted(verdicts)}; evaluations "
+                       f"written before metarobust recorded them have none: score the run again)")
+    return torch.frombuffer(bytearray(verdicts[key].encode("ascii")), dtype=torch.uint8) == ord("1")
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
