@@ -24,7 +24,8 @@ Scales:
   every method trained (``train_attack``) and evaluated at eps 8/255. ``--dataset mnist`` reads
   ``../shared/data/mnist``: TRADES' small CNN at ``--width`` (32: half its width), eps 0.3,
   training attack PGD-10 step 0.04, PGD-20 at evaluation with step 0.0375 (2.5 eps / 20).
-  The defaults are sized for about an hour on one core of a 2-core CPU (``docs``).
+  The defaults are sized for about an hour on one core of a 2-core CPU
+  (``docs/adversarial_training.md``: the measured costs and the estimate).
 - ``--scale gpu``: each config's own settings (the papers' models, schedules and attacks; data
   from ``--data-root``: the CIFAR-10 python pickles), the whole test set unless ``--points``.
 
