@@ -140,3 +140,17 @@ def prototype_classifier(points: int = 128, classes: int = 10):
     for p in model.parameters():
         p.grad = None
     return (model, *sample(points))
+
+
+class TinyBN(torch.nn.Module):
+    """A conv net with BatchNorm on 1x8x8 inputs, 5 classes: train and eval modes give different
+    outputs; its weights with dim > 1 (what AWP perturbs) are the conv's and the linear's."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(4 * 8 * 8, 5))
+
+    def forward(self, x):
+        return self.body(x)

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TinyBN
 from torch import nn
 
 from metarobust.data.episode import EpisodeBatch
@@ -23,18 +24,6 @@ from metarobust.training.engine import Trainer
 from metarobust.training.recipes import Models, StepContext, build_recipe
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-class TinyBN(nn.Module):
-    """Conv + BatchNorm + linear: the perturbed weights are the conv's and the linear's."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                                  nn.Linear(4 * 8 * 8, 5))
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def setup(recipe: str, dtype=torch.float64, *extra):

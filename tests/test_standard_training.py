@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_parameters, kill_and_resume
+from conftest import TinyBN, assert_same_parameters, kill_and_resume
 from torch import nn
 
 from metarobust.cli import main
@@ -325,18 +325,6 @@ def test_optimizer_combinations_that_cannot_work_fail_before_any_work(mnist, tmp
 
 
 # -- the objectives against transcriptions of the reference code ----------------------------------
-
-class TinyBN(nn.Module):
-    """A conv net with BatchNorm: train and eval modes give different outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                                  nn.Linear(4 * 8 * 8, 5))
-
-    def forward(self, x):
-        return self.body(x)
-
 
 def reference_trades(model, x, y, noise, step_size, eps, steps, beta):
     """``trades_loss`` of yaodongyu/TRADES (trades.py), transcribed, with the start noise given."""
