@@ -36,6 +36,8 @@ from metarobust.errors import ConfigError
 Forward = Callable[[torch.Tensor], torch.Tensor]
 PerSampleLoss = Callable[..., torch.Tensor]
 """``(logits [B, N], y) -> [B]``; targeted: ``(logits, y, target [B]) -> [B]``; maximised."""
+Fooled = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(logits, y) -> bool [B]``: whether the model's output breaks each point."""
 
 
 
@@ -237,15 +239,15 @@ class APGD:
         return (x + d / (size + 1e-12) * size.clamp(max=eps)).clamp(0, 1)
 
     # -- one run -------------------------------------------------------------------------------
-    def _run(self, forward: Forward, x: torch.Tensor, labels: torch.Tensor,
+    def _run(self, forward: Forward, x: torch.Tensor, broken: Callable[[torch.Tensor], torch.Tensor],
              objective: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, eps: float,
              steps: int, fresh: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``attack_single_run`` of the reference from ``start`` (``fresh``: a random start,
         not the output of a previous L1 stage, which sets the initial sparsity).
 
-        Returns ``x_best`` (highest loss), ``robust [B]`` (no iterate misclassified), the best
-        loss ``[B]`` and ``x_best_adv`` (the last misclassified iterate; used where not robust).
+        Returns ``x_best`` (highest loss), ``robust [B]`` (no iterate ``broken``), the best
+        loss ``[B]`` and ``x_best_adv`` (the last broken iterate; used where not robust).
         """
 
         def total(z: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -271,7 +273,7 @@ class APGD:
         l1 = self.norm == "l1"
         x_adv = start
         grad, loss, logits = evaluate(x_adv)
-        robust = logits.argmax(-1) == labels
+        robust = ~broken(logits)
         x_best_adv = x_adv
         x_best, grad_best, loss_best = x_adv, grad, loss
         step = torch.full_like(loss, (1.0 if l1 else 2.0) * eps)
@@ -320,7 +322,7 @@ class APGD:
                 x_adv = self._project(x, x_adv + (z - x_adv) * a + momentum * (1 - a), eps)
 
             grad, loss, logits = evaluate(x_adv)
-            correct = logits.argmax(-1) == labels
+            correct = ~broken(logits)
             robust = robust & correct
             x_best_adv = torch.where(per(correct), x_best_adv, x_adv)
 
@@ -359,20 +361,20 @@ class APGD:
             grad = torch.where(per(restart), grad_best, grad)
         return x_best, robust, loss_best, x_best_adv
 
-    def _attack_once(self, forward: Forward, x: torch.Tensor, labels: torch.Tensor,
+    def _attack_once(self, forward: Forward, x: torch.Tensor, broken: Callable[[torch.Tensor], torch.Tensor],
                      objective: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One restart from the draw ``t``; L1 with ``l1_large_eps`` chains the stages of
         :func:`l1_eps_schedule`, each starting from the previous stage's best point, and reports
         the last (radius ``eps``) stage, as the reference's ``decr_eps_pgd``."""
         if self.norm != "l1" or not self.l1_large_eps:
-            return self._run(forward, x, labels, objective, self._start(x, t, self.eps), self.eps, self.steps)
+            return self._run(forward, x, broken, objective, self._start(x, t, self.eps), self.eps, self.steps)
         stages = l1_eps_schedule(self.eps, self.steps)
         z = x + t
         z = z + l1_projection(x, z - x, stages[0][0])
         for eps, steps in stages:
             z = z + l1_projection(x, z - x, eps)
-            result = self._run(forward, x, labels, objective, z.clamp(0, 1), eps, steps, fresh=False)
+            result = self._run(forward, x, broken, objective, z.clamp(0, 1), eps, steps, fresh=False)
             z = result[0]
         return result
 
@@ -380,13 +382,18 @@ class APGD:
     def __call__(self, forward: Forward, x: torch.Tensor, y: torch.Tensor,
                  loss: str | PerSampleLoss | None = None, noise: torch.Tensor | None = None,
                  verdict: bool = False, *, generator: torch.Generator | None = None, seed: int | None = None,
-                 check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 check: bool = True, fooled: Fooled | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The adversarial examples, or with ``verdict`` ``(x_adv, fooled [B])``: ``fooled`` marks
         the points misclassified clean or at some iterate of some run, every iterate a whole batch
         the model scored. The returned examples are a per-sample choice among iterates, a batch
         no run produced: for a batch-coupled model (transductive batch norm) another point's
         change can un-fool a point in it, and ``fooled`` still counts that point.
-        ``generator``/``seed`` and ``check``: see the class docstring."""
+        ``generator``/``seed`` and ``check``: see the class docstring.
+
+        ``fooled=`` replaces the test of a broken point (its prediction leaves the label) with
+        ``fooled(logits, y) -> bool [B]``, untargeted only: with a per-sample ``loss`` it attacks
+        any output, e.g. label maps (``y [B, H, W]``, logits ``[B, 2, H, W]``); a test that is
+        never true makes the attack return every point's highest-loss iterate."""
         x = x.detach()
         batch_norms = threat.train_mode_layers(forward, (torch.nn.modules.batchnorm._BatchNorm,))
         if batch_norms:  # torch.func.grad refuses the in-place update of the running statistics
@@ -409,18 +416,27 @@ class APGD:
         else:
             loss_fn = loss
         name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-        labels = y.argmax(-1) if y.is_floating_point() else y
+        if fooled is None:
+            labels = y.argmax(-1) if y.is_floating_point() else y
+
+            def broken(logits: torch.Tensor) -> torch.Tensor:
+                return logits.argmax(-1) != labels
+        elif self.targeted:
+            raise ConfigError("fooled= needs an untargeted APGD: the target classes are read off class logits")
+        else:
+            def broken(logits: torch.Tensor) -> torch.Tensor:
+                return fooled(logits, y)
 
         clean_logits = forward(x).detach()
         num_classes = clean_logits.shape[-1]
         # DLR divides by a gap of the sorted logits: pi_1 - pi_3, targeted pi_1 - (pi_3 + pi_4) / 2.
         needed = 4 if loss_fn is TARGETED_LOSSES["dlr"] else 3 if loss_fn is LOSSES["dlr"] else 2
-        if num_classes < needed:
+        if fooled is None and num_classes < needed:  # with fooled=, the last dim need not be classes
             raise ValueError(f"the {'targeted ' if self.targeted else ''}{name} loss needs at least "
                              f"{needed} classes, the model has {num_classes}")
-        robust = clean_logits.argmax(-1) == labels
+        robust = ~broken(clean_logits)
         out = x
-        highest = torch.full(labels.shape, float("-inf"), device=x.device, dtype=clean_logits.dtype)
+        highest = torch.full(robust.shape, float("-inf"), device=x.device, dtype=clean_logits.dtype)
         x_highest = x
 
         if self.targeted:
@@ -443,7 +459,7 @@ class APGD:
                 if _all_broken(robust):
                     return self._result(robust, x, x_highest, out, verdict)
                 x_best, still, loss_best, x_fooling = self._attack_once(
-                    forward, x, labels, objective, noise[..., k * self.restarts + r])
+                    forward, x, broken, objective, noise[..., k * self.restarts + r])
                 # Keep a run's result only where the point was robust before it (the reference
                 # attacks only those): the first misclassified point found wins.
                 fooled = robust & ~still
