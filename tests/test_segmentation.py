@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from metarobust.attacks.apgd import APGD
 from metarobust.data.seg_episodes import (
     SegEpisodeSampler,
     aligned_slice,
@@ -20,11 +21,19 @@ from metarobust.data.seg_episodes import (
 )
 from metarobust.data.seg_volumes import CHAOS_ORGANS, read_chaos_t2, read_nifti, synthetic_volumes
 from metarobust.errors import ConfigError, DataError
-from metarobust.segmentation.attacks import SEG_ATTACKS, SegAttack
+from metarobust.segmentation.attacks import (
+    ENSEMBLE,
+    SEG_ATTACKS,
+    SegAttack,
+    episode_dice,
+    episode_loss,
+    never_fooled,
+)
 from metarobust.segmentation.dice import dice, mean_ci95, volume_dice
 from metarobust.segmentation.network import build_segmenter
 from metarobust.segmentation.ode import ODEBlock
 from metarobust.segmentation.prototypes import cosine_logits, masked_average_pooling, prototypes
+from metarobust.segmentation.square import square_linf
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +288,15 @@ def test_test_episodes_take_every_organ_slice_with_the_first_k_training_volumes(
 
 
 # -- attacks ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "bim", "ensemble"])
+CHEAP = {"apgd_steps": 10, "square_queries": 40}  # test budgets for APGD-CE and Square
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "bim", "apgd_ce", "square", "ensemble"])
 @pytest.mark.parametrize("target", ["query", "support"])
 def test_linf_attacks_stay_in_the_ball_and_the_box_and_leave_the_other_input(tiny_model, name, target):
     sx, sm, qx, qm = _episode(k=2)
     eps = 0.05
-    sx2, qx2 = SegAttack(name, eps, target)(tiny_model, sx, sm, qx, qm, torch.Generator().manual_seed(0))
+    sx2, qx2 = SegAttack(name, eps, target, **CHEAP)(tiny_model, sx, sm, qx, qm, torch.Generator().manual_seed(0))
     x, adv, other, other_adv = (qx, qx2, sx, sx2) if target == "query" else (sx, sx2, qx, qx2)
     assert torch.equal(other, other_adv)
     assert (adv - x).abs().max() <= eps + 1e-6 and (adv - x).abs().max() > 0
@@ -316,12 +328,18 @@ def test_every_attack_makes_the_query_worse(tiny_model):
         logits = tiny_model(sx, sm, qx)
     clean_loss = pixel_loss(logits, qm)
     for name in SEG_ATTACKS:  # SMIA's steps are eps each, unprojected: a smaller eps keeps them ascending
-        sx2, qx2 = SegAttack(name, 0.005 if name == "smia" else 0.02, "query")(
+        sx2, qx2 = SegAttack(name, 0.005 if name == "smia" else 0.02, "query", **CHEAP)(
             tiny_model, sx, sm, qx, qm, torch.Generator().manual_seed(0))
         with torch.no_grad():
             logits = tiny_model(sx2, sm, qx2)
         if name != "dag":
             assert pixel_loss(logits, qm) > clean_loss, name
+
+
+def _pixelwise(z):
+    """A segmenter whose pixels are independent: foreground logit 10 (x - 0.5)."""
+    fg = 10 * (z[:, :, 0] - 0.5)
+    return torch.stack([torch.zeros_like(fg), fg], dim=2)
 
 
 def test_dag_flips_pixels_of_a_pixelwise_model():
@@ -331,17 +349,86 @@ def test_dag_flips_pixels_of_a_pixelwise_model():
 
     x = torch.linspace(0.3, 0.7, 64).view(1, 1, 1, 8, 8)
     mask = (x[:, :, 0] > 0.5).long()
-
-    def forward(z):
-        fg = 10 * (z[:, :, 0] - 0.5)
-        return torch.stack([torch.zeros_like(fg), fg], dim=2)
-
-    adv = dag(forward, x, mask, gamma=0.01, steps=20)
-    flipped = forward(adv).argmax(2) != mask
+    adv = dag(_pixelwise, x, mask, gamma=0.01, steps=20)
+    flipped = _pixelwise(adv).argmax(2) != mask
     assert flipped[(x[:, :, 0] - 0.5).abs() < 0.15].all()
     assert not flipped[(x[:, :, 0] - 0.5).abs() > 0.2 + 1e-6].any()
     with pytest.raises(ValueError, match="seg.attacks"):
-        SegAttack("square", 0.1)
+        SegAttack("fab", 0.1)  # FAB is not in the ensemble (docs/segmentation.md)
+
+
+def test_apgd_on_label_maps_returns_each_episodes_highest_loss_iterate(tiny_model):
+    """APGD with a per-episode loss and fooled= never true: per episode, the returned point is
+    the best of every iterate scored, and SegAttack's apgd_ce never falls below the clean loss."""
+    sx, sm, qx, qm = _episode()
+    seen = []
+
+    def recording(logits, mask):
+        loss = episode_loss(logits, mask)
+        seen.append(loss.detach())
+        return loss
+
+    def forward(z):
+        return tiny_model(sx, sm, z)
+
+    adv = APGD("linf", 0.05, steps=8)(forward, qx, qm, recording, fooled=never_fooled, seed=0)
+    with torch.no_grad():
+        final = episode_loss(forward(adv), qm)
+    assert len(seen) == 9 and torch.allclose(final, torch.stack(seen).amax(0), atol=1e-5)
+    assert (adv - qx).abs().max() <= 0.05 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    _, seg_adv = SegAttack("apgd_ce", 0.05, **CHEAP)(tiny_model, sx, sm, qx, qm, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (episode_loss(forward(seg_adv), qm) >= episode_loss(forward(qx), qm)).all()
+
+
+def test_square_keeps_a_candidate_only_when_it_raises_the_episodes_objective(tiny_model):
+    sx, sm, qx, qm = _episode()
+    seen = []
+
+    def objective(z):
+        loss = episode_loss(tiny_model(sx, sm, z), qm)
+        seen.append(loss)
+        return loss
+
+    adv = square_linf(objective, qx, 0.05, queries=30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final = episode_loss(tiny_model(sx, sm, adv), qm)
+    # 30 queries, then the result and the clean input: the result is the best of all of them
+    assert len(seen) == 32 and torch.allclose(final, torch.stack(seen).amax(0))
+    assert (adv - qx).abs().max() <= 0.05 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_square_with_a_large_eps_drives_the_dice_of_a_pixelwise_segmenter_down():
+    x = torch.rand(2, 1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    mask = (x[:, :, 0] > 0.5).long()
+    adv = square_linf(lambda z: episode_loss(_pixelwise(z), mask), x, 0.5, queries=100,
+                      generator=torch.Generator().manual_seed(0))
+    assert (episode_dice(_pixelwise(x), mask) == 1).all()
+    assert (episode_dice(_pixelwise(adv), mask) < 0.5).all()
+
+
+def test_the_ensemble_is_no_better_than_any_of_its_members(tiny_model):
+    sx, sm, qx, qm = _episode(t=3)
+    attack = SegAttack("ensemble", 0.05, **CHEAP)
+
+    def forward(z):
+        return tiny_model(sx, sm, z)
+
+    members = attack.candidates(forward, qx, qm, torch.Generator().manual_seed(0))
+    adv = attack.perturb(forward, qx, qm, torch.Generator().manual_seed(0))
+    assert tuple(members) == ENSEMBLE
+    with torch.no_grad():
+        worst = episode_dice(forward(adv), qm)
+        for name, member in members.items():
+            assert (worst <= episode_dice(forward(member), qm)).all(), name
+        assert (worst == torch.stack([episode_dice(forward(m), qm) for m in members.values()]).amin(0)).all()
+
+
+def test_apgd_refuses_fooled_when_targeted():
+    x = torch.rand(1, 1, 1, 8, 8)
+    with pytest.raises(ConfigError, match="fooled="):
+        APGD("linf", 0.1, steps=2, targeted=True, loss="ce")(_pixelwise, x, (x[:, :, 0] > 0.5).long(),
+                                                             episode_loss, fooled=never_fooled, seed=0)
 
 
 # -- recipes in the one trainer, and the command line -------------------------------------------------

@@ -124,7 +124,8 @@ def evaluate_segmentation(cfg, model: FewShotSegmenter, train: Volumes, test: Vo
         from tqdm.auto import tqdm
         bar = tqdm(todo, desc=f"seg eval {s.organ}", dynamic_ncols=True)
     for name, eps, target in bar:
-        attack = None if name == "clean" else SegAttack(name, eps or 0.0, target, s.clip)
+        attack = None if name == "clean" else SegAttack(name, eps or 0.0, target, s.clip, s.apgd_steps,
+                                                        s.square_queries)
         scores, nfes = {}, []
         for tv in volumes:
             pred, nfe, shown = predict_volume(model, train, test, tv, organ, s.eval_batch, attack, generator,
@@ -141,6 +142,7 @@ def evaluate_segmentation(cfg, model: FewShotSegmenter, train: Volumes, test: Vo
     return {"organ": s.organ, "shots": s.shots, "dataset": s.dataset, "image_size": test.image_size,
             "support_volumes": support_ids, "test_volumes": [tv.id for tv in volumes],
             "slices": sum(len(tv.query) for tv in volumes), "clip": s.clip, "attack_solver": s.attack_solver,
+            "apgd_steps": s.apgd_steps, "square_queries": s.square_queries,
             "results": rows, "_overlays": overlays}
 
 

@@ -4,8 +4,11 @@ few-shot segmenter, attacking either the query or the support images of an episo
 Each attack perturbs one input of the episode model ``model(support_x, support_mask, query_x)``
 with the other inputs fixed, ascending the per-pixel cross-entropy against the binary
 ground-truth query mask. FGSM, PGD, BIM and SMIA are the shared
-:class:`~metarobust.attacks.pgd.PGD` with that per-pixel ``loss=``; CW-L2 and DAG, which have no
-classification twin in metarobust, are written here as pure functions of ``forward``.
+:class:`~metarobust.attacks.pgd.PGD` with that per-pixel ``loss=``, APGD-CE the shared
+:class:`~metarobust.attacks.apgd.APGD` with it and ``fooled=`` never true, Square the shared
+:class:`~metarobust.attacks.square.Square` raising it per episode
+(:mod:`metarobust.segmentation.square`); CW-L2 and DAG, which have no classification twin in
+metarobust, are written here as pure functions of ``forward``.
 
 | attack | settings (reference code) |
 |---|---|
@@ -15,19 +18,22 @@ classification twin in metarobust, are written here as pure functions of ``forwa
 | ``smia`` | 10 steps of eps, no projection (a2 = 0: iterated FGSM; total up to 10 eps) |
 | ``cw`` | L2, c = 10, kappa = 0, 20 Adam steps of lr 0.01 in tanh space (no eps) |
 | ``dag`` | 20 steps of gamma = eps along the normalised target-margin gradient, target = the flipped mask |
-| ``ensemble`` | per episode, the worst (lowest query Dice) of FGSM, BIM and PGD-10 (step eps/4, random start) |
+| ``apgd_ce`` | L-inf eps, APGD-CE, ``apgd_steps`` iterations (100), 1 restart; per episode the highest-CE iterate |
+| ``square`` | L-inf eps, Square, ``square_queries`` queries (1000), p_init 0.05; raises the mean per-pixel CE |
+| ``ensemble`` | per episode, the worst (lowest query Dice) of FGSM, BIM, PGD-10 (step eps/4, random start), APGD-CE and Square |
 
 By default every adversarial image is clipped to [0, 1]. ``clip=False`` gives the reference's
 unclipped FGSM/PGD/BIM/SMIA/DAG (SMIA clamped at 0 only, as its code); the PGD-based ones then run
 the shared PGD on the affinely embedded input ``x' = (x + 1) / 3``, whose box ``[0, 1]`` is
 ``[-1, 2]`` in ``x`` and never binds for perturbations below 1, with eps and steps divided by 3.
 
-The ensemble is a reduced AutoAttack: ROG's segmentation variant runs APGD-CE, PGD, FAB and the
-gradient-free Square. metarobust's APGD judges success by a class label per sample (it cannot take
-a label map yet), FAB is absent and Square was not on main when this was written, so the ensemble
-keeps, per episode, the worst of three L-inf gradient attacks inside the eps-ball. An
-adaptive ODE solver can mask gradients; attack PNODE through its fixed-step solver too
-(``seg.attack_solver=rk4``) and compare.
+APGD-CE, Square and the ensemble always clip to [0, 1]. APGD-CE and Square return an episode's
+clean input where the attack did not raise its mean per-pixel CE above the clean one.
+
+The ensemble is ROG's segmentation AutoAttack (APGD-CE, PGD, FAB, Square) without FAB, which
+metarobust lacks, plus FGSM and BIM: per episode the worst by query Dice of five L-inf attacks in
+the eps-ball. Square, gradient-free, guards against gradient masking by the adaptive ODE solver;
+attacking PNODE through a fixed-step solver (``seg.attack_solver=rk4``) is the other check.
 """
 
 from __future__ import annotations
@@ -38,20 +44,35 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from metarobust.attacks.apgd import APGD
 from metarobust.attacks.pgd import PGD, fgsm, input_gradient
 from metarobust.segmentation.dice import dice
+from metarobust.segmentation.square import square_linf
 
-SEG_ATTACKS = ("fgsm", "pgd", "bim", "smia", "cw", "dag", "ensemble")
+SEG_ATTACKS = ("fgsm", "pgd", "bim", "smia", "cw", "dag", "apgd_ce", "square", "ensemble")
+ENSEMBLE = ("fgsm", "bim", "pgd10", "apgd_ce", "square")
+"""The ensemble's members, in the order they draw their noise."""
 TARGETS = ("query", "support")
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def pixel_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross-entropy of ``logits [T, Q, 2, H, W]`` against ``mask [T, Q, H, W]``, the
-    mean over each episode's pixels summed over episodes (so a batch of episodes is attacked as
-    independent problems)."""
+def episode_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[T]``: the per-pixel cross-entropy of ``logits [T, Q, 2, H, W]`` against ``mask
+    [T, Q, H, W]``, averaged over each episode's pixels."""
     ce = F.cross_entropy(logits.flatten(0, 1), mask.flatten(0, 1), reduction="none")
-    return ce.view(mask.shape[0], -1).mean(dim=1).sum()
+    return ce.view(mask.shape[0], -1).mean(dim=1)
+
+
+def pixel_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`episode_loss` summed over episodes (so a batch of episodes is attacked as
+    independent problems)."""
+    return episode_loss(logits, mask).sum()
+
+
+def never_fooled(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """APGD's ``fooled=`` for label maps: no episode counts as broken, so APGD keeps each
+    episode's highest-loss iterate (the ensemble ranks by Dice afterwards)."""
+    return torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
 
 
 def episode_dice(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -145,23 +166,31 @@ class SegAttack:
     r"""One of :data:`SEG_ATTACKS` at radius ``eps`` on the ``target`` input of an episode.
 
     Arguments:
-        name (str): ``fgsm``, ``pgd``, ``bim``, ``smia``, ``cw``, ``dag`` or ``ensemble``.
+        name (str): ``fgsm``, ``pgd``, ``bim``, ``smia``, ``cw``, ``dag``, ``apgd_ce``, ``square``
+            or ``ensemble``.
         eps (float): L-inf radius (SMIA: step; DAG: gamma; unused by CW) in [0, 1] pixel units.
         target (str): ``query`` or ``support``.
         clip (bool): clip adversarial images to [0, 1] (default); ``False``: the reference's
-            unclipped variants.
+            unclipped variants (APGD-CE, Square and the ensemble always clip).
+        apgd_steps (int): APGD-CE's iterations, alone and in the ensemble. (Default: 100,
+            AutoAttack's)
+        square_queries (int): Square's queries per episode, alone and in the ensemble.
+            (Default: 1000)
 
     Call: ``attack(model, support_x [T, K, 1, H, W], support_mask [T, K, H, W], query_x
     [T, Q, 1, H, W], query_mask [T, Q, H, W], generator) -> (support_x_adv, query_x_adv)``.
 
     Example:
         >>> sx_adv, qx_adv = SegAttack("pgd", 0.035)(model, sx, sm, qx, qm, torch.Generator())
+        >>> cheap = SegAttack("ensemble", 0.035, apgd_steps=20, square_queries=300)
     """
 
     name: str
     eps: float
     target: str = "query"
     clip: bool = True
+    apgd_steps: int = 100
+    square_queries: int = 1000
 
     def __post_init__(self) -> None:
         if self.name not in SEG_ATTACKS:
@@ -170,6 +199,9 @@ class SegAttack:
             raise ValueError(f"seg.attack_targets: {self.target!r}; choose from {list(TARGETS)}")
         if self.eps < 0:
             raise ValueError(f"seg.eps: {self.eps} must be >= 0")
+        if self.apgd_steps < 1 or self.square_queries < 1:
+            raise ValueError(f"seg.apgd_steps={self.apgd_steps} and seg.square_queries={self.square_queries} "
+                             f"must be >= 1")
 
     def __call__(self, model, sx, sm, qx, qm, generator: torch.Generator | None = None):
         if self.target == "query":
@@ -198,27 +230,53 @@ class SegAttack:
             return cw_l2(forward, x, mask)
         if name == "dag":
             return dag(forward, x, mask, eps, clip=self.clip)
-        return self._ensemble(forward, x, mask, generator)
+        if name == "apgd_ce":
+            return self._apgd_ce(forward, x, mask, generator)
+        if name == "square":
+            return self._square(forward, x, mask, generator)
+        return worst(forward, self.candidates(forward, x, mask, generator).values(), x, mask)
 
-    def _ensemble(self, forward, x, mask, generator):
-        """Per episode, the candidate with the lowest query Dice among FGSM, BIM and PGD-10
-        (step eps/4, random start), all clipped to [0, 1] and inside the eps-ball."""
-        pgd = PGD("linf", self.eps, self.eps / 4, 10, random_start=True)
-        candidates = [fgsm("linf", self.eps)(forward, x, mask, pixel_loss),
-                      pgd_family("bim", self.eps)(forward, x, mask, pixel_loss),
-                      pgd(forward, x, mask, pixel_loss, pgd.init_noise(x, generator))]
-        best, best_dice = x, None
-        view = (-1,) + (1,) * (x.dim() - 1)
-        with torch.no_grad():
-            for cand in candidates:
-                d = episode_dice(forward(cand), mask)
-                if best_dice is None:
-                    best, best_dice = cand, d
-                    continue
-                worse = d < best_dice
-                best = torch.where(worse.view(view), cand, best)
-                best_dice = torch.minimum(d, best_dice)
-        return best.detach()
+    def _apgd_ce(self, forward, x, mask, generator):
+        attack = APGD("linf", self.eps, steps=self.apgd_steps)
+        adv = attack(forward, x, mask, episode_loss, attack.init_noise(x, generator), fooled=never_fooled)
+        with torch.no_grad():  # the clean input where APGD's best iterate is below it
+            better = episode_loss(forward(adv), mask) > episode_loss(forward(x), mask)
+        return torch.where(_per_episode(better, x), adv, x).detach()
+
+    def _square(self, forward, x, mask, generator):
+        return square_linf(lambda z: episode_loss(forward(z), mask), x, self.eps, self.square_queries,
+                           generator=generator)
+
+    def candidates(self, forward: Forward, x: torch.Tensor, mask: torch.Tensor,
+                   generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """The ensemble's members (:data:`ENSEMBLE`) on ``x``, each clipped to [0, 1] and inside
+        the eps-ball; the same generator state, the same candidates."""
+        pgd10 = PGD("linf", self.eps, self.eps / 4, 10, random_start=True)
+        return {"fgsm": fgsm("linf", self.eps)(forward, x, mask, pixel_loss).detach(),
+                "bim": pgd_family("bim", self.eps)(forward, x, mask, pixel_loss).detach(),
+                "pgd10": pgd10(forward, x, mask, pixel_loss, pgd10.init_noise(x, generator)).detach(),
+                "apgd_ce": self._apgd_ce(forward, x, mask, generator),
+                "square": self._square(forward, x, mask, generator)}
 
 
-__all__ = ["SEG_ATTACKS", "SegAttack", "TARGETS", "cw_l2", "dag", "episode_dice", "pgd_family", "pixel_loss"]
+def _per_episode(flag: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return flag.view((-1,) + (1,) * (x.dim() - 1))
+
+
+def worst(forward: Forward, candidates, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per episode, the candidate of lowest query Dice (the first of equals)."""
+    best, best_dice = x, None
+    with torch.no_grad():
+        for cand in candidates:
+            d = episode_dice(forward(cand), mask)
+            if best_dice is None:
+                best, best_dice = cand, d
+                continue
+            worse = d < best_dice
+            best = torch.where(_per_episode(worse, x), cand, best)
+            best_dice = torch.minimum(d, best_dice)
+    return best.detach()
+
+
+__all__ = ["ENSEMBLE", "SEG_ATTACKS", "SegAttack", "TARGETS", "cw_l2", "dag", "episode_dice", "episode_loss",
+           "never_fooled", "pgd_family", "pixel_loss", "worst"]

@@ -74,11 +74,15 @@ class SegConfig:
     at_eps: float = 0.04
     """AT-PANet's FGSM radius."""
     attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])
-    """Evaluation attacks (``fgsm pgd bim smia cw dag ensemble``)."""
+    """Evaluation attacks (``fgsm pgd bim smia cw dag apgd_ce square ensemble``)."""
     eps: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.035])
     attack_targets: list[str] = field(default_factory=lambda: ["query"])
     clip: bool = True
     """Clip adversarial images to [0, 1]; false: the reference's unclipped attacks."""
+    apgd_steps: int = 100
+    """APGD-CE's iterations (``apgd_ce`` and in the ``ensemble``; AutoAttack's 100)."""
+    square_queries: int = 1000
+    """Square's queries per episode (``square`` and in the ``ensemble``)."""
     attack_solver: str | None = None
     """Attack PNODE through another solver (``rk4``: no step-size controller); scored with the
     trained solver. ``null``: the trained one."""
@@ -101,6 +105,8 @@ class SegConfig:
                     "multiplicative or additive")
         for name in ("align_weight", "noise_std", "cluster_weight", "consistency_weight", "at_eps"):
             check_value(getattr(self, name) >= 0, f"seg.{name}", getattr(self, name), "a number >= 0")
+        for name in ("apgd_steps", "square_queries"):
+            check_value(getattr(self, name) >= 1, f"seg.{name}", getattr(self, name), "an integer >= 1")
         for a in self.attacks:
             check_value(a in SEG_ATTACKS, "seg.attacks", a, f"names from {list(SEG_ATTACKS)}")
         for t in self.attack_targets:
