@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from metarobust.attacks import threat
 from metarobust.attacks.apgd import APGD
 from metarobust.attacks.pgd import PGD, fgsm, input_gradient
 from metarobust.segmentation.dice import dice
@@ -241,7 +242,7 @@ class SegAttack:
         adv = attack(forward, x, mask, episode_loss, attack.init_noise(x, generator), fooled=never_fooled)
         with torch.no_grad():  # the clean input where APGD's best iterate is below it
             better = episode_loss(forward(adv), mask) > episode_loss(forward(x), mask)
-        return torch.where(_per_episode(better, x), adv, x).detach()
+        return torch.where(threat.expand_per_sample(better, x), adv, x).detach()
 
     def _square(self, forward, x, mask, generator):
         return square_linf(lambda z: episode_loss(forward(z), mask), x, self.eps, self.square_queries,
@@ -259,10 +260,6 @@ class SegAttack:
                 "square": self._square(forward, x, mask, generator)}
 
 
-def _per_episode(flag: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return flag.view((-1,) + (1,) * (x.dim() - 1))
-
-
 def worst(forward: Forward, candidates, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per episode, the candidate of lowest query Dice (the first of equals)."""
     best, best_dice = x, None
@@ -273,7 +270,7 @@ def worst(forward: Forward, candidates, x: torch.Tensor, mask: torch.Tensor) -> 
                 best, best_dice = cand, d
                 continue
             worse = d < best_dice
-            best = torch.where(_per_episode(worse, x), cand, best)
+            best = torch.where(threat.expand_per_sample(worse, x), cand, best)
             best_dice = torch.minimum(d, best_dice)
     return best.detach()
 
