@@ -13,7 +13,7 @@ from metarobust.blackbox.report import summarise
 from metarobust.blackbox.run import BlackboxConfig, attack_targets, whitebox_check
 from metarobust.errors import ConfigError
 
-NAMES = ["simba", "simba_dct", "bandits", "nes", "signhunter"]
+NAMES = ["simba", "simba_dct", "bandits", "nes", "signhunter", "square"]
 SMALL = {"bandits": {"tile": 1}}  # 8x8 toy images: one prior cell per pixel
 
 
