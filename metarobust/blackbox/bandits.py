@@ -18,11 +18,11 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
 
 
 def eg_step(prior: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
-    """The exponentiated-gradient step on a prior in [-1, 1] (the reference's ``eg_step``)."""
-    real = (prior + 1) / 2
-    pos = real * torch.exp(lr * g)
-    neg = (1 - real) * torch.exp(-lr * g)
-    return 2 * pos / (pos + neg) - 1
+    """The exponentiated-gradient step on a prior in [-1, 1] (the reference's ``eg_step``,
+    ``2 pos / (pos + neg) - 1`` with ``pos = (1 + prior) / 2 exp(lr g)``, ``neg = (1 - prior) / 2
+    exp(-lr g)``), written as the equal ``tanh(lr g + atanh(prior))``, whose ``exp`` cannot
+    overflow to ``inf / inf`` when ``lr g`` is large (a targeted loss ``log p_t`` far from 0)."""
+    return torch.tanh(lr * g + torch.atanh(prior))
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,11 @@ class Bandits(QueryAttack):
         prior = torch.zeros(b, c, *side, device=x.device)
         x_real = x.clone()  # the iterate; x_adv: the (snapped) point sent
         if init is not None:  # the seed is both the start and the first belief about the gradient
-            x_real = x + init
+            x_real = x + self.project(x, init)
             prior = F.adaptive_avg_pool2d(init / max(self.eps, 1e-12), side)
             if self.norm == "linf":  # in (-1, 1): the exponentiated-gradient step never leaves +-1
                 prior = prior.clamp(-1 + 1e-3, 1 - 1e-3)
-        x_adv, _, success = self.first_query(oracle, x, goal, init)
+        x_adv, _, success = self.first_query(oracle, x, goal, x_real - x)
         dim = prior[0].numel()
         while True:
             active = affordable(oracle, ~success, 3)

@@ -16,7 +16,7 @@ target cannot see.
   target=y_target)``. Without it the attack is untargeted: fooled means top-1 is not ``y``.
 - **Seeding** (``init``): a perturbation ``[B, C, H, W]`` to start from instead of the attack's
   own starting point, e.g. a generator's output (MCG, Yin et al.). The caller projects it into
-  the eps-ball; it is projected again here (onto the ball and the box). Each attack states what
+  the eps-ball; it is projected again here, and every point sent is also in the box. Each attack states what
   it does with it (Square, SimBA, NES: start at ``x + init``; SignHunter: start from the signs
   ``sign(init)``; Bandits: start at ``x + init`` with the gradient prior ``init / eps``). The
   seed point is the example's *first query*: charged like any other, it replaces the attack's
@@ -145,16 +145,17 @@ class QueryAttack:
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(0)
         x = oracle.quantise(x.detach())  # the image the target sees: a quantising oracle's grid
-        if init is not None:
-            init = self.project(x, init.detach().to(x))
+        if init is not None:  # onto the ball only: the box would erase the direction of a cut corner
+            init = threat.project_ball(init.detach().to(x), self.norm, self.eps)
         start = oracle.queries.clone()
         x_adv, success = self.attack(oracle, x, goal, generator, init)
         return Outcome(x_adv, (oracle.queries - start).to(x.device), success)
 
     def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
                init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_adv [B, ...], success bool [B])`` for the quantised clean ``x``; ``init`` the
-        projected seed perturbation or ``None``."""
+        """``(x_adv [B, ...], success bool [B])`` for the quantised clean ``x``; ``init`` the seed
+        perturbation projected onto the eps-ball (not yet the box: :meth:`project` for a start
+        point), or ``None``."""
         raise NotImplementedError
 
     def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,9 @@ class NES(QueryAttack):
         lr = self.lr if self.lr is not None else (0.01 if self.norm == "linf" else self.eps / 5)
         half = self.samples // 2
         every = torch.arange(b, device=x.device)
-        x_real = x.clone() if init is None else x + init  # the iterate; x_adv: the (snapped) point sent
-        x_adv, _, success = self.first_query(oracle, x, goal, init)
+        delta = None if init is None else self.project(x, init)
+        x_real = x.clone() if delta is None else x + delta  # the iterate; x_adv: the (snapped) point sent
+        x_adv, _, success = self.first_query(oracle, x, goal, delta)
         while True:
             active = affordable(oracle, ~success, self.samples + 1)
             if not active.any():

@@ -92,8 +92,8 @@ class SimBA(QueryAttack):
         dh, dw = dct_matrix(h, x.device), dct_matrix(w, x.device)
         every = torch.arange(b, device=x.device)
 
-        delta = torch.zeros_like(x) if init is None else init.clone()
-        _, best, success = self.first_query(oracle, x, goal, init)
+        delta = torch.zeros_like(x) if init is None else self.project(x, init)
+        _, best, success = self.first_query(oracle, x, goal, delta)
         active = ~success
         for k in order.tolist():
             active = affordable(oracle, active, 1)

@@ -57,7 +57,7 @@ class QuerySquare(QueryAttack):
         steps = Square(self.norm, self.eps, p_init=p_init)
         # one key per example: its squares come from a counter-based stream (any batch, any order)
         keys = torch.randint(0, 2 ** 31 - 1, (b,), generator=generator, device=generator.device).to(x.device)
-        delta = init if init is not None else self.project(x, steps.start(x, keys, 0, self.eps) - x)
+        delta = self.project(x, init if init is not None else steps.start(x, keys, 0, self.eps) - x)
         x_best, best, success = self.first_query(oracle, x, goal, delta)
         horizon = max(int(oracle.budget.max()), 1)
         every = torch.arange(b, device=x.device)
