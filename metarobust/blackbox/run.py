@@ -32,7 +32,7 @@ class BlackboxConfig:
 
     run: str = ""
     """The target: a run folder (``runs/<name>``) or a checkpoint file."""
-    attacks: list[str] = field(default_factory=lambda: ["simba", "simba_dct", "bandits", "nes", "signhunter"])
+    attacks: list[str] = field(default_factory=lambda: ["simba", "simba_dct", "bandits", "nes", "signhunter", "square"])
     """Black-box attacks in order (``metarobust list attacks``)."""
     norm: str = "linf"
     eps: float | None = None

@@ -20,11 +20,12 @@ class SignHunter(QueryAttack):
     Distance Measure : Linf (the paper's) or L2
 
     Searches the sign vector ``s`` of the perturbation (``x + eps s``, L2: ``x + eps s /
-    sqrt(n)``) by divide and conquer: start from all ones (seeded: from ``sign(init)``); at level ``h`` the ``n`` coordinates
-    (flattened) are cut into ``2^h`` chunks and each chunk's signs are flipped in turn, the flip
-    kept if the loss rises. After the finest level the search starts again at level 0. One
-    query per flip, plus the first query of the starting point ``x + eps``. (The released code
-    counted each query twice, MCG's META.md 3.6; here every image counts once.)
+    sqrt(n)``) by divide and conquer: start from all ones (seeded: from ``sign(init)``, a zero
+    keeping +1); at level ``h`` the ``n`` coordinates (flattened) are cut into ``2^h`` chunks and
+    each chunk's signs are flipped in turn, the flip kept if the loss rises. After the finest
+    level the search starts again at level 0. One query per flip, plus the first query of the
+    starting point ``x + eps`` (seeded: ``x + eps sign(init)``). (The released code counted each
+    query twice, MCG's META.md 3.6; here every image counts once.)
 
     Arguments:
         norm (str): ``"linf"`` or ``"l2"``.
