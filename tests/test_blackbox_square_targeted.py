@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prototype_classifier, toy_classifier
+from conftest import prototype_classifier
 
 from metarobust.attacks.threat import in_threat_model
 from metarobust.blackbox import BLACKBOX_ATTACKS, Oracle, QuerySquare, build_blackbox_attack
@@ -40,22 +40,6 @@ class Recording(torch.nn.Module):
             self.first = x.clone()
         self.images += x.shape[0]
         return self.model(x)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    model, x, y = toy_classifier()
-    x, y = torch.round(x[:24] * 255) / 255, y[:24]  # 8-bit images, as datasets store them
-    keep = model(x).argmax(-1) == y
-    return model, x[keep], y[keep]
 
 
 def other_class(y: torch.Tensor, classes: int = 4, seed: int = 0) -> torch.Tensor:

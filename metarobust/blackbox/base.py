@@ -16,8 +16,9 @@ target cannot see.
   target=y_target)``. Without it the attack is untargeted: fooled means top-1 is not ``y``.
 - **Seeding** (``init``): a perturbation ``[B, C, H, W]`` to start from instead of the attack's
   own starting point, e.g. a generator's output (MCG, Yin et al.). The caller projects it into
-  the eps-ball; it is projected again here, and every point sent is also in the box. Each attack states what
-  it does with it (Square, SimBA, NES: start at ``x + init``; SignHunter: start from the signs
+  the eps-ball; it is projected onto the ball again here (not the box, which would erase the
+  sign of a corner it cuts off; every point sent is in the box). Each attack states what it
+  does with it (Square, SimBA, NES: start at ``x + init``; SignHunter: start from the signs
   ``sign(init)``; Bandits: start at ``x + init`` with the gradient prior ``init / eps``). The
   seed point is the example's *first query*: charged like any other, it replaces the attack's
   own first query (so seeding never costs an extra query), and an example it already fools
@@ -145,7 +146,7 @@ class QueryAttack:
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(0)
         x = oracle.quantise(x.detach())  # the image the target sees: a quantising oracle's grid
-        if init is not None:  # onto the ball only: the box would erase the direction of a cut corner
+        if init is not None:  # onto the ball only (module docstring)
             init = threat.project_ball(init.detach().to(x), self.norm, self.eps)
         start = oracle.queries.clone()
         x_adv, success = self.attack(oracle, x, goal, generator, init)
