@@ -113,6 +113,17 @@ def toy_classifier(points_per_class: int = 50, classes: int = 4, noise: float = 
     return model.eval(), x, y
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """The black-box tests' target: :func:`toy_classifier` on its first 24 points, rounded to
+    8-bit images as datasets store them, keeping those it classifies correctly:
+    ``(model, x [M, 1, 8, 8], y [M])``."""
+    model, x, y = toy_classifier()
+    x, y = torch.round(x[:24] * 255) / 255, y[:24]
+    keep = model(x).argmax(-1) == y
+    return model, x[keep], y[keep]
+
+
 def prototype_classifier(points: int = 128, classes: int = 10):
     """An accurate MLP with batch norm (eval mode) on noisy 1x8x8 class prototypes and ``points``
     fresh test points, seeded: ``(model, x [points, 1, 8, 8], y [points])``. At L-inf 0.16,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_classifier
 
 from metarobust.attacks import APGD
 from metarobust.attacks.threat import in_threat_model
@@ -13,7 +12,7 @@ from metarobust.blackbox.report import summarise
 from metarobust.blackbox.run import BlackboxConfig, attack_targets, whitebox_check
 from metarobust.errors import ConfigError
 
-NAMES = ["simba", "simba_dct", "bandits", "nes", "signhunter"]
+NAMES = ["simba", "simba_dct", "bandits", "nes", "signhunter", "square"]
 SMALL = {"bandits": {"tile": 1}}  # 8x8 toy images: one prior cell per pixel
 
 
@@ -27,14 +26,6 @@ class Counting(torch.nn.Module):
     def forward(self, x):
         self.images += x.shape[0]
         return self.model(x)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    model, x, y = toy_classifier()
-    x, y = torch.round(x[:24] * 255) / 255, y[:24]  # 8-bit images, as datasets store them
-    keep = model(x).argmax(-1) == y
-    return model, x[keep], y[keep]
 
 
 def test_the_oracle_counts_every_image_for_its_example_and_verification_apart(toy):

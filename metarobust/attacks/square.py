@@ -299,6 +299,22 @@ class Square:
             return _project_l1(x, delta, eps)
         return (x + _normalize_l2(delta) * eps).clamp(0, 1)
 
+    # -- the steps the query-oracle version shares (metarobust.blackbox.square) -------------------
+    def start(self, x: torch.Tensor, key: torch.Tensor, stream: int, eps) -> torch.Tensor:
+        """The random initial point ``[B, C, H, W]`` of restart block ``stream``: L-inf vertical
+        stripes of ``+-eps``, L2/L1 a grid of ``eta`` profiles of random signs; ``eps`` a float
+        or per example ``[B, 1, 1, 1]``."""
+        init = self._init_linf if self.norm == "linf" else self._init_lp
+        return init(x, key, stream, eps)
+
+    def propose(self, x: torch.Tensor, x_best: torch.Tensor, key: torch.Tensor, counter: int, p: float,
+                eps) -> torch.Tensor:
+        """The candidate ``[B, C, H, W]`` of one iteration from the current point ``x_best``: one
+        square window of area fraction ``p`` changed per example (random numbers number
+        ``counter`` of each key's stream), in the ball and the box."""
+        propose = self._propose_linf if self.norm == "linf" else self._propose_lp
+        return propose(x, x_best, key, counter, p, eps)
+
     # -- the attack ------------------------------------------------------------------------------
     def run(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
             eps: threat.Budget | None = None, max_queries: int | torch.Tensor | None = None) -> SquareResult:
@@ -315,14 +331,12 @@ class Square:
         budget = torch.full(y.shape, self.queries, device=x.device, dtype=torch.int64)
         if max_queries is not None:
             budget = torch.minimum(budget, torch.as_tensor(max_queries, device=x.device).to(torch.int64))
-        propose = self._propose_linf if self.norm == "linf" else self._propose_lp
         spent = torch.zeros_like(budget)
         success = torch.zeros(y.shape, device=x.device, dtype=torch.bool)
         x_out = x
         for r in range(self.restarts):
             stream = r * (self.queries + 1)  # counter blocks: restart r draws from its own block
-            init = self._init_linf if self.norm == "linf" else self._init_lp
-            x_best = init(x, noise, stream, radius)
+            x_best = self.start(x, noise, stream, radius)
             margin, loss = self.scores(forward, x_best, y)
             attacking = ~success & (budget > 0)
             queries = attacking.to(torch.int64)
@@ -332,7 +346,7 @@ class Square:
                 if i % CHECK_EVERY == 0 and _none_left(active):
                     break
                 p = p_selection(self.p_init, i, self.queries, self.rescale_schedule)
-                x_new = propose(x, x_best, noise, stream + 1 + i, p, radius)
+                x_new = self.propose(x, x_best, noise, stream + 1 + i, p, radius)
                 margin_new, loss_new = self.scores(forward, x_new, y)
                 improved = active & (loss_new < loss)
                 loss = torch.where(improved, loss_new, loss)

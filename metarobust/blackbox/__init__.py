@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
-from metarobust.blackbox import bandits, nes, signhunter, simba  # noqa: F401  (each registers its attacks)
+from metarobust.blackbox import bandits, nes, signhunter, simba, square  # noqa: F401  (each registers its attacks)
 from metarobust.blackbox.bandits import Bandits
 from metarobust.blackbox.base import BLACKBOX_ATTACKS, Outcome, QueryAttack
 from metarobust.blackbox.nes import NES
 from metarobust.blackbox.oracle import Oracle, QueryBudgetExceeded
 from metarobust.blackbox.signhunter import SignHunter
 from metarobust.blackbox.simba import SimBA
+from metarobust.blackbox.square import QuerySquare
 
 
 def build_blackbox_attack(name: str, norm: str, eps: float, **params) -> QueryAttack:
@@ -24,4 +25,4 @@ def build_blackbox_attack(name: str, norm: str, eps: float, **params) -> QueryAt
 
 
 __all__ = ["BLACKBOX_ATTACKS", "NES", "Bandits", "Oracle", "Outcome", "QueryAttack", "QueryBudgetExceeded",
-           "SignHunter", "SimBA", "build_blackbox_attack"]
+           "QuerySquare", "SignHunter", "SimBA", "build_blackbox_attack"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metarobust.blackbox.base import BLACKBOX_ATTACKS, QueryAttack, affordable, draw
+from metarobust.blackbox.base import BLACKBOX_ATTACKS, Goal, QueryAttack, affordable, draw
 from metarobust.blackbox.oracle import Oracle
 
 
@@ -18,11 +18,11 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
 
 
 def eg_step(prior: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
-    """The exponentiated-gradient step on a prior in [-1, 1] (the reference's ``eg_step``)."""
-    real = (prior + 1) / 2
-    pos = real * torch.exp(lr * g)
-    neg = (1 - real) * torch.exp(-lr * g)
-    return 2 * pos / (pos + neg) - 1
+    """The exponentiated-gradient step on a prior in [-1, 1] (the reference's ``eg_step``,
+    ``2 pos / (pos + neg) - 1`` with ``pos = (1 + prior) / 2 exp(lr g)``, ``neg = (1 - prior) / 2
+    exp(-lr g)``), written as the equal ``tanh(lr g + atanh(prior))``, whose ``exp`` cannot
+    overflow to ``inf / inf`` when ``lr g`` is large (a targeted loss ``log p_t`` far from 0)."""
+    return torch.tanh(lr * g + torch.atanh(prior))
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class Bandits(QueryAttack):
     probes along ``v +- exploration u`` per step (2 queries) and followed by a signed (L-inf) or
     normalised (L2) image step, projected onto the ball and the box. The new iterate is
     queried to see whether it already fools the target (1 query; the reference checks it with an
-    uncounted forward): 3 queries a step, plus the first query of the clean image.
+    uncounted forward): 3 queries a step, plus the first query of the clean image. Seeded, the
+    first query and the iterate start at ``x + init``, and the prior at ``init / eps`` averaged
+    over each tile (L-inf: clipped into (-1, 1), the domain of the exponentiated gradient).
 
     Arguments (the paper's Table 6, ImageNet; ``None`` picks the norm's):
         norm (str): ``"linf"`` or ``"l2"``.
@@ -69,7 +71,8 @@ class Bandits(QueryAttack):
         value = getattr(self, name)
         return defaults[self.norm][name] if value is None else value
 
-    def attack(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
+               init: torch.Tensor | None):
         b, c, h, w = x.shape
         fd_eta, image_lr = self._param("fd_eta"), self._param("image_lr")
         online_lr, exploration = self._param("online_lr"), self._param("exploration")
@@ -80,22 +83,24 @@ class Bandits(QueryAttack):
             return F.interpolate(t, size=(h, w), mode="nearest")
 
         prior = torch.zeros(b, c, *side, device=x.device)
-        x_real, x_adv = x.clone(), x.clone()  # the iterate, and the (snapped) point sent
-        success = torch.zeros(b, dtype=torch.bool, device=x.device)
-        active = affordable(oracle, torch.ones(b, dtype=torch.bool, device=x.device), 1)
-        if active.any():
-            _, success[active] = self.losses(oracle, x[active], every[active], y[active])
+        x_real = x.clone()  # the iterate; x_adv: the (snapped) point sent
+        if init is not None:  # the seed is both the start and the first belief about the gradient
+            x_real = x + self.project(x, init)
+            prior = F.adaptive_avg_pool2d(init / max(self.eps, 1e-12), side)
+            if self.norm == "linf":  # in (-1, 1): the exponentiated-gradient step never leaves +-1
+                prior = prior.clamp(-1 + 1e-3, 1 - 1e-3)
+        x_adv, _, success = self.first_query(oracle, x, goal, x_real - x)
         dim = prior[0].numel()
         while True:
             active = affordable(oracle, ~success, 3)
             if not active.any():
                 break
             idx = every[active]
-            pr, xa, yy = prior[idx], x_real[idx], y[idx]
+            pr, xa = prior[idx], x_real[idx]
             noise = exploration * draw(generator, pr.shape, x.device) / math.sqrt(dim)
             q1, q2 = up(pr + noise), up(pr - noise)
             probes = torch.cat([(xa + fd_eta * q1 / _l2(q1)).clamp(0, 1), (xa + fd_eta * q2 / _l2(q2)).clamp(0, 1)])
-            values, _ = self.losses(oracle, probes, idx.repeat(2), yy.repeat(2))
+            values, _ = self.losses(oracle, probes, idx.repeat(2), goal)
             l1, l2 = values.chunk(2)
             g = ((l1 - l2) / (fd_eta * exploration)).view(-1, 1, 1, 1) * noise
             pr = eg_step(pr, g, online_lr) if self.norm == "linf" else pr + online_lr * g
@@ -103,7 +108,7 @@ class Bandits(QueryAttack):
             step = step.sign() if self.norm == "linf" else step / _l2(step)
             xa = x[idx] + self.project(x[idx], xa + image_lr * step - x[idx])
             sent = self.snap(oracle, x[idx], xa - x[idx])
-            _, won = self.losses(oracle, sent, idx, yy)
+            _, won = self.losses(oracle, sent, idx, goal)
             prior[idx], x_real[idx], x_adv[idx], success[idx] = pr, xa, sent, won
         return x_adv, success
 

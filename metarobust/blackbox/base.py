@@ -1,13 +1,28 @@
 """What every query-based attack shares: the call, the threat model, the score losses, the registry.
 
 An attack is a frozen dataclass with its paper's defaults, called as
-``attack(oracle, x, y, generator=None) -> Outcome``. It receives nothing about the target but
-the :class:`~metarobust.blackbox.oracle.Oracle`; ``x [B, C, H, W]`` and ``y [B]`` are the clean
-images and their labels, which the attacker holds. Examples are attacked together, each with its
-own query count, budget and early stop: an example stops once a query it paid for shows it
-misclassified, or when it cannot afford the attack's next step. Every point sent is inside the
-eps-ball around ``x`` and in [0, 1]; with a quantising oracle it is also on the oracle's grid
-(:meth:`QueryAttack.point`), so a win never rests on a change the target cannot see.
+``attack(oracle, x, y, generator=None, *, y_target=None, init=None) -> Outcome``. It receives
+nothing about the target but the :class:`~metarobust.blackbox.oracle.Oracle`; ``x [B, C, H, W]``
+and ``y [B]`` are the clean images and their labels, which the attacker holds. Examples are
+attacked together, each with its own query count, budget and early stop: an example stops once
+a query it paid for shows it fooled, or when it cannot afford the attack's next step. Every
+point sent is inside the eps-ball around ``x`` and in [0, 1]; with a quantising oracle it is
+also on the oracle's grid (:meth:`QueryAttack.point`), so a win never rests on a change the
+target cannot see.
+
+- **Targeted mode.** With ``y_target [B]`` (each different from ``y``) an example is fooled when
+  the target's top-1 label *is* its target, and every loss is turned around to raise the
+  target class (:func:`score_loss`); check the result with ``oracle.verify(x_adv, y,
+  target=y_target)``. Without it the attack is untargeted: fooled means top-1 is not ``y``.
+- **Seeding** (``init``): a perturbation ``[B, C, H, W]`` to start from instead of the attack's
+  own starting point, e.g. a generator's output (MCG, Yin et al.). The caller projects it into
+  the eps-ball; it is projected onto the ball again here (not the box, which would erase the
+  sign of a corner it cuts off; every point sent is in the box). Each attack states what it
+  does with it (Square, SimBA, NES: start at ``x + init``; SignHunter: start from the signs
+  ``sign(init)``; Bandits: start at ``x + init`` with the gradient prior ``init / eps``). The
+  seed point is the example's *first query*: charged like any other, it replaces the attack's
+  own first query (so seeding never costs an extra query), and an example it already fools
+  stops there with 1 query.
 """
 
 from __future__ import annotations
@@ -42,25 +57,43 @@ class Outcome:
     success: torch.Tensor
 
 
-def score_loss(scores: torch.Tensor, y: torch.Tensor, loss: str, output: str) -> torch.Tensor:
-    """The per-example objective ``[M]`` an untargeted attack *maximises*, from oracle scores:
-    ``"ce"`` the cross-entropy ``-log p_y``; ``"margin"`` ``max_{j != y} log p_j - log p_y`` (the
-    CW margin; positive once fooled; equal on logits); ``"prob"`` ``-p_y`` (SimBA)."""
+@dataclass(frozen=True)
+class Goal:
+    """What the attack aims for: ``labels [B]`` the true labels to move away from (untargeted)
+    or, with ``targeted``, the target labels to move to."""
+
+    labels: torch.Tensor
+    targeted: bool = False
+
+
+def score_loss(scores: torch.Tensor, y: torch.Tensor, loss: str, output: str, targeted: bool = False
+               ) -> torch.Tensor:
+    """The per-example objective ``[M]`` an attack *maximises*, from oracle scores.
+
+    Untargeted (``y`` the true labels): ``"ce"`` the cross-entropy ``-log p_y``; ``"margin"``
+    ``max_{j != y} log p_j - log p_y`` (the CW margin; positive once fooled; equal on logits);
+    ``"prob"`` ``-p_y`` (SimBA). Targeted (``y`` the targets): the same quantities negated, so
+    the attack raises the target: ``log p_t``, ``log p_t - max_{j != t} log p_j`` (positive once
+    ``t`` is top-1), ``p_t``.
+    """
     lp = log_probs(scores, output)
     true = lp.gather(1, y.view(-1, 1)).squeeze(1)
     if loss == "ce":
-        return -true
-    if loss == "prob":
-        return -true.exp()
-    if loss == "margin":
-        other = lp.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
-        return other - true
-    raise ConfigError(f"loss={loss!r}; a black-box attack takes one of {list(SCORE_LOSSES)}")
+        out = -true
+    elif loss == "prob":
+        out = -true.exp()
+    elif loss == "margin":
+        out = lp.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1) - true
+    else:
+        raise ConfigError(f"loss={loss!r}; a black-box attack takes one of {list(SCORE_LOSSES)}")
+    return -out if targeted else out
 
 
-def fooled(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Whether each answer ``[M, N]`` ranks another class above ``y`` ``[M]``."""
-    return scores.argmax(dim=-1) != y
+def fooled(scores: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
+    """Whether each answer ``[M, N]`` ranks another class above ``y`` ``[M]`` (targeted: ranks
+    the target ``y`` first)."""
+    top = scores.argmax(dim=-1)
+    return top == y if targeted else top != y
 
 
 def draw(generator: torch.Generator, shape, device: torch.device, kind: str = "normal") -> torch.Tensor:
@@ -88,8 +121,10 @@ class QueryAttack:
         if getattr(self, "loss", "ce") not in SCORE_LOSSES:
             raise ConfigError(f"{type(self).__name__} loss={self.loss!r}; choose one of {list(SCORE_LOSSES)}")
 
-    def __call__(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
-                 generator: torch.Generator | None = None) -> Outcome:
+    def __call__(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                 *, y_target: torch.Tensor | None = None, init: torch.Tensor | None = None) -> Outcome:
+        """Attack ``x [B, C, H, W]`` (labels ``y [B]``) through ``oracle``; ``y_target [B]``: the
+        targeted mode; ``init [B, C, H, W]``: the perturbation to start from (module docstring)."""
         if self.needs_scores and not oracle.scores:
             raise ConfigError(f"{type(self).__name__} is score-based; the oracle answers only "
                               f"output={oracle.output!r} (use 'probs' or 'logits')")
@@ -98,16 +133,30 @@ class QueryAttack:
                              f"{oracle.examples} examples")
         if not bool(((x >= 0) & (x <= 1)).all()):
             raise ValueError("x must lie in [0, 1]")
+        y = y.to(x.device)
+        goal = Goal(y)
+        if y_target is not None:
+            y_target = y_target.to(x.device)
+            if y_target.shape != y.shape or bool((y_target == y).any()):
+                raise ValueError(f"y_target {tuple(y_target.shape)} must give each of the {len(y)} examples a "
+                                 f"class other than its label y")
+            goal = Goal(y_target, targeted=True)
+        if init is not None and init.shape != x.shape:
+            raise ValueError(f"init {tuple(init.shape)} must be a perturbation of x's shape {tuple(x.shape)}")
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(0)
         x = oracle.quantise(x.detach())  # the image the target sees: a quantising oracle's grid
+        if init is not None:  # onto the ball only (module docstring)
+            init = threat.project_ball(init.detach().to(x), self.norm, self.eps)
         start = oracle.queries.clone()
-        x_adv, success = self.attack(oracle, x, y.to(x.device), generator)
+        x_adv, success = self.attack(oracle, x, goal, generator, init)
         return Outcome(x_adv, (oracle.queries - start).to(x.device), success)
 
-    def attack(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_adv [B, ...], success bool [B])`` for the quantised clean ``x``."""
+    def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
+               init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_adv [B, ...], success bool [B])`` for the quantised clean ``x``; ``init`` the seed
+        perturbation projected onto the eps-ball (not yet the box: :meth:`project` for a start
+        point), or ``None``."""
         raise NotImplementedError
 
     def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -131,12 +180,29 @@ class QueryAttack:
         """:meth:`snap` of :meth:`project`: a point in the ball, the box and on the grid."""
         return self.snap(oracle, x, self.project(x, delta))
 
-    def losses(self, oracle: Oracle, points: torch.Tensor, index: torch.Tensor, y: torch.Tensor
+    def losses(self, oracle: Oracle, points: torch.Tensor, index: torch.Tensor, goal: Goal
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query ``points [M, ...]`` for examples ``index [M]`` (labels ``y [M]``):
-        ``(loss [M], fooled [M])``."""
+        """Query ``points [M, ...]`` for examples ``index [M]``: ``(loss [M], fooled [M])``."""
         scores = oracle(points, index)
-        return score_loss(scores, y, self.loss, oracle.output), fooled(scores, y)
+        labels = goal.labels[index]
+        return (score_loss(scores, labels, self.loss, oracle.output, goal.targeted),
+                fooled(scores, labels, goal.targeted))
+
+    def first_query(self, oracle: Oracle, x: torch.Tensor, goal: Goal, delta: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each example's first query, at ``x + delta`` (:meth:`snap`; ``None``: the clean
+        image), for the examples that can afford one: ``(points [B, ...] (the clean image where
+        not queried), loss [B] (-inf where not queried), fooled [B])``."""
+        b = x.shape[0]
+        points = x.clone()
+        best = torch.full((b,), float("-inf"), device=x.device)
+        success = torch.zeros(b, dtype=torch.bool, device=x.device)
+        idx = torch.arange(b, device=x.device)[affordable(oracle, torch.ones_like(success), 1)]
+        if idx.numel():
+            if delta is not None:
+                points[idx] = self.snap(oracle, x[idx], delta[idx])
+            best[idx], success[idx] = self.losses(oracle, points[idx], idx, goal)
+        return points, best, success
 
 
 def affordable(oracle: Oracle, active: torch.Tensor, cost: int) -> torch.Tensor:
@@ -144,5 +210,5 @@ def affordable(oracle: Oracle, active: torch.Tensor, cost: int) -> torch.Tensor:
     return active & (oracle.remaining.to(active.device) >= cost)
 
 
-__all__ = ["BLACKBOX_ATTACKS", "Outcome", "QueryAttack", "SCORE_LOSSES", "affordable", "draw", "fooled",
+__all__ = ["BLACKBOX_ATTACKS", "Goal", "Outcome", "QueryAttack", "SCORE_LOSSES", "affordable", "draw", "fooled",
            "score_loss"]

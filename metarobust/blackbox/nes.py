@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metarobust.blackbox.base import BLACKBOX_ATTACKS, QueryAttack, affordable, draw
+from metarobust.blackbox.base import BLACKBOX_ATTACKS, Goal, QueryAttack, affordable, draw
 from metarobust.blackbox.oracle import Oracle
 
 
@@ -21,7 +21,8 @@ class NES(QueryAttack):
     Each step estimates the gradient of the loss with ``samples`` Gaussian probes ``x +- sigma u``
     in antithetic pairs (natural evolution strategies, the paper's Algorithm 1) and takes a
     projected step of ``lr`` along its sign (L-inf) or its direction (L2). ``samples`` queries for
-    the estimate plus one to check the new iterate: ``samples + 1`` a step, plus the first query.
+    the estimate plus one to check the new iterate: ``samples + 1`` a step, plus the first query
+    (of the clean image; seeded: of ``x + init``, the starting iterate).
 
     Arguments (the paper's ImageNet settings):
         norm (str): ``"linf"`` or ``"l2"``.
@@ -47,32 +48,31 @@ class NES(QueryAttack):
         if self.samples < 2 or self.samples % 2:
             raise ValueError(f"NES samples={self.samples} must be even and >= 2 (antithetic pairs)")
 
-    def attack(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
+               init: torch.Tensor | None):
         b = x.shape[0]
         lr = self.lr if self.lr is not None else (0.01 if self.norm == "linf" else self.eps / 5)
         half = self.samples // 2
         every = torch.arange(b, device=x.device)
-        x_real, x_adv = x.clone(), x.clone()  # the iterate, and the (snapped) point sent
-        success = torch.zeros(b, dtype=torch.bool, device=x.device)
-        active = affordable(oracle, torch.ones(b, dtype=torch.bool, device=x.device), 1)
-        if active.any():
-            _, success[active] = self.losses(oracle, x[active], every[active], y[active])
+        delta = None if init is None else self.project(x, init)
+        x_real = x.clone() if delta is None else x + delta  # the iterate; x_adv: the (snapped) point sent
+        x_adv, _, success = self.first_query(oracle, x, goal, delta)
         while True:
             active = affordable(oracle, ~success, self.samples + 1)
             if not active.any():
                 break
             idx = every[active]
-            xa, yy = x_real[idx], y[idx]
+            xa = x_real[idx]
             m = idx.numel()
             u = draw(generator, (half, *xa.shape), x.device)
             u = torch.cat([u, -u])  # antithetic: [samples, M, C, H, W]
             probes = (xa.unsqueeze(0) + self.sigma * u).clamp(0, 1).flatten(0, 1)
-            values, _ = self.losses(oracle, probes, idx.repeat(self.samples), yy.repeat(self.samples))
+            values, _ = self.losses(oracle, probes, idx.repeat(self.samples), goal)
             g = (values.view(self.samples, m, 1, 1, 1) * u).mean(0) / self.sigma
             direction = g.sign() if self.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             xa = x[idx] + self.project(x[idx], xa + lr * direction - x[idx])
             sent = self.snap(oracle, x[idx], xa - x[idx])
-            _, won = self.losses(oracle, sent, idx, yy)
+            _, won = self.losses(oracle, sent, idx, goal)
             x_real[idx], x_adv[idx], success[idx] = xa, sent, won
         return x_adv, success
 

@@ -141,12 +141,16 @@ class Oracle:
         example ``index[i]``."""
         return lambda x: self(x, index)
 
-    def verify(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Whether the target misclassifies each of ``x_adv [B, ...]`` (labels ``y [B]``), from
-        one fresh query per example that is counted in :attr:`verification_queries`, not in the
-        examples' budgets. Returns ``bool [B]``."""
+    def verify(self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Whether the target misclassifies each of ``x_adv [B, ...]`` (labels ``y [B]``), or
+        with ``target [B]`` (a targeted attack) labels each as its target, from one fresh query
+        per example that is counted in :attr:`verification_queries`, not in the examples'
+        budgets. Returns ``bool [B]``."""
         self.verification_queries += x_adv.shape[0]
-        return self.predict(x_adv) != y.to(x_adv.device)
+        predicted = self.predict(x_adv)
+        if target is not None:
+            return predicted == target.to(x_adv.device)
+        return predicted != y.to(x_adv.device)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Top-1 labels ``[B]`` of the examples' images ``x [B, ...]`` (in order), outside the

@@ -2,7 +2,8 @@
 
 Every rate is over the *attacked* examples (those the target classifies correctly when clean),
 never over the successes only, and a success is one the oracle confirms on a fresh query of the
-final point (:meth:`~metarobust.blackbox.oracle.Oracle.verify`). The median is over the query
+final point (:meth:`~metarobust.blackbox.oracle.Oracle.verify`): misclassified, or in targeted
+mode (``summary["targeted"]``, stated in the table) classified as the point's target. The median is over the query
 counts of the successful examples (MCG's released code took it over the success flags, META.md
 3.6). FASR, the first-attack success rate, is the share of attacked examples fooled by the first
 query they were charged for; ``fasr_of_successes`` is the same count over the successes, the
@@ -68,7 +69,8 @@ def blackbox_table(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<12} {100 * r['success_rate']:>7.1f}% {num(r['mean_queries']):>8} "
                      f"{num(r['median_queries']):>9} {100 * r['fasr']:>5.1f}% {r['attacked']:>8} "
                      f"{r['claimed_not_verified']:>10}")
-    lines.append(f"{summary['norm']} eps {summary['eps']:.4g}, budget {summary['budget']} queries per example, "
+    mode = "targeted (a random other class per point)" if summary.get("targeted") else "untargeted"
+    lines.append(f"{mode}, {summary['norm']} eps {summary['eps']:.4g}, budget {summary['budget']} queries per example, "
                  f"oracle output {summary['output']}, quantisation {summary['levels'] or 'none'}; "
                  f"clean accuracy {100 * summary['clean_acc']:.1f}% of {summary['points']} points; "
                  f"rates over the attacked (clean-correct) points, queries over the successes")
@@ -78,7 +80,8 @@ def blackbox_table(summary: dict[str, Any]) -> str:
 def blackbox_headline(summary: dict[str, Any]) -> dict[str, Any]:
     """The final JSON line: per attack the success rate and mean/median queries, rounded."""
     out: dict[str, Any] = {"target": summary.get("target"), "norm": summary["norm"], "eps": round(summary["eps"], 5),
-                           "budget": summary["budget"], "clean_acc": round(summary["clean_acc"], 4)}
+                           "budget": summary["budget"], "targeted": bool(summary.get("targeted")),
+                           "clean_acc": round(summary["clean_acc"], 4)}
     for name, r in summary["attacks"].items():
         out[name] = {"success_rate": round(r["success_rate"], 4),
                      "mean_queries": None if r["mean_queries"] is None else round(r["mean_queries"], 1),

@@ -32,13 +32,16 @@ class BlackboxConfig:
 
     run: str = ""
     """The target: a run folder (``runs/<name>``) or a checkpoint file."""
-    attacks: list[str] = field(default_factory=lambda: ["simba", "simba_dct", "bandits", "nes", "signhunter"])
+    attacks: list[str] = field(default_factory=lambda: ["simba", "simba_dct", "bandits", "nes", "signhunter", "square"])
     """Black-box attacks in order (``metarobust list attacks``)."""
     norm: str = "linf"
     eps: float | None = None
     """Radius; ``null``: the run's ``attack.eps`` (L-inf) or 0.5 (L2)."""
     budget: int = 1000
     """Queries per attacked example."""
+    targeted: bool = False
+    """Targeted mode: each point gets a random class other than its label (seeded by ``seed``,
+    the same targets for every attack) and succeeds only when classified as it."""
     output: str = "probs"
     """What the oracle returns: probs, logits or label."""
     levels: int | None = 256
@@ -124,16 +127,18 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None) -> di
              for f, x, y, coupled in groups]
     correct = torch.cat(clean).cpu()
     summary: dict[str, Any] = {"norm": cfg.norm, "eps": eps, "budget": cfg.budget, "output": cfg.output,
-                               "levels": cfg.levels, "points": len(correct), "clean_acc": float(correct.float().mean()),
-                               "attacks": {}}
+                               "levels": cfg.levels, "targeted": cfg.targeted, "points": len(correct),
+                               "clean_acc": float(correct.float().mean()), "attacks": {}}
+    chooser = torch.Generator().manual_seed(cfg.seed)
+    goals = [random_targets(f, x, y, chooser) if cfg.targeted else None for f, x, y, _ in groups]
     generator = torch.Generator().manual_seed(cfg.seed)
     for name in cfg.attacks:
         attack = build_blackbox_attack(name, cfg.norm, eps, **cfg.params.get(name, {}))
         queries, claimed, verified, spent = [], [], [], 0
-        for (forward, x, y, coupled), ok in zip(groups, clean):
+        for (forward, x, y, coupled), ok, y_target in zip(groups, clean, goals):
             oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
-            outcome = attack(oracle, x, y, generator)
-            verdict = oracle.verify(outcome.x_adv, y)
+            outcome = attack(oracle, x, y, generator, y_target=y_target)
+            verdict = oracle.verify(outcome.x_adv, y, target=y_target)
             queries.append(outcome.queries[ok])
             claimed.append(outcome.success[ok])
             verified.append(verdict[ok])
@@ -147,10 +152,20 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None) -> di
     return summary
 
 
+def random_targets(forward, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A target per example ``[B]``: a class other than its label ``y``, uniform over the
+    others, from ``generator``. (The number of classes is read from one clean forward.)"""
+    with torch.no_grad():
+        classes = forward(x).shape[-1]
+    shift = torch.randint(1, classes, y.shape, generator=generator)
+    return (y.cpu() + shift).remainder(classes).to(y.device)
+
+
 def whitebox_check(groups, clean, norm: str, eps: float, summary: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     """APGD-CE (100 steps, white-box) on the same points, and per black-box attack whether its
     success rate exceeds APGD's by more than noise (two binomial standard errors of the pooled
-    rate, and at least one point): a failed check suggests gradient masking."""
+    rate, and at least one point): a failed check suggests gradient masking. (Untargeted APGD
+    also bounds a targeted attack's rate: reaching a target is one way to be misclassified.)"""
     apgd = APGD(norm, eps, steps=100)
     generator = torch.Generator().manual_seed(seed)
     broken = []
@@ -186,11 +201,12 @@ def run_blackbox(cfg: BlackboxConfig, progress=None) -> tuple[dict[str, Any], di
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "blackbox.json"
     atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
-    title = (f"{run_cfg.recipe} on {run_cfg.data.dataset}: {cfg.norm} eps {eps:.3g}, "
+    mode = "targeted, " if cfg.targeted else ""
+    title = (f"{run_cfg.recipe} on {run_cfg.data.dataset}: {mode}{cfg.norm} eps {eps:.3g}, "
              f"{summary['points']} points, clean acc {100 * summary['clean_acc']:.0f}%")
     plot = plot_success_vs_queries(summary, out / "blackbox.png", title)
     return summary, {"json": json_path, "plot": plot}
 
 
 __all__ = ["BlackboxConfig", "attack_targets", "blackbox_headline", "blackbox_table", "load_blackbox_config",
-           "run_blackbox", "targets", "whitebox_check"]
+           "random_targets", "run_blackbox", "targets", "whitebox_check"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metarobust.blackbox.base import BLACKBOX_ATTACKS, QueryAttack, affordable
+from metarobust.blackbox.base import BLACKBOX_ATTACKS, Goal, QueryAttack, affordable
 from metarobust.blackbox.oracle import Oracle
 
 
@@ -20,16 +20,17 @@ class SignHunter(QueryAttack):
     Distance Measure : Linf (the paper's) or L2
 
     Searches the sign vector ``s`` of the perturbation (``x + eps s``, L2: ``x + eps s /
-    sqrt(n)``) by divide and conquer: start from all ones; at level ``h`` the ``n`` coordinates
-    (flattened) are cut into ``2^h`` chunks and each chunk's signs are flipped in turn, the flip
-    kept if the loss rises. After the finest level the search starts again at level 0. One
-    query per flip, plus the first query of the starting point ``x + eps``. (The released code
-    counted each query twice, MCG's META.md 3.6; here every image counts once.)
+    sqrt(n)``) by divide and conquer: start from all ones (seeded: from ``sign(init)``, a zero
+    keeping +1); at level ``h`` the ``n`` coordinates (flattened) are cut into ``2^h`` chunks and
+    each chunk's signs are flipped in turn, the flip kept if the loss rises. After the finest
+    level the search starts again at level 0. One query per flip, plus the first query of the
+    starting point ``x + eps`` (seeded: ``x + eps sign(init)``). (The released code counted each
+    query twice, MCG's META.md 3.6; here every image counts once.)
 
     Arguments:
         norm (str): ``"linf"`` or ``"l2"``.
         eps (float): radius of the ball.
-        loss (str): ``"ce"`` (the paper's untargeted loss). (Default: ``"ce"``)
+        loss (str): ``"ce"`` (the paper's untargeted loss; targeted: ``log p_t``). (Default: ``"ce"``)
 
     Examples::
         >>> outcome = SignHunter("linf", eps=8/255)(oracle, x, y)
@@ -39,20 +40,16 @@ class SignHunter(QueryAttack):
     eps: float = 8 / 255
     loss: str = "ce"
 
-    def attack(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
+               init: torch.Tensor | None):
         b = x.shape[0]
         n = x[0].numel()
         scale = self.eps if self.norm == "linf" else self.eps / math.sqrt(n)
         every = torch.arange(b, device=x.device)
         signs = torch.ones(b, n, device=x.device)
-        x_adv = x.clone()
-        best = torch.full((b,), float("-inf"), device=x.device)
-        success = torch.zeros(b, dtype=torch.bool, device=x.device)
-        active = affordable(oracle, torch.ones(b, dtype=torch.bool, device=x.device), 1)
-        if active.any():
-            idx = every[active]
-            x_adv[idx] = self.point(oracle, x[idx], scale * signs[idx].view_as(x[idx]))
-            best[idx], success[idx] = self.losses(oracle, x_adv[idx], idx, y[idx])
+        if init is not None:  # the seed's signs; a zero coordinate keeps the paper's +1
+            signs = torch.where(init.flatten(1) < 0, -1.0, 1.0)
+        x_adv, best, success = self.first_query(oracle, x, goal, self.project(x, scale * signs.view_as(x)))
         levels = math.ceil(math.log2(n)) + 1
         h, i = 0, 0  # every example flips the same chunk at the same step
         while True:
@@ -65,7 +62,7 @@ class SignHunter(QueryAttack):
             trial = signs[idx].clone()
             trial[:, lo:hi] *= -1
             points = self.point(oracle, x[idx], scale * trial.view_as(x[idx]))
-            value, won = self.losses(oracle, points, idx, y[idx])
+            value, won = self.losses(oracle, points, idx, goal)
             better = value > best[idx]
             keep = idx[better]
             signs[keep], x_adv[keep] = trial[better], points[better]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metarobust.blackbox.base import BLACKBOX_ATTACKS, QueryAttack, affordable, draw
+from metarobust.blackbox.base import BLACKBOX_ATTACKS, Goal, QueryAttack, affordable, draw
 from metarobust.blackbox.oracle import Oracle
 
 
@@ -48,8 +48,9 @@ class SimBA(QueryAttack):
 
     Coordinate by coordinate, in a random order of an orthonormal basis (pixels, or the 2-D DCT
     with low frequencies first), try ``-step`` then ``+step`` along the basis vector and keep the
-    first that lowers the probability of the true class. One query per try: one or two per
-    coordinate, plus the first query of the clean image. The reference's code bounds nothing; here
+    first that lowers the probability of the true class (targeted: raises the target's). One
+    query per try: one or two per coordinate, plus the first query of the clean image (seeded:
+    of ``x + init``, the point the search then starts from). The reference's code bounds nothing; here
     each point is projected onto the eps-ball and the box (L-inf pixel: the step is ``eps``,
     so a coordinate moves straight to the ball's face).
 
@@ -81,7 +82,8 @@ class SimBA(QueryAttack):
         if self.basis not in ("pixel", "dct"):
             raise ValueError(f"SimBA basis={self.basis!r}; choose 'pixel' or 'dct'")
 
-    def attack(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
+               init: torch.Tensor | None):
         b, c, h, w = x.shape
         step = self.step if self.step is not None else (
             self.eps if (self.norm == "linf" and self.basis == "pixel") else 0.2)
@@ -90,13 +92,9 @@ class SimBA(QueryAttack):
         dh, dw = dct_matrix(h, x.device), dct_matrix(w, x.device)
         every = torch.arange(b, device=x.device)
 
-        delta = torch.zeros_like(x)
-        active = affordable(oracle, torch.ones(b, dtype=torch.bool, device=x.device), 1)
-        best = torch.full((b,), float("-inf"), device=x.device)
-        success = torch.zeros(b, dtype=torch.bool, device=x.device)
-        if active.any():
-            best[active], success[active] = self.losses(oracle, x[active], every[active], y[active])
-        active &= ~success
+        delta = torch.zeros_like(x) if init is None else self.project(x, init)
+        _, best, success = self.first_query(oracle, x, goal, delta)
+        active = ~success
         for k in order.tolist():
             active = affordable(oracle, active, 1)
             if not active.any():
@@ -114,7 +112,7 @@ class SimBA(QueryAttack):
                     break
                 trial = self.project(x[idx], delta[idx] + sign * step * direction)
                 points = self.snap(oracle, x[idx], trial)
-                value, won = self.losses(oracle, points, idx, y[idx])
+                value, won = self.losses(oracle, points, idx, goal)
                 better = value > best[idx]
                 keep = idx[better]
                 delta[keep] = trial[better]
