@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import toy_classifier
 
 from metarobust.attacks import mi_fgsm
 from metarobust.attacks.threat import in_threat_model
+from metarobust.blackbox import Oracle
 from metarobust.blackbox.mcg import (
     CGlow,
     GeneratorConfig,
+    History,
+    MCGAttack,
     MCGConfig,
     MCGGenerator,
     interpolate_,
+    mcg_propose,
+    meta_train,
     pretrain,
     reptile_task,
     transfer_pairs,
 )
 from metarobust.blackbox.mcg.training import snapshot, surrogate_margin
+from metarobust.errors import ConfigError
 
 TINY = {"levels": 2, "steps": 2, "hidden": 8, "x_hidden_channels": 4, "x_hidden_size": 8}
 
@@ -72,7 +80,7 @@ def test_the_log_determinant_equals_the_brute_force_jacobian():
     # per operation through 2 levels x 2 steps x 3 layers; allow 100 eps32 per dimension.
     tol = 100 * u.numel() * torch.finfo(torch.float32).eps * (1 + abs(float(reference)))
     assert abs(float(logdet) - float(reference)) < tol
-    assert abs(float(exact(u.double(), x.double())[1]) - float(reference)) < 1e-9
+    assert abs(float(exact(u.double(), x.double())[1].detach()) - float(reference)) < 1e-9
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
@@ -84,7 +92,8 @@ def test_samples_respect_the_eps_ball_and_the_box(norm, eps, bound, subspace):
     x = torch.rand(6, 1, 8, 8, generator=seeded(1))
     x[:, :, :2] = 0.0  # pixels at the box's edges
     x[:, :, -2:] = 1.0
-    delta = g.sample(x, seeded(2), temperature=3.0)
+    with torch.no_grad():
+        delta = g.sample(x, seeded(2), temperature=3.0)
     assert delta.shape == x.shape
     assert bool(in_threat_model(x, x + delta, norm, eps).all())
     assert float(delta.abs().max()) > 0.2 * eps / (1 if norm == "linf" else 8)  # not trivially zero
@@ -105,7 +114,8 @@ def test_mi_fgsm_stays_in_the_ball_and_raises_the_loss(toy, norm, eps):
     x_adv = mi_fgsm(model, x, y, norm, eps, steps=5)
     assert bool(in_threat_model(x, x_adv, norm, eps).all())
     ce = torch.nn.functional.cross_entropy
-    assert float(ce(model(x_adv), y)) > float(ce(model(x), y))
+    with torch.no_grad():
+        assert float(ce(model(x_adv), y)) > float(ce(model(x), y))
 
 
 def test_transfer_pairs_keep_the_confidently_correct_images(toy):
@@ -157,8 +167,6 @@ def test_interpolation_with_weight_zero_restores_and_one_keeps():
 
 
 def test_meta_training_lowers_the_surrogate_margin(toy):
-    from metarobust.blackbox.mcg import meta_train
-
     model, x, y = toy
     torch.manual_seed(0)
     g = MCGGenerator(GeneratorConfig((1, 8, 8), "linf", 0.2, **TINY))
@@ -167,3 +175,68 @@ def test_meta_training_lowers_the_surrogate_margin(toy):
     with torch.no_grad():
         final = float(surrogate_margin([model], x, y, g.sample(x, seeded(2)), cfg.kappa).mean())
     assert final < margins[0], (margins, final)
+
+
+def proposal_setup(toy, budget=5, **cfg):
+    model, x, y = toy
+    torch.manual_seed(0)
+    g = scrambled(MCGGenerator(GeneratorConfig((1, 8, 8), "linf", 0.1, **TINY)))
+    surrogate = scrambled(copy.deepcopy(model), seed=3)  # a surrogate close to the target, not equal
+    oracle = Oracle(model, budget=budget, examples=len(x), output="probs", levels=256)
+    return g, surrogate, oracle, x, y, MCGConfig(**cfg)
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_the_proposal_charges_one_query_per_example_and_resets_the_generator(toy, per_example):
+    g, surrogate, oracle, x, y, cfg = proposal_setup(toy, finetune_latent=True, latent_steps=2,
+                                                     per_example=per_example)
+    phi_0 = snapshot(g)
+    p = mcg_propose(g, oracle, x, y, surrogate, cfg, seeded(1))
+    assert oracle.queries.tolist() == [1] * len(x) and p.queries.tolist() == [1] * len(x)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(g), phi_0))  # finetune_reload
+    assert bool(in_threat_model(x, p.x_adv, "linf", 0.1).all())
+    assert torch.allclose(p.x_adv * 255, torch.round(p.x_adv * 255), rtol=0, atol=1e-3)  # on the 8-bit grid
+    assert torch.allclose(p.delta, p.x_adv - x) and float(p.delta.abs().max()) > 0
+    assert torch.equal(p.success, oracle.verify(p.x_adv, y))
+    assert torch.allclose(p.scores.sum(-1), torch.ones(len(x)))
+
+
+def test_without_reload_the_fine_tuned_weights_carry_over(toy):
+    g, surrogate, oracle, x, y, cfg = proposal_setup(toy, finetune_reload=False)
+    phi_0 = snapshot(g)
+    mcg_propose(g, oracle, x, y, surrogate, cfg, seeded(1))
+    assert any(not torch.equal(a, b) for a, b in zip(snapshot(g), phi_0))
+
+
+def test_an_example_without_budget_is_not_queried(toy):
+    g, surrogate, _, x, y, cfg = proposal_setup(toy)
+    budget = torch.ones(len(x), dtype=torch.long)
+    budget[0] = 0
+    oracle = Oracle(toy[0], budget=budget, output="probs", levels=256)
+    p = mcg_propose(g, oracle, x, y, surrogate, cfg, seeded(1))
+    assert oracle.queries.tolist() == [0] + [1] * (len(x) - 1)
+    assert not bool(p.success[0]) and float(p.delta[0].abs().max()) == 0
+
+
+def test_the_surrogate_is_refreshed_from_paid_answers_only_when_switched_on(toy):
+    model, x, y = toy
+    target = snapshot(model)
+    for switch, moves in [(True, True), (False, False)]:
+        g, surrogate, oracle, _, _, cfg = proposal_setup(toy, finetune_clean=switch, finetune_perturbation=False)
+        history = History()
+        with torch.no_grad():
+            history.add(x, y, model(x).softmax(-1), "probs", kind="clean")  # answers the runner paid for
+        before = snapshot(surrogate)
+        mcg_propose(g, oracle, x, y, surrogate, cfg, seeded(1), history)
+        moved = any(not torch.equal(a, b) for a, b in zip(snapshot(surrogate), before))
+        assert moved == moves
+        assert history.size("attack") == len(x)  # each proposal's paid answer is kept
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model), target))  # the target is untouched
+
+
+def test_the_attack_form_returns_an_outcome_and_checks_the_threat_model(toy):
+    g, surrogate, oracle, x, y, cfg = proposal_setup(toy)
+    outcome = MCGAttack("linf", 0.1, g, [surrogate], cfg)(oracle, x, y, seeded(1))
+    assert outcome.queries.tolist() == [1] * len(x)
+    with pytest.raises(ConfigError, match="generator's"):
+        MCGAttack("linf", 0.2, g, [surrogate], cfg)
