@@ -240,3 +240,31 @@ def test_the_attack_form_returns_an_outcome_and_checks_the_threat_model(toy):
     assert outcome.queries.tolist() == [1] * len(x)
     with pytest.raises(ConfigError, match="generator's"):
         MCGAttack("linf", 0.2, g, [surrogate], cfg)
+
+
+def test_the_dct_subspace_round_trips_its_low_frequency_block():
+    g = MCGGenerator(GeneratorConfig((3, 16, 16), "linf", 0.1, subspace=8, **TINY))
+    u = torch.randn(2, 3, 8, 8, generator=seeded(1))
+    w = g.to_pixels(u)
+    assert w.shape == (2, 3, 16, 16)
+    assert torch.allclose(g.to_flow(w), u, rtol=0, atol=1e-5)
+    assert torch.allclose(w.norm(), u.norm(), rtol=1e-5)  # orthonormal: energy kept
+
+
+def test_the_lifelong_term_joins_once_the_history_is_large_and_lambda_adapts_after_warmup(toy):
+    from metarobust.blackbox.mcg import SurrogateRefresh
+
+    model, x, y = toy
+    surrogate = scrambled(copy.deepcopy(model), seed=3)
+    cfg = MCGConfig(surrogate_batch=2, lifelong_warmup=2, surrogate_loss="kl")
+    refresh, history = SurrogateRefresh(surrogate, cfg), History()
+    with torch.no_grad():
+        history.add(x[:4], y[:4], model(x[:4]), "logits", kind="clean")
+        history.add(x[4:6], y[4:6], model(x[4:6]), "logits", kind="attack")
+    assert refresh.step(history, seeded(1)) and refresh.lam == 3.0  # 2 past attacks: not yet lifelong
+    with torch.no_grad():
+        history.add(x[6:9], y[6:9], model(x[6:9]), "logits", kind="attack")
+    refresh.step(history, seeded(1))
+    assert refresh.lam == 3.0 and refresh.updates == 2  # lifelong now; lambda waits for 2 updates
+    refresh.step(history, seeded(1))
+    assert refresh.lam != 3.0

@@ -117,9 +117,9 @@ class SurrogateRefresh:
                     d_loss = self._fit(history.draw("attack", cfg.surrogate_batch, generator))
                 if s_loss is not None and d_loss is not None:
                     loss = s_loss + self.lam * d_loss
-                    if self.updates >= cfg.lifelong_warmup and float(d_loss) > 0:
+                    if self.updates >= cfg.lifelong_warmup and float(d_loss.detach()) > 0:
                         m = cfg.lifelong_momentum
-                        self.lam = m * self.lam + (1 - m) * float(s_loss) / float(d_loss)
+                        self.lam = m * self.lam + (1 - m) * float(s_loss.detach()) / float(d_loss.detach())
                 else:
                     loss = s_loss if s_loss is not None else d_loss
                 self.opt.zero_grad()
@@ -150,7 +150,7 @@ def tune_latents(model: MCGGenerator, surrogates: Sequence[nn.Module], x: torch.
     for _ in range(cfg.latent_steps):
         with torch.enable_grad():
             loss = surrogate_margin(surrogates, x, y, model.decode(latents, x), cfg.kappa).mean()
-            if float(loss) < cfg.latent_stop:
+            if float(loss.detach()) < cfg.latent_stop:
                 break
             grads = torch.autograd.grad(loss, latents)
         for z, g in zip(latents, grads, strict=True):

@@ -78,7 +78,7 @@ def pretrain(model: MCGGenerator, x: torch.Tensor, delta: torch.Tensor, cfg: MCG
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain_clip)
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         history.append(total / len(x))
     return history
 
