@@ -268,3 +268,14 @@ def test_the_lifelong_term_joins_once_the_history_is_large_and_lambda_adapts_aft
     assert refresh.lam == 3.0 and refresh.updates == 2  # lifelong now; lambda waits for 2 updates
     refresh.step(history, seeded(1))
     assert refresh.lam != 3.0
+
+
+def test_large_weights_still_decode_finite_perturbations_with_finite_gradients():
+    torch.manual_seed(0)
+    g = scrambled(MCGGenerator(GeneratorConfig((3, 8, 8), "linf", 0.1, levels=3, steps=2, hidden=8,
+                                               x_hidden_channels=4, x_hidden_size=8)), scale=0.3)
+    x = torch.rand(2, 3, 8, 8, generator=seeded(1))
+    delta = g.sample(x, seeded(2))
+    delta.sum().backward()
+    assert bool(torch.isfinite(delta).all())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in g.parameters() if p.grad is not None)

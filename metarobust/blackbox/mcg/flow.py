@@ -41,6 +41,18 @@ def unsqueeze(h: torch.Tensor) -> torch.Tensor:
     return h.reshape(b, c // 4, 2 * hh, 2 * ww)
 
 
+LOG_SCALE_BOUND = 3.0
+"""Every predicted log-scale is soft-clamped to (-3, 3) [ours]: sampling runs the flow *backwards*,
+dividing by each scale, so an unbounded one lets a few large fine-tuning steps overflow the
+decoded perturbation (inf, then NaN gradients through the bound's tanh). Three is wide: a fresh
+flow's scales are 1, the coupling's sigmoid(2) = 0.88."""
+
+
+def soft_clamp(t: torch.Tensor, bound: float = LOG_SCALE_BOUND) -> torch.Tensor:
+    """``bound * tanh(t / bound)``: ``t`` near zero, never beyond ``+-bound``; smooth."""
+    return bound * torch.tanh(t / bound)
+
+
 def zero_linear(fan_in: int, fan_out: int) -> nn.Linear:
     layer = nn.Linear(fan_in, fan_out)
     nn.init.zeros_(layer.weight)
@@ -75,7 +87,7 @@ class CondActNorm(nn.Module):
 
     def _params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_scale, bias = self.net(cond)[..., None, None].chunk(2, dim=1)
-        return log_scale, bias
+        return soft_clamp(log_scale), bias
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_scale, bias = self._params(cond)
@@ -102,7 +114,7 @@ class CondInvConv1x1(nn.Module):
     def _factors(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.channels
         out = self.net(cond)
-        square, log_diag = out[:, :c * c].view(-1, c, c), out[:, c * c:]
+        square, log_diag = out[:, :c * c].view(-1, c, c), soft_clamp(out[:, c * c:])
         eye = torch.eye(c, device=cond.device, dtype=cond.dtype)
         lower = square * self.lower_mask + eye
         upper = square * self.lower_mask.T + torch.diag_embed(log_diag.exp())
@@ -125,8 +137,9 @@ class CondInvConv1x1(nn.Module):
 
 class CondAffineCoupling(nn.Module):
     """Glow's affine coupling with the condition features concatenated to the net's input: the
-    second half of the channels becomes ``(h2 + shift) * sigmoid(raw + 2)``, with ``shift`` and
-    ``raw`` computed from the first half and the features of ``x``."""
+    second half of the channels becomes ``(h2 + shift) * sigmoid(raw + 2)`` (its log soft-clamped,
+    :data:`LOG_SCALE_BOUND`), with ``shift`` and ``raw`` computed from the first half and the
+    features of ``x``."""
 
     def __init__(self, channels: int, feature_channels: int, hidden: int) -> None:
         super().__init__()
@@ -140,17 +153,17 @@ class CondAffineCoupling(nn.Module):
 
     def _params(self, h1: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shift, raw = self.net(torch.cat([h1, features], dim=1)).chunk(2, dim=1)
-        return shift, torch.sigmoid(raw + 2.0)
+        return shift, soft_clamp(F.logsigmoid(raw + 2.0))  # log of Glow's sigmoid(raw + 2)
 
     def forward(self, h: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h1, h2 = h[:, :self.half], h[:, self.half:]
-        shift, scale = self._params(h1, features)
-        return torch.cat([h1, (h2 + shift) * scale], dim=1), scale.log().flatten(1).sum(1)
+        shift, log_scale = self._params(h1, features)
+        return torch.cat([h1, (h2 + shift) * log_scale.exp()], dim=1), log_scale.flatten(1).sum(1)
 
     def inverse(self, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         h1, h2 = h[:, :self.half], h[:, self.half:]
-        shift, scale = self._params(h1, features)
-        return torch.cat([h1, h2 / scale - shift], dim=1)
+        shift, log_scale = self._params(h1, features)
+        return torch.cat([h1, h2 * torch.exp(-log_scale) - shift], dim=1)
 
 
 class FlowStep(nn.Module):
@@ -212,12 +225,13 @@ class CGlow(nn.Module):
         self.latent_shapes.append((c, h, w))
 
     def _conditions(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per level: ``x`` resized to the level's resolution, and the coupling features of it."""
+        """Per level: ``x`` resized to the level's resolution (antialiased: ImageNet's 224 pixels
+        shrink to the DCT block's 16 or fewer), and the coupling features of it."""
         out, (h, w) = [], self.shape[1:]
         for level in range(self.levels):
             h, w = h // 2, w // 2
             cond = x if x.shape[-2:] == (h, w) else F.interpolate(x, size=(h, w), mode="bilinear",
-                                                                   align_corners=False)
+                                                                   align_corners=False, antialias=True)
             out.append((cond, self.features[level](cond)))
         return out
 
