@@ -11,6 +11,7 @@ from metarobust.attacks import apgd, fab, pgd, reference, square  # noqa: F401  
 from metarobust.attacks.apgd import APGD
 from metarobust.attacks.fab import FAB
 from metarobust.attacks.losses import cross_entropy_sum, kl_from_clean
+from metarobust.attacks.mifgsm import mi_fgsm
 from metarobust.attacks.pgd import PGD, fgsm, fgsm_rs
 from metarobust.attacks.reference import AutoAttackReference
 from metarobust.attacks.registry import ATTACKS
@@ -24,4 +25,4 @@ def build_attack(cfg: AttackConfig):
 
 
 __all__ = ["APGD", "ATTACKS", "FAB", "PGD", "AutoAttackReference", "Square", "SquareResult", "fgsm", "fgsm_rs",
-           "build_attack", "cross_entropy_sum", "kl_from_clean"]
+           "build_attack", "cross_entropy_sum", "kl_from_clean", "mi_fgsm"]
