@@ -7,6 +7,7 @@
     metarobust data info DATASET [--root PATH]
     metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
     metarobust blackbox CONFIG [key=value ...]            query-based attacks on a trained run
+    metarobust blackbox-train CONFIG [key=value ...]      train MCG's generator on surrogate runs
     metarobust list recipes|models|datasets|attacks|configs
     metarobust seg train|eval ...              few-shot organ segmentation (docs/segmentation.md)
     metarobust --version
@@ -99,6 +100,13 @@ def _cmd_blackbox(args: argparse.Namespace) -> None:
     print(blackbox_table(summary))
     print(f"json: {paths['json']}\nplot: {paths['plot']}")
     print(json.dumps(blackbox_headline(summary)))
+
+
+def _cmd_blackbox_train(args: argparse.Namespace) -> None:
+    from metarobust.blackbox.mcg.fit import load_train_config, train_generator
+
+    summary = train_generator(load_train_config(args.config, args.overrides), progress=not args.quiet)
+    print(json.dumps(summary))
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> None:
@@ -311,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget=500 run=runs/quickstart/maml")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_blackbox)
+
+    p = _command(sub, "blackbox-train", "train MCG's meta generator on surrogate runs (MI-FGSM transfer pairs, "
+                                        "then Reptile); resumes; writes the checkpoint blackbox's mcg.generator reads")
+    p.add_argument("config", help="a YAML file, e.g. configs/blackbox/mcg_train_mnist.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. surrogates=[runs/a] out=runs/g.pt "
+                                                "mcg.meta_epochs=1")
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
+    p.set_defaults(func=_cmd_blackbox_train)
 
     root_help = ("where the dataset's files are (default: $METAROBUST_DATA/DATASET, else "
                  "~/.cache/metarobust/DATASET)")

@@ -19,6 +19,11 @@ def test_every_shipped_config_loads():
     for path in files:
         if path.stem.startswith("shots_study"):  # a study file: base config + `study:` (scripts/shots_study.py)
             continue
+        if path.stem.startswith("mcg_train"):  # `metarobust blackbox-train`: surrogates named at the command line
+            from metarobust.blackbox.mcg.fit import load_train_config
+
+            load_train_config(path, check=False)
+            continue
         if path.parent.name == "blackbox":  # `metarobust blackbox` configs: a run and its attacks
             from metarobust.blackbox.run import load_blackbox_config
 

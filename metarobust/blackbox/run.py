@@ -7,13 +7,21 @@ the run's test points. Only the points the target classifies correctly are attac
 get a budget of 0). With ``whitebox_check`` APGD attacks the same points with gradients, and a
 black-box attack that beats it by more than sampling noise is reported as a sign of gradient
 masking (a black-box attack is a special case of a white-box one).
+
+With ``mcg.enabled`` every attack also runs as ``mcg+<attack>`` on the same points with the same
+budget and seed: MCG's generator spends the example's first query on its proposal
+(:meth:`~metarobust.blackbox.mcg.MCGAttack.propose`, the same oracle), and the attack starts from
+it (``init=proposal.delta``) on the examples the proposal did not fool; an example's count is 1
+plus the attack's own, never past the budget. One :class:`MCGAttack` per target keeps its
+history (the clean answers, then every proposal's answer) across the attacks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,51 @@ from metarobust.blackbox.base import BLACKBOX_ATTACKS
 from metarobust.blackbox.oracle import OUTPUTS, Oracle
 from metarobust.blackbox.report import blackbox_headline, blackbox_table, plot_success_vs_queries, summarise
 from metarobust.errors import ConfigError
+
+
+@dataclass
+class MCGSection:
+    """``mcg:`` of a blackbox config: seed every attack with MCG's generator (docs/blackbox.md)."""
+
+    enabled: bool = False
+    generator: str = ""
+    """A generator checkpoint (``metarobust blackbox-train``): its norm and eps must be the run's."""
+    surrogates: list[str] = field(default_factory=list)
+    """Run folders or checkpoints of white-box surrogates, refreshed at attack time (copies)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """:class:`~metarobust.blackbox.mcg.MCGConfig` fields overriding its defaults, e.g.
+    ``{finetune_clean: false, glow_steps: 1}``."""
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        if not self.generator:
+            raise ConfigError("blackbox.mcg.generator is empty; name a generator checkpoint "
+                              "(metarobust blackbox-train writes one)")
+        if not Path(self.generator).is_file():
+            raise ConfigError(f"blackbox.mcg.generator={self.generator!r}: no such file; train one with "
+                              f"metarobust blackbox-train")
+        if not self.surrogates:
+            raise ConfigError("blackbox.mcg.surrogates is empty; name at least one surrogate run folder or "
+                              "checkpoint (runs/<name>)")
+        for path in self.surrogates:
+            if not Path(path).exists():
+                raise ConfigError(f"blackbox.mcg.surrogates: {path!r} does not exist; expected a run folder "
+                                  f"or a checkpoint")
+        self.mcg_config()
+
+    def mcg_config(self):
+        """The :class:`MCGConfig` of ``config``; unknown fields name the accepted ones."""
+        from metarobust.blackbox.mcg import MCGConfig
+
+        known = [f.name for f in fields(MCGConfig)]
+        unknown = sorted(set(self.config) - set(known))
+        if unknown:
+            raise ConfigError(f"blackbox.mcg.config: unknown field(s) {unknown}; MCGConfig takes {known}")
+        values = dict(self.config)
+        if "confidence" in values:
+            values["confidence"] = tuple(values["confidence"])
+        return MCGConfig(**values)
 
 
 @dataclass
@@ -59,6 +112,12 @@ class BlackboxConfig:
     """Overrides of the run's own config (e.g. ``[device=cpu]``)."""
     out: str | None = None
     """Folder for blackbox.json and blackbox.png; ``null``: ``<run>/blackbox``."""
+    mcg: MCGSection = field(default_factory=MCGSection)
+    """MCG's generator as the first query of every attack (``mcg+<attack>`` rows)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mcg, dict):  # from YAML (OmegaConf.to_container) or a plain dict
+            self.mcg = MCGSection(**self.mcg)
 
     def check(self) -> None:
         if not self.run:
@@ -74,6 +133,13 @@ class BlackboxConfig:
                               f"must be >= 1")
         for name in self.params:  # settings of attacks not run are kept (attacks=[...] on the command line)
             BLACKBOX_ATTACKS.get(name, "blackbox.params")
+        self.mcg.check()
+        if self.mcg.enabled and self.output == "label":
+            raise ConfigError("blackbox.mcg.enabled with output='label': MCG refreshes its surrogates on the "
+                              "target's scores; use output probs or logits")
+        if self.mcg.enabled and self.targeted:
+            raise ConfigError("blackbox.mcg.enabled with targeted=true: MCG's proposal is untargeted "
+                              "(its generator was trained on the margin of the true class); set targeted=false")
 
 
 def load_blackbox_config(path: str | Path, overrides: list[str] | None = None) -> BlackboxConfig:
@@ -119,37 +185,117 @@ def targets(cfg: BlackboxConfig):
     return run_cfg, out
 
 
-def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None) -> dict[str, Any]:
-    """Run every attack of ``cfg`` on ``groups`` (``[(forward, x, y, coupled)]``); the summary."""
-    from metarobust.blackbox import build_blackbox_attack
+def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=None) -> dict[str, Any]:
+    """Run every attack of ``cfg`` on ``groups`` (``[(forward, x, y, coupled)]``); the summary.
 
-    clean = [Oracle(f, 0, len(x), cfg.output, cfg.levels, x if coupled else None).predict(x) == y
-             for f, x, y, coupled in groups]
+    With ``cfg.mcg.enabled`` (or ``mcg``: one :class:`~metarobust.blackbox.mcg.MCGAttack` per
+    group, built by :func:`mcg_attacks` when not given) each attack also runs seeded by MCG's
+    proposal (:func:`seeded_attack`) as ``mcg+<attack>``, from the same random state."""
+    from metarobust.blackbox import build_blackbox_attack
+    from metarobust.blackbox.report import mcg_comparison
+
+    clean, answers = [], []
+    for f, x, y, coupled in groups:  # the clean check: one query per point, outside the budgets
+        check = Oracle(f, 1, len(x), cfg.output, cfg.levels, x if coupled else None)
+        scores = check(x)
+        clean.append((scores if cfg.output == "label" else scores.argmax(-1)) == y)
+        answers.append((check.quantise(x), scores))
     correct = torch.cat(clean).cpu()
     summary: dict[str, Any] = {"norm": cfg.norm, "eps": eps, "budget": cfg.budget, "output": cfg.output,
                                "levels": cfg.levels, "targeted": cfg.targeted, "points": len(correct),
                                "clean_acc": float(correct.float().mean()), "attacks": {}}
+    if mcg is None and cfg.mcg.enabled:
+        mcg = mcg_attacks(cfg.mcg, groups, cfg.norm, eps)
+    if mcg is not None:
+        for attack, (x_seen, scores), (_, _, y, _) in zip(mcg, answers, groups, strict=True):
+            attack.history.add(x_seen, y, scores, cfg.output, kind="clean")  # answers the clean check paid for
+        summary["mcg"] = {"generator": cfg.mcg.generator, "surrogates": list(cfg.mcg.surrogates),
+                          "config": dict(cfg.mcg.config)}
     chooser = torch.Generator().manual_seed(cfg.seed)
     goals = [random_targets(f, x, y, chooser) if cfg.targeted else None for f, x, y, _ in groups]
     generator = torch.Generator().manual_seed(cfg.seed)
+    proposal_rng = torch.Generator().manual_seed(cfg.seed)
     for name in cfg.attacks:
         attack = build_blackbox_attack(name, cfg.norm, eps, **cfg.params.get(name, {}))
-        queries, claimed, verified, spent = [], [], [], 0
-        for (forward, x, y, coupled), ok, y_target in zip(groups, clean, goals):
-            oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
-            outcome = attack(oracle, x, y, generator, y_target=y_target)
-            verdict = oracle.verify(outcome.x_adv, y, target=y_target)
-            queries.append(outcome.queries[ok])
-            claimed.append(outcome.success[ok])
-            verified.append(verdict[ok])
-            spent += oracle.verification_queries
-        summary["attacks"][name] = summarise(torch.cat(queries), torch.cat(claimed), torch.cat(verified), cfg.budget)
-        summary["attacks"][name]["verification_queries"] = spent
-        if progress:
-            progress(name, summary["attacks"][name])
+        start = generator.get_state()
+        runs = [(name, None, generator)]
+        if mcg is not None:  # the same random state as the plain run
+            runs.append((f"mcg+{name}", mcg, torch.Generator().set_state(start)))
+        for label, seeders, rng in runs:
+            queries, claimed, verified, spent = [], [], [], 0
+            for i, ((forward, x, y, coupled), ok, y_target) in enumerate(zip(groups, clean, goals)):
+                oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
+                if seeders is None:
+                    outcome = attack(oracle, x, y, rng, y_target=y_target)
+                else:
+                    outcome = seeded_attack(attack, seeders[i], oracle, x, y, rng, proposal_rng)
+                verdict = oracle.verify(outcome.x_adv, y, target=y_target)
+                queries.append(outcome.queries[ok])
+                claimed.append(outcome.success[ok])
+                verified.append(verdict[ok])
+                spent += oracle.verification_queries
+            summary["attacks"][label] = summarise(torch.cat(queries), torch.cat(claimed), torch.cat(verified),
+                                                  cfg.budget)
+            summary["attacks"][label]["verification_queries"] = spent
+            if progress:
+                progress(label, summary["attacks"][label])
+    if mcg is not None:
+        summary["mcg"]["comparison"] = mcg_comparison(summary)
     if cfg.whitebox_check:
         summary["whitebox"] = whitebox_check(groups, clean, cfg.norm, eps, summary, cfg.seed)
     return summary
+
+
+def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                  proposal_rng: torch.Generator):
+    """``mcg+<attack>`` on one oracle: MCG's one charged proposal per example with budget
+    (``mcg.propose``, drawing from ``proposal_rng``), then ``attack`` from ``init=proposal.delta``
+    on the examples it did not fool (those that it fooled get no budget left, so they stop with
+    exactly 1 query). Returns the combined :class:`~metarobust.blackbox.Outcome`: queries are the
+    proposal's plus the attack's, success either's, ``x_adv`` the proposal where it won."""
+    from metarobust.blackbox import Outcome
+
+    proposal = mcg.propose(oracle, x, y, proposal_rng)
+    won = proposal.success.cpu()
+    oracle.budget = torch.where(won, oracle.queries, oracle.budget)  # a fooled example stops here
+    outcome = attack(oracle, x, y, generator, init=proposal.delta)
+    won = won.to(x.device)
+    x_adv = torch.where(won.view(-1, *([1] * (x.dim() - 1))), proposal.x_adv, outcome.x_adv)
+    return Outcome(x_adv, proposal.queries.to(x.device) + outcome.queries, won | outcome.success)
+
+
+def mcg_attacks(section: MCGSection, groups, norm: str, eps: float) -> list:
+    """One :class:`~metarobust.blackbox.mcg.MCGAttack` per group (target), each with its own
+    copies of the surrogates (refreshed in place) and its own history; the generator must have
+    been trained for this norm, eps, image shape, and the surrogates must score the target's
+    classes."""
+    from metarobust.blackbox.mcg import History, MCGAttack
+    from metarobust.blackbox.mcg.checkpoint import load_generator
+    from metarobust.experiment import model_from_checkpoint
+
+    device = groups[0][1].device
+    generator, _ = load_generator(section.generator, device)
+    g = generator.cfg
+    if g.norm != norm or not math.isclose(g.eps, eps, rel_tol=1e-6, abs_tol=1e-9):
+        raise ConfigError(f"blackbox.mcg.generator={section.generator!r} was trained for norm={g.norm!r}, "
+                          f"eps={g.eps:.6g}; this run attacks norm={norm!r}, eps={eps:.6g}: set blackbox norm/eps "
+                          f"to the generator's or train one for this threat model")
+    shape = tuple(groups[0][1].shape[1:])
+    if tuple(g.shape) != shape:
+        raise ConfigError(f"blackbox.mcg.generator={section.generator!r} generates {tuple(g.shape)} perturbations; "
+                          f"the target's images are {shape}")
+    surrogates = [model_from_checkpoint(path, device=str(device))[1] for path in section.surrogates]
+    forward, x = groups[0][0], groups[0][1][:1]
+    with torch.no_grad():
+        classes = forward(x).shape[-1]
+        for path, s in zip(section.surrogates, surrogates, strict=True):
+            if s(x).shape[-1] != classes:
+                raise ConfigError(f"blackbox.mcg.surrogates: {path!r} scores {s(x).shape[-1]} classes, the "
+                                  f"target {classes}; a surrogate must share the target's classes (a few-shot "
+                                  f"learner's episode labels are not a surrogate's)")
+    cfg = section.mcg_config()
+    return [MCGAttack(norm, eps, copy.deepcopy(generator), [copy.deepcopy(s) for s in surrogates], cfg, History())
+            for _ in groups]
 
 
 def random_targets(forward, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -208,5 +354,5 @@ def run_blackbox(cfg: BlackboxConfig, progress=None) -> tuple[dict[str, Any], di
     return summary, {"json": json_path, "plot": plot}
 
 
-__all__ = ["BlackboxConfig", "attack_targets", "blackbox_headline", "blackbox_table", "load_blackbox_config",
-           "random_targets", "run_blackbox", "targets", "whitebox_check"]
+__all__ = ["BlackboxConfig", "MCGSection", "attack_targets", "blackbox_headline", "blackbox_table", "load_blackbox_config",
+           "mcg_attacks", "random_targets", "run_blackbox", "seeded_attack", "targets", "whitebox_check"]

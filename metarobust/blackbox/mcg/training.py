@@ -61,11 +61,13 @@ def _batches(n: int, size: int, generator: torch.Generator, device: torch.device
 
 
 def pretrain(model: MCGGenerator, x: torch.Tensor, delta: torch.Tensor, cfg: MCGConfig,
-             generator: torch.Generator, epochs: int | None = None) -> list[float]:
+             generator: torch.Generator, epochs: int | None = None,
+             on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Stage 1: minimise the NLL (bits per dimension) of ``delta [M, ...]`` given ``x [M, ...]``
     with Adam (``cfg.pretrain_lr``, batches of ``cfg.pretrain_batch``, gradient-norm clip
     ``cfg.pretrain_clip``) for ``epochs`` (default ``cfg.pretrain_epochs``). Targets get
-    ``cfg.pretrain_noise`` Gaussian noise in the flow's space. Returns the mean NLL per epoch."""
+    ``cfg.pretrain_noise`` Gaussian noise in the flow's space. Returns the mean NLL per epoch
+    (also passed to ``on_epoch(epoch, nll)``, e.g. a progress bar)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
     history = []
     for _ in range(cfg.pretrain_epochs if epochs is None else epochs):
@@ -80,6 +82,8 @@ def pretrain(model: MCGGenerator, x: torch.Tensor, delta: torch.Tensor, cfg: MCG
             opt.step()
             total += float(loss.detach()) * len(idx)
         history.append(total / len(x))
+        if on_epoch:
+            on_epoch(len(history), history[-1])
     return history
 
 

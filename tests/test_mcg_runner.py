@@ -1,0 +1,171 @@
+"""MCG in the runner: the seeded attacks' query accounting, the generator checkpoint, the mcg config."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from metarobust.blackbox import Oracle, build_blackbox_attack
+from metarobust.blackbox.mcg import GeneratorConfig, History, MCGAttack, MCGConfig, MCGGenerator
+from metarobust.blackbox.mcg.checkpoint import load_generator, save_generator
+from metarobust.blackbox.run import (
+    BlackboxConfig,
+    MCGSection,
+    attack_targets,
+    load_blackbox_config,
+    mcg_attacks,
+    seeded_attack,
+)
+from metarobust.errors import ConfigError
+
+TINY = {"levels": 2, "steps": 2, "hidden": 8, "x_hidden_channels": 4, "x_hidden_size": 8}
+EPS = 0.5
+FOOLS_SOME = MCGConfig(glow_steps=3, glow_lr=0.05, glow_interpolation=1.0, finetune_clean=False,
+                       finetune_perturbation=False)
+"""Large generator steps on a surrogate equal to the toy target: the proposal fools about half."""
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_generator(eps: float = EPS) -> MCGGenerator:
+    torch.manual_seed(0)
+    g = MCGGenerator(GeneratorConfig((1, 8, 8), "linf", eps, **TINY))
+    with torch.no_grad():  # a fresh flow is a permutation; move the weights so samples vary with x
+        for p in g.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=seeded(1)))
+    return g
+
+
+def mcg_for(toy, cfg: MCGConfig = FOOLS_SOME) -> MCGAttack:
+    return MCGAttack("linf", EPS, tiny_generator(), [copy.deepcopy(toy[0])], cfg, History())
+
+
+class Recording:
+    """Wraps a callable and keeps what it returned last."""
+
+    def __init__(self, call):
+        self.call, self.result = call, None
+
+    def __call__(self, *args, **kwargs):
+        self.result = self.call(*args, **kwargs)
+        return self.result
+
+
+@pytest.mark.parametrize("name", ["signhunter", "square"])
+def test_a_seeded_example_spends_one_proposal_query_plus_the_attacks_own_within_its_budget(toy, name):
+    model, x, y = toy
+    budget = torch.full((len(x),), 40)
+    budget[0], budget[1] = 0, 1  # no query at all; the proposal only
+    oracle = Oracle(model, budget=budget, examples=len(x), output="probs", levels=256)
+    mcg = mcg_for(toy)
+    mcg.propose = Recording(mcg.propose)
+    attack = Recording(build_blackbox_attack(name, "linf", EPS))
+    outcome = seeded_attack(attack, mcg, oracle, x, y, seeded(0), seeded(1))
+    proposal, own = mcg.propose.result, attack.result
+    assert proposal.queries.tolist() == [0] + [1] * (len(x) - 1)
+    assert torch.equal(outcome.queries, proposal.queries + own.queries)
+    assert torch.equal(outcome.queries, oracle.queries) and bool((oracle.queries <= budget).all())
+    won = proposal.success
+    assert 0 < int(won.sum()) < len(x), "the toy setting should fool some points with the proposal, not all"
+    assert outcome.queries[won].tolist() == [1] * int(won.sum())  # fooled by the proposal: stops at 1
+    assert bool(outcome.success[won].all())
+    assert torch.equal(outcome.success, oracle.verify(outcome.x_adv, y))
+
+
+def test_the_runner_reports_each_attack_with_and_without_mcg_and_the_query_ratio(toy):
+    model, x, y = toy
+    cfg = BlackboxConfig(run="toy", attacks=["signhunter"], budget=30, eps=EPS, whitebox_check=False)
+    mcg = mcg_for(toy, MCGConfig(glow_steps=3, glow_lr=0.05, glow_interpolation=1.0))
+    s = attack_targets(cfg, [(model, x, y, False)], EPS, mcg=[mcg])
+    plain, seeded_row = s["attacks"]["signhunter"], s["attacks"]["mcg+signhunter"]
+    assert plain["attacked"] == seeded_row["attacked"] == len(x)
+    assert seeded_row["fasr"] > 0 and seeded_row["histogram"]["counts"][0] >= round(seeded_row["fasr"] * len(x))
+    row = s["mcg"]["comparison"]["signhunter"]
+    assert row["mcg_fasr"] == seeded_row["fasr"] and row["query_ratio"] == pytest.approx(
+        seeded_row["mean_queries"] / plain["mean_queries"])
+    assert mcg.history.size("clean") == len(x) and mcg.history.size("attack") == len(x)
+
+
+def test_a_generator_checkpoint_round_trips_to_identical_samples(tmp_path):
+    g = tiny_generator()
+    path = save_generator(tmp_path / "g.pt", g, {"surrogates": ["runs/a"], "stage": 2})
+    loaded, info = load_generator(path)
+    x = torch.rand(3, 1, 8, 8, generator=seeded(2))
+    assert loaded.cfg == g.cfg and info == {"surrogates": ["runs/a"], "stage": 2}
+    assert torch.equal(loaded.sample(x, seeded(5)), g.sample(x, seeded(5)))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_generator(tmp_path / "bad.pt")
+
+
+def test_bad_mcg_fields_fail_with_the_field_the_value_and_the_fix(tmp_path):
+    def section(**kw):
+        return BlackboxConfig(run="toy", mcg=MCGSection(enabled=True, **kw))
+
+    with pytest.raises(ConfigError, match="mcg.generator is empty"):
+        section().check()
+    with pytest.raises(ConfigError, match="no such file"):
+        section(generator=str(tmp_path / "none.pt"), surrogates=["x"]).check()
+    path = str(save_generator(tmp_path / "g.pt", tiny_generator()))
+    with pytest.raises(ConfigError, match="surrogates is empty"):
+        section(generator=path).check()
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['glow_stpes'\]"):
+        section(generator=path, surrogates=[path], config={"glow_stpes": 1}).check()
+    cfg = section(generator=path, surrogates=[path])
+    cfg.output = "label"
+    with pytest.raises(ConfigError, match="scores"):
+        cfg.check()
+    cfg.output, cfg.targeted = "probs", True
+    with pytest.raises(ConfigError, match="untargeted"):
+        cfg.check()
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="eps=0.3"):  # the generator bounds to 0.5
+        mcg_attacks(cfg.mcg, [(None, x, None, False)], "linf", 0.3)
+    with pytest.raises(ConfigError, match="norm='l2'"):
+        mcg_attacks(cfg.mcg, [(None, x, None, False)], "l2", EPS)
+    yaml = tmp_path / "bb.yaml"
+    yaml.write_text(f"run: toy\nmcg:\n  enabled: true\n  generator: {path}\n  surrogates: [{path}]\n"
+                    f"  config: {{glow_steps: 1, confidence: [0.2, 1.0]}}\n")
+    loaded = load_blackbox_config(yaml)
+    assert loaded.mcg.mcg_config().glow_steps == 1 and loaded.mcg.mcg_config().confidence == (0.2, 1.0)
+
+
+def test_generator_training_resumes_after_stage_1_and_mid_stage_2_with_the_same_result(toy, tmp_path, monkeypatch):
+    from metarobust.blackbox.mcg import fit
+
+    model, x, y = toy
+    monkeypatch.setattr(fit, "training_images", lambda cfg: ([model], x, y, EPS, torch.device("cpu")))
+    small = {"transfer_steps": 2, "pretrain_epochs": 1, "pretrain_batch": 8, "meta_epochs": 2, "meta_batch": 8,
+             "inner_steps": 1}
+
+    def config(name):
+        return fit.MCGTrainConfig(surrogates=["toy"], out=str(tmp_path / name), generator=TINY, mcg=small)
+
+    whole = fit.train_generator(config("whole.pt"), progress=False)
+    assert whole["resumed"] is None and len(whole["stage2_margin"]) == 2 and whole["pairs"] > 0
+    real = fit.meta_train
+    for kill_after, resumed in [(0, "stage1"), (1, "stage2 epoch 1")]:
+        calls = []
+
+        def dying(*args, **kwargs):
+            if len(calls) == kill_after:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        name = f"killed{kill_after}.pt"
+        monkeypatch.setattr(fit, "meta_train", dying)
+        with pytest.raises(KeyboardInterrupt):
+            fit.train_generator(config(name), progress=False)
+        monkeypatch.setattr(fit, "meta_train", real)
+        assert fit.train_generator(config(name), progress=False)["resumed"] == resumed
+        a, b = load_generator(tmp_path / "whole.pt")[0], load_generator(tmp_path / name)[0]
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert fit.train_generator(config("whole.pt"), progress=False)["resumed"] == "done"
+    with pytest.raises(ConfigError, match="other settings"):
+        fit.train_generator(fit.MCGTrainConfig(surrogates=["toy"], out=str(tmp_path / "whole.pt"), generator=TINY,
+                                               mcg={**small, "meta_epochs": 3}), progress=False)
