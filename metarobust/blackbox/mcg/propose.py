@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from metarobust.blackbox.base import QueryAttack, affordable, fooled
+from metarobust.blackbox.base import Goal, QueryAttack, affordable, fooled
 from metarobust.blackbox.mcg.config import MCGConfig
 from metarobust.blackbox.mcg.generator import Latents, MCGGenerator
 from metarobust.blackbox.mcg.training import adapt, interpolate_, snapshot, surrogate_margin
@@ -202,9 +202,14 @@ class MCGAttack(QueryAttack):
             raise ConfigError("MCGAttack needs at least one surrogate")
         self.refreshers = [SurrogateRefresh(s, self.cfg) for s in self.surrogates]
 
-    def attack(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.propose(oracle, x, y, generator)
+    def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
+               init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if goal.targeted:
+            raise ConfigError("MCGAttack is untargeted (its generator is trained on the true class's margin); "
+                              "call it without y_target")
+        if init is not None:
+            raise ConfigError("MCGAttack proposes its own first query; it takes no init")
+        p = self.propose(oracle, x, goal.labels, generator)
         return p.x_adv, p.success
 
     def propose(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> Proposal:
