@@ -1,0 +1,233 @@
+"""Evidence for MCG: every black-box attack with and without MCG's generator, on one target.
+
+1. Trains, with our own recipes (``configs/at/<dataset>_natural.yaml`` through ``metarobust
+   train``'s machinery, resumable run folders), a *target* and two *surrogates*: one of another
+   architecture, one of the target's architecture from another initialisation (seed) and
+   another subset of the training images.
+2. Trains MCG's generator on the surrogates (``metarobust blackbox-train``'s
+   :func:`~metarobust.blackbox.mcg.fit.train_generator`: MI-FGSM transfer pairs on training
+   images, stage 1, stage 2; it resumes after a kill).
+3. Runs every attack twice on the same clean-correct test points with the same budget and seed
+   (``metarobust blackbox`` with ``mcg.enabled``): plain, and ``mcg+<attack>`` (the generator's
+   one charged proposal, then the attack from it). Also the white-box APGD-CE-100 masking check.
+
+Writes ``<out>/`` (the runs, ``generator.pt``, ``blackbox/blackbox.json`` and ``.png``,
+``evidence.json``) and the committed summary ``--results`` (default
+``docs/results/blackbox_<dataset>.json``: per attack success rate, mean/median queries and FASR
+without and with MCG, and the query ratio), and ends with one JSON line.
+
+Scale (``--dataset mnist``, the defaults): TRADES' small CNN (width 32) as the target, Conv-4
+(width 32, running batch norm) and a second small CNN as surrogates, each trained naturally for
+3 epochs on 10,000 images; the generator (c-Glow, 2 levels of 4 steps, width 64) on 2,000
+training images (MI-FGSM-10 pairs, 5 NLL epochs, 2 Reptile epochs); attacks at L-inf 0.3 with
+500 queries on 100 test points. Sized for about 35 minutes of one core (docs/blackbox.md has
+the measured costs). ``--tiny`` shrinks everything to check the pipeline in about two minutes.
+
+    python scripts/blackbox_evidence.py --dataset mnist                 # ~35 min, one core
+    python scripts/blackbox_evidence.py --dataset mnist --resume        # after a kill: continue
+    python scripts/blackbox_evidence.py --dataset mnist --tiny --out /tmp/bbe --results /tmp/bbe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from metarobust.blackbox.mcg.fit import MCGTrainConfig, train_generator  # noqa: E402
+from metarobust.blackbox.run import BlackboxConfig, MCGSection, blackbox_table, run_blackbox  # noqa: E402
+from metarobust.config import EPS_8  # noqa: E402
+from metarobust.experiment import load_config, train_and_evaluate  # noqa: E402
+from metarobust.resources import configs_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ATTACKS = ("simba", "simba_dct", "bandits", "nes", "signhunter", "square")
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "mnist": {
+        "staged": SHARED / "mnist", "eps": 0.3, "lr": 0.01,
+        "models": {"target": ["model.name=small_cnn", "model.hidden=32", "seed=0"],
+                   "surrogate_conv4": ["model.name=conv4", "model.hidden=32", "model.batch_norm=running", "seed=1"],
+                   "surrogate_cnn": ["model.name=small_cnn", "model.hidden=32", "seed=2"]},
+        "generator": {"levels": 2, "steps": 4, "hidden": 64, "x_hidden_channels": 16, "x_hidden_size": 64},
+        "params": {"bandits": {"tile": 4}, "nes": {"sigma": 0.01}},
+        "full": {"epochs": 3, "train_size": 10000, "images": 2000, "points": 100, "budget": 500,
+                 "mcg": {"transfer_steps": 10, "pretrain_epochs": 5, "meta_epochs": 2}},
+    },
+    "cifar10": {
+        "staged": SHARED / "cifar10-jpg" / "cifar10_jpg.tar.gz", "eps": EPS_8, "lr": 0.1,
+        "models": {"target": ["model.name=preact_resnet18", "model.hidden=8", "seed=0"],
+                   "surrogate_conv4": ["model.name=conv4", "model.hidden=32", "model.batch_norm=running", "seed=1"],
+                   "surrogate_resnet": ["model.name=preact_resnet18", "model.hidden=8", "seed=2"]},
+        "generator": {"levels": 3, "steps": 4, "hidden": 64, "x_hidden_channels": 16, "x_hidden_size": 64},
+        "params": {"bandits": {"tile": 2}, "nes": {"sigma": 0.01}},
+        "full": {"epochs": 6, "train_size": 2000, "images": 1000, "points": 100, "budget": 1000,
+                 "mcg": {"transfer_steps": 10, "pretrain_epochs": 5, "meta_epochs": 2}},
+    },
+}
+"""Per dataset: the staged copy, the threat model, the three models (by overrides of
+``configs/at/<dataset>_natural.yaml``), the CPU-scale generator, attack settings and budgets."""
+
+TINY = {"epochs": 2, "train_size": 2048, "images": 64, "points": 8, "budget": 20,
+        "mcg": {"transfer_steps": 2, "pretrain_epochs": 1, "meta_epochs": 1, "glow_steps": 1}}
+TINY_GENERATOR = {"steps": 1, "hidden": 8, "x_hidden_channels": 4, "x_hidden_size": 8}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
+    parser.add_argument("--tiny", action="store_true", help="a pipeline check in minutes (not evidence)")
+    parser.add_argument("--epochs", type=int, help="training epochs of the target and surrogates")
+    parser.add_argument("--train-size", type=int, help="training images of each model")
+    parser.add_argument("--images", type=int, help="training images for the generator")
+    parser.add_argument("--points", type=int, help="test points attacked")
+    parser.add_argument("--budget", type=int, help="queries per attacked point")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated black-box attacks")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
+    parser.add_argument("--resume", action="store_true", help="reuse what is done (also the default)")
+    parser.add_argument("--fresh", action="store_true", help="delete the study folder first")
+    parser.add_argument("--data-root", help="the dataset's files (default: the staged copy in ../shared/data)")
+    parser.add_argument("--out", help="the study's folder (default runs/blackbox_evidence_<dataset>)")
+    parser.add_argument("--results", help="the committed summary (default docs/results/blackbox_<dataset>.json)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.resume and args.fresh:
+        parser.error("--resume and --fresh contradict each other")
+    spec = DATASETS[args.dataset]
+    scale = TINY if args.tiny else spec["full"]
+    for key in ("epochs", "train_size", "images", "points", "budget"):
+        if getattr(args, key) is None:
+            setattr(args, key, scale[key])
+    args.mcg = scale["mcg"]
+    args.generator = {**spec["generator"], **(TINY_GENERATOR if args.tiny else {})}
+    args.attacks = [a for a in args.attacks.split(",") if a]
+    staged = spec["staged"]
+    args.data_root = args.data_root or (str(staged) if staged.exists() else None)
+    if args.data_root is None:
+        parser.error(f"--data-root: no {args.dataset} files found (the staged {staged} is absent)")
+    args.out = Path(args.out or f"runs/blackbox_evidence_{args.dataset}")
+    args.results = Path(args.results or ROOT / "docs" / "results" / f"blackbox_{args.dataset}.json")
+    return args
+
+
+def train_model(args: argparse.Namespace, name: str, extra: list[str]) -> tuple[Path, float]:
+    """Train (or resume, or reuse) one natural model: its run folder and the seconds spent."""
+    spec = DATASETS[args.dataset]
+    run = args.out / name
+    if (run / "eval.json").is_file():
+        print(f"== {name}: reused {run}", flush=True)
+        return run, 0.0
+    steps = max(1, args.train_size // 128)
+    overrides = [*extra, f"name={name}", f"out_dir={args.out}", f"data.root={args.data_root}", f"device={args.device}",
+                 f"at.train_size={args.train_size}", f"at.epochs={args.epochs}", "at.holdout=0", "at.select=last",
+                 "at.batch_size=128", f"optim.lr={spec['lr']}", "optim.schedule=piecewise",
+                 f"optim.milestones=[{0.75 * args.epochs}]", f"train.checkpoint_every={steps}",
+                 f"attack.eps={spec['eps']}", "attack.steps=10", f"attack.step_size={2.5 * spec['eps'] / 10}",
+                 f"eval.points={args.points}", "eval.checks=false"]
+    cfg = load_config(configs_dir() / "at" / f"{args.dataset}_natural.yaml", overrides)
+    resume = (run / "checkpoints" / "last.pt").is_file()
+    print(f"== {name}: {'resuming' if resume else 'training'} {' '.join(extra)}", flush=True)
+    start = time.perf_counter()
+    train_and_evaluate(cfg, resume=resume, progress=True)
+    return run, time.perf_counter() - start
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("dataset", "tiny", "epochs", "train_size", "images", "points", "budget", "attacks", "mcg", "generator")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = DATASETS[args.dataset]
+    settings = settings_of(args)
+    saved = args.out / "settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise SystemExit(f"{args.out} was made with other settings ({saved}); use --fresh or another --out")
+    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    start, seconds = time.perf_counter(), {}
+
+    runs = {}
+    for name, extra in spec["models"].items():
+        runs[name], seconds[f"train_{name}"] = train_model(args, name, extra)
+    target, surrogates = runs.pop("target"), [str(p) for p in runs.values()]
+
+    t = time.perf_counter()
+    gen_cfg = MCGTrainConfig(surrogates=surrogates, out=str(args.out / "generator.pt"), norm="linf", eps=spec["eps"],
+                             images=args.images, generator=args.generator, mcg=args.mcg, seed=0,
+                             overrides=[f"device={args.device}", f"data.root={args.data_root}"])
+    gen_cfg.check()
+    generator = train_generator(gen_cfg)
+    seconds["generator"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    done = args.out / "blackbox" / "blackbox.json"
+    bb = BlackboxConfig(run=str(target), attacks=args.attacks, norm="linf", eps=spec["eps"], budget=args.budget,
+                        points=args.points, seed=0, params=spec["params"], whitebox_check=True,
+                        overrides=[f"device={args.device}", f"data.root={args.data_root}"],
+                        out=str(args.out / "blackbox"),
+                        mcg=MCGSection(enabled=True, generator=gen_cfg.out, surrogates=surrogates))
+    bb.check()
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        print(f"== attacks: reused {done}", flush=True)
+    else:
+        summary, _ = run_blackbox(bb, lambda name, r: print(f"{name}: {100 * r['success_rate']:.1f}% of "
+                                                            f"{r['attacked']}, mean q {r['mean_queries']}", flush=True))
+        seconds["attacks"] = time.perf_counter() - t
+    print(blackbox_table(summary))
+
+    result = evidence(args, summary, generator, seconds, time.perf_counter() - start)
+    text = json.dumps(result, indent=2) + "\n"
+    (args.out / "evidence.json").write_text(text)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(text)
+    line = {"dataset": args.dataset, "tiny": args.tiny, "clean_acc": result["clean_acc"],
+            "whitebox_apgd": result["whitebox"]["success_rate"], "masking_suspects": result["whitebox"]["masking_suspects"]}
+    for name, c in result["attacks"].items():
+        line[name] = {"success": [c["plain"]["success_rate"], c["mcg"]["success_rate"]],
+                      "mean_q": [c["plain"]["mean_queries"], c["mcg"]["mean_queries"]],
+                      "mcg_fasr": c["mcg"]["fasr"], "query_ratio": c["query_ratio"]}
+    line["seconds"] = result["seconds"]["total"]
+    print(json.dumps(line))
+    return result
+
+
+def evidence(args: argparse.Namespace, summary: dict[str, Any], generator: dict[str, Any],
+             seconds: dict[str, float], total: float) -> dict[str, Any]:
+    """The committed summary: per attack the plain and seeded statistics and the query ratios."""
+    def stats(r: dict[str, Any]) -> dict[str, Any]:
+        keys = ("success_rate", "mean_queries", "median_queries", "fasr", "mean_queries_all", "attacked")
+        return {k: r[k] for k in keys}
+
+    attacks = {}
+    for name, c in summary["mcg"]["comparison"].items():
+        attacks[name] = {"plain": stats(summary["attacks"][name]), "mcg": stats(summary["attacks"][f"mcg+{name}"]),
+                         "query_ratio": c["query_ratio"], "query_ratio_all": c["query_ratio_all"]}
+    return {"dataset": args.dataset, "tiny": args.tiny, "settings": settings_of(args),
+            "threat": {"norm": summary["norm"], "eps": summary["eps"], "budget": summary["budget"],
+                       "output": summary["output"], "levels": summary["levels"]},
+            "points": summary["points"], "clean_acc": summary["clean_acc"], "attacks": attacks,
+            "whitebox": {k: summary["whitebox"][k] for k in ("attack", "success_rate", "passed", "masking_suspects")},
+            "generator": {k: generator[k] for k in ("images", "pairs", "stage1_nll", "stage2_margin")},
+            "query_ratio": "mcg mean queries over successes / plain (below 1: fewer); _all: over every attacked point",
+            "seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(total, 1)},
+            "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    main()
