@@ -17,13 +17,15 @@ Writes ``<out>/`` (the runs, ``generator.pt``, ``blackbox/blackbox.json`` and ``
 without and with MCG, and the query ratio), and ends with one JSON line.
 
 Scale (``--dataset mnist``, the defaults): TRADES' small CNN (width 32) as the target, Conv-4
-(width 32, running batch norm) and a second small CNN as surrogates, each trained naturally for
-3 epochs on 10,000 images; the generator (c-Glow, 2 levels of 4 steps, width 64) on 2,000
-training images (MI-FGSM-10 pairs, 5 NLL epochs, 2 Reptile epochs); attacks at L-inf 0.3 with
-500 queries on 100 test points. Sized for about 35 minutes of one core (docs/blackbox.md has
-the measured costs). ``--tiny`` shrinks everything to check the pipeline in about two minutes.
+(width 32, running batch norm) and a second small CNN (another seed and subset) as surrogates,
+each trained naturally for 4 epochs on 30,000 images; the generator (c-Glow, 2 levels of 4
+steps, width 64; MCG's attack-time settings) on 5,000 training images (MI-FGSM-30 pairs from
+both surrogates, 10 NLL epochs, 3 Reptile epochs); attacks at L-inf 0.3 with 1,000 queries on
+200 test points (the clean-correct ones are attacked). Sized for about 30 minutes of one core
+from measured unit costs (docs/blackbox.md). ``--tiny`` checks the pipeline in under a minute
+(its numbers are not evidence). ``--dataset cifar10`` is defined but neither run nor timed.
 
-    python scripts/blackbox_evidence.py --dataset mnist                 # ~35 min, one core
+    python scripts/blackbox_evidence.py --dataset mnist                 # ~30 min, one core
     python scripts/blackbox_evidence.py --dataset mnist --resume        # after a kill: continue
     python scripts/blackbox_evidence.py --dataset mnist --tiny --out /tmp/bbe --results /tmp/bbe.json
 """
@@ -61,8 +63,8 @@ DATASETS: dict[str, dict[str, Any]] = {
                    "surrogate_cnn": ["model.name=small_cnn", "model.hidden=32", "seed=2"]},
         "generator": {"levels": 2, "steps": 4, "hidden": 64, "x_hidden_channels": 16, "x_hidden_size": 64},
         "params": {"bandits": {"tile": 4}, "nes": {"sigma": 0.01}},
-        "full": {"epochs": 3, "train_size": 10000, "images": 2000, "points": 100, "budget": 500,
-                 "mcg": {"transfer_steps": 10, "pretrain_epochs": 5, "meta_epochs": 2}},
+        "full": {"epochs": 4, "train_size": 30000, "images": 5000, "points": 200, "budget": 1000,
+                 "mcg": {"pretrain_epochs": 10, "meta_epochs": 3}},
     },
     "cifar10": {
         "staged": SHARED / "cifar10-jpg" / "cifar10_jpg.tar.gz", "eps": EPS_8, "lr": 0.1,
