@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +68,9 @@ class MCGSection:
     def mcg_config(self):
         """The :class:`MCGConfig` of ``config``; unknown fields name the accepted ones."""
         from metarobust.blackbox.mcg import MCGConfig
+        from metarobust.blackbox.mcg.config import known_fields
 
-        known = [f.name for f in fields(MCGConfig)]
-        unknown = sorted(set(self.config) - set(known))
-        if unknown:
-            raise ConfigError(f"blackbox.mcg.config: unknown field(s) {unknown}; MCGConfig takes {known}")
-        values = dict(self.config)
-        if "confidence" in values:
-            values["confidence"] = tuple(values["confidence"])
-        return MCGConfig(**values)
+        return MCGConfig(**known_fields(MCGConfig, self.config, "blackbox.mcg.config"))
 
 
 @dataclass

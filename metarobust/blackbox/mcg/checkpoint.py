@@ -9,13 +9,13 @@ Written atomically (a killed process never leaves half a file) and read with
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metarobust.blackbox.mcg.config import GeneratorConfig
+from metarobust.blackbox.mcg.config import GeneratorConfig, known_fields
 from metarobust.blackbox.mcg.generator import MCGGenerator
 from metarobust.errors import ConfigError
 
@@ -48,10 +48,7 @@ def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -
                           f"expected {expected}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"mcg.generator={str(path)!r} is not {expected} (format {FORMAT!r})")
-    known = {f.name for f in fields(GeneratorConfig)}
-    values = {k: v for k, v in state["config"].items() if k in known}
-    values["shape"] = tuple(values["shape"])
-    generator = MCGGenerator(GeneratorConfig(**values))
+    generator = MCGGenerator(GeneratorConfig(**known_fields(GeneratorConfig, state["config"], str(path))))
     generator.load_state_dict(state["state_dict"])
     return generator.to(map_location).eval(), dict(state.get("info") or {})
 

@@ -6,7 +6,8 @@ reconstruction), [ours] a choice of ours where the reference is silent or buggy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from metarobust.errors import ConfigError
 
@@ -178,4 +179,15 @@ class MCGConfig:
         return self.outer_lr
 
 
-__all__ = ["BOUNDS", "SURROGATE_LOSSES", "GeneratorConfig", "MCGConfig"]
+def known_fields(kind: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (a config file's section) checked to hold only fields of the dataclass ``kind``
+    (an unknown one names the accepted ones); lists become tuples where ``kind`` holds tuples
+    (``confidence``, ``shape``)."""
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; {kind.__name__} takes {list(known)}")
+    return {k: tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v for k, v in values.items()}
+
+
+__all__ = ["BOUNDS", "SURROGATE_LOSSES", "GeneratorConfig", "MCGConfig", "known_fields"]

@@ -19,14 +19,14 @@ made with other settings is refused rather than mixed in.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from metarobust.blackbox.mcg.checkpoint import load_generator, save_generator
-from metarobust.blackbox.mcg.config import GeneratorConfig, MCGConfig
+from metarobust.blackbox.mcg.config import GeneratorConfig, MCGConfig, known_fields
 from metarobust.blackbox.mcg.generator import MCGGenerator
 from metarobust.blackbox.mcg.training import meta_train, pretrain, transfer_pairs
 from metarobust.errors import ConfigError
@@ -77,26 +77,15 @@ class MCGTrainConfig:
         self.mcg_config()
 
     def mcg_config(self) -> MCGConfig:
-        values = _known(MCGConfig, self.mcg, "blackbox-train mcg")
-        if "confidence" in values:
-            values["confidence"] = tuple(values["confidence"])
-        return MCGConfig(**values)
+        return MCGConfig(**known_fields(MCGConfig, self.mcg, "blackbox-train mcg"))
 
     def generator_config(self, shape: tuple[int, int, int], eps: float) -> GeneratorConfig:
-        values = _known(GeneratorConfig, self.generator, "blackbox-train generator")
+        values = known_fields(GeneratorConfig, self.generator, "blackbox-train generator")
         for fixed in ("shape", "norm", "eps"):
             if fixed in values:
                 raise ConfigError(f"blackbox-train generator.{fixed} is set from the data and the threat model "
                                   f"(norm, eps); remove it")
         return GeneratorConfig(shape=shape, norm=self.norm, eps=eps, **values)
-
-
-def _known(kind, values: dict[str, Any], where: str) -> dict[str, Any]:
-    known = [f.name for f in fields(kind)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; {kind.__name__} takes {known}")
-    return dict(values)
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None, check: bool = True) -> MCGTrainConfig:
