@@ -55,7 +55,7 @@ class Recording:
         return self.result
 
 
-@pytest.mark.parametrize("name", ["signhunter", "square"])
+@pytest.mark.parametrize("name", ["simba", "simba_dct", "bandits", "nes", "signhunter", "square"])
 def test_a_seeded_example_spends_one_proposal_query_plus_the_attacks_own_within_its_budget(toy, name):
     model, x, y = toy
     budget = torch.full((len(x),), 40)
@@ -63,7 +63,7 @@ def test_a_seeded_example_spends_one_proposal_query_plus_the_attacks_own_within_
     oracle = Oracle(model, budget=budget, examples=len(x), output="probs", levels=256)
     mcg = mcg_for(toy)
     mcg.propose = Recording(mcg.propose)
-    attack = Recording(build_blackbox_attack(name, "linf", EPS))
+    attack = Recording(build_blackbox_attack(name, "linf", EPS, **({"tile": 1} if name == "bandits" else {})))
     outcome = seeded_attack(attack, mcg, oracle, x, y, seeded(0), seeded(1))
     proposal, own = mcg.propose.result, attack.result
     assert proposal.queries.tolist() == [0] + [1] * (len(x) - 1)
