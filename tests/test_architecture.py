@@ -19,11 +19,12 @@ LAYERS = [
     ("training.recipes",),
     ("training.data", "training.engine"),
     ("evaluation", "analysis"),
-    ("experiment", "analysis.run_analysis", "seg_experiment", "blackbox.run"),
+    ("experiment", "analysis.run_analysis", "seg_experiment", "blackbox.run", "blackbox.mcg.fit"),
     ("cli", "__main__"),
 ]
 """Bottom to top: a module may import its own layer and the layers below it. ``analysis.run_analysis`` is
-the ``metarobust id`` command (it loads a run as ``metarobust eval`` does), hence its layer."""
+the ``metarobust id`` command (it loads a run as ``metarobust eval`` does), hence its layer; likewise
+``blackbox.run`` (``metarobust blackbox``) and ``blackbox.mcg.fit`` (``metarobust blackbox-train``)."""
 
 
 def modules(package: Path) -> dict[str, Path]:
