@@ -151,7 +151,7 @@ def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any
     surrogates, x, y, eps, device = training_images(cfg)
     mcg_cfg = cfg.mcg_config()
     gen_cfg = cfg.generator_config(tuple(x.shape[1:]), eps)
-    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "overrides")}, "eps": eps,
+    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "overrides", "chunk")}, "eps": eps,
                 "generator": asdict(gen_cfg), "mcg": asdict(mcg_cfg)}
     settings = _plain(settings)
     first = {**settings, "mcg": {k: v for k, v in settings["mcg"].items() if k in STAGE1_FIELDS}}
