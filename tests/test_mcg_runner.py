@@ -76,6 +76,26 @@ def test_a_seeded_example_spends_one_proposal_query_plus_the_attacks_own_within_
     assert torch.equal(outcome.success, oracle.verify(outcome.x_adv, y))
 
 
+@pytest.mark.parametrize("name", ["simba", "bandits", "nes", "signhunter", "square"])
+def test_an_answer_already_held_for_the_seed_point_is_not_bought_again(toy, name):
+    model, x, y = toy
+    params = {"tile": 1} if name == "bandits" else {}
+    attack = build_blackbox_attack(name, "linf", EPS, **params)
+    init = EPS * torch.sign(torch.randn(x.shape, generator=seeded(3))) * torch.rand(x.shape, generator=seeded(4))
+    saved = 0 if name == "signhunter" else 1  # its first point is x + eps sign(init), not the seed point
+    runs = {}
+    for holds in (False, True):  # the held answer's run has one query less to spend: the same walk
+        oracle = Oracle(model, budget=30 - saved * holds, examples=len(x), output="probs", levels=256)
+        xq = oracle.quantise(x)
+        point = attack.point(oracle, xq, init)  # the seed point, as the attack sends it
+        scores = Oracle(model, budget=1, examples=len(x), output="probs", levels=256)(point)  # paid elsewhere
+        known = (point, scores) if holds else None
+        runs[holds] = attack(oracle, x, y, seeded(0), init=init, known=known)
+    plain, held = runs[False], runs[True]
+    assert torch.equal(held.queries, plain.queries - saved)
+    assert torch.equal(held.success, plain.success) and torch.equal(held.x_adv, plain.x_adv)
+
+
 def test_the_runner_reports_each_attack_with_and_without_mcg_and_the_query_ratio(toy):
     model, x, y = toy
     cfg = BlackboxConfig(run="toy", attacks=["signhunter"], budget=30, eps=EPS, whitebox_check=False)

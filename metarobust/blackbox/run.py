@@ -252,7 +252,7 @@ def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
     proposal = mcg.propose(oracle, x, y, proposal_rng)
     won = proposal.success.cpu()
     oracle.budget = torch.where(won, oracle.queries, oracle.budget)  # a fooled example stops here
-    outcome = attack(oracle, x, y, generator, init=proposal.delta)
+    outcome = attack(oracle, x, y, generator, init=proposal.delta, known=(proposal.x_adv, proposal.scores))
     won = won.to(x.device)
     x_adv = torch.where(won.view(-1, *([1] * (x.dim() - 1))), proposal.x_adv, outcome.x_adv)
     return Outcome(x_adv, proposal.queries.to(x.device) + outcome.queries, won | outcome.success)
