@@ -46,6 +46,18 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "piecewise", "cosine", "cyclic")
 SELECTIONS = ("last", "best")
 """The values of ``at.select``: deploy the last epoch, or the best on the held-out images."""
+SELECT_ON = ("auto", "robust", "clean")
+"""What ``at.select=best`` ranks epochs by: ``auto`` is ``clean`` for the ``natural`` recipe (a
+model trained without an adversary is judged by what it is trained for; its PGD accuracy is
+highest when it is barely trained) and ``robust`` for every other recipe."""
+def select_metric(recipe: str, select_on: str) -> str:
+    """What ``at.select=best`` ranks epochs by for ``recipe``: ``at.select_on`` with ``auto``
+    resolved (:data:`SELECT_ON`)."""
+    if select_on != "auto":
+        return select_on
+    return "clean" if recipe == "natural" else "robust"
+
+
 NORMS = ("linf", "l2", "l1")
 """The threat models (L-inf, L2, L1 balls), in the order attacks and the harness list them."""
 
@@ -305,6 +317,10 @@ class StandardTrainingConfig:
     and step size) on the ``holdout`` images, and the epoch with the highest robust accuracy is
     written to ``checkpoints/best.pt``, evaluated at the end and by ``metarobust eval`` (Rice et
     al. 2020's early stopping against robust overfitting; needs ``holdout`` > 0)."""
+    select_on: str = "auto"
+    """What ``select=best`` ranks the epochs by on the held-out images: ``robust`` (PGD-10
+    accuracy, Rice et al.'s early stopping), ``clean``, or ``auto`` (``clean`` for the ``natural``
+    recipe, ``robust`` otherwise)."""
     beta: float = 6.0
     """Weight of the robust KL term (TRADES, MART: 6; Backward Smoothing's README: 10)."""
     replays: int = 8
@@ -730,6 +746,8 @@ def _check_at(at: StandardTrainingConfig) -> None:
     _check(at.holdout >= 0, "at.holdout", at.holdout, "an integer >= 0 (0: no held-out images)")
     _check(at.select in SELECTIONS, "at.select", at.select,
            "last (the final epoch) or best (the best epoch on the at.holdout images)")
+    _check(at.select_on in SELECT_ON, "at.select_on", at.select_on,
+           "auto (clean for natural, robust otherwise), robust (PGD-10 on the holdout) or clean")
     _check(at.select != "best" or at.holdout > 0, "at.select", at.select,
            "last, or best together with held-out images to select on: set at.holdout=1000 (at.holdout is 0; "
            "never select on the test set)")

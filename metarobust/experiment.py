@@ -17,7 +17,7 @@ import torch
 from metarobust import distributed
 from metarobust.analysis.estimators import ESTIMATORS
 from metarobust.attacks import ATTACKS
-from metarobust.config import ExperimentConfig, check_output_path, check_value, parse_config
+from metarobust.config import ExperimentConfig, check_output_path, check_value, parse_config, select_metric
 from metarobust.config import config_from_dict as parse_dict
 from metarobust.data.augment import AUGMENTATIONS
 from metarobust.data.datasets import DATASETS, image_size_of
@@ -293,14 +293,14 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
 
 def selection_summary(cfg: ExperimentConfig, best: dict[str, float] | None) -> dict[str, Any]:
     """What ``eval.json`` records of the deployed epoch: ``select`` (``at.select``) and, with
-    ``best``, ``best_epoch`` (from 1), ``best_holdout_robust_acc`` (PGD-10 on the held-out
-    images) and ``holdout`` (their number)."""
+    ``best``, ``best_epoch`` (from 1), ``select_on`` (``robust``: PGD-10, or ``clean``),
+    ``best_holdout_acc`` (that accuracy on the held-out images) and ``holdout`` (their number)."""
     if RECIPES.get(cfg.recipe, "recipe").episodic:
         return {}
     if cfg.at.select != "best" or best is None:
         return {"select": cfg.at.select}
-    return {"select": "best", "best_epoch": int(best["epoch"]),
-            "best_holdout_robust_acc": best["holdout_robust_acc"], "holdout": cfg.at.holdout}
+    return {"select": "best", "best_epoch": int(best["epoch"]), "select_on": select_metric(cfg.recipe, cfg.at.select_on),
+            "best_holdout_acc": best["holdout_acc"], "holdout": cfg.at.holdout}
 
 
 def _open_run(cfg: ExperimentConfig, resume: bool, info: distributed.DistInfo) -> RunDir | None:
@@ -444,8 +444,9 @@ def training_lines(cfg: ExperimentConfig, recipe: Recipe, summary: dict[str, Any
     if awp is not None and awp.gamma > 0:
         lines.append(f"- AWP (Wu et al. 2020): gamma {awp.gamma:g}, from epoch {awp.warmup + 1}")
     if summary.get("best_epoch") is not None:
-        lines.append(f"- deployed epoch: {summary['best_epoch']} of {at.epochs}, the best PGD-10 robust accuracy on "
-                     f"{summary['holdout']} held-out training images ({100 * summary['best_holdout_robust_acc']:.2f} %; "
+        lines.append(f"- deployed epoch: {summary['best_epoch']} of {at.epochs}, the best "
+                     f"{'PGD-10 robust' if summary.get('select_on', 'robust') == 'robust' else 'clean'} accuracy on "
+                     f"{summary['holdout']} held-out training images ({100 * summary['best_holdout_acc']:.2f} %; "
                      f"at.select=best)")
     if recipe.evaluation == "fewshot":  # RFS: plain pre-training, then the probe per episode
         lines.append(f"- few-shot evaluation: {summary.get('pretrain_classes')}-way pre-training, then "

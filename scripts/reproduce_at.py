@@ -278,7 +278,7 @@ def summarise(method: str, run: Path, timing: dict[str, float]) -> dict[str, Any
         "cascade_acc": cascade["robust_acc"], "cascade_ci95": cascade["robust_ci95"],
         "cascade_after": cascade["after"], "points": trained["points"],
         "select": trained.get("select"), "best_epoch": trained.get("best_epoch"),
-        "best_holdout_robust_acc": trained.get("best_holdout_robust_acc"), "epochs": metrics["at"]["epochs"],
+        "best_holdout_acc": trained.get("best_holdout_acc"), "epochs": metrics["at"]["epochs"],
         "awp_gamma": awp, "train_seconds": trained.get("train_seconds"), **timing,
         "checks_failed": [c["name"] for c in trained.get("checks", []) if not c["passed"]],
         "stopped": trained.get("stopped"), "run": str(run),

@@ -19,7 +19,7 @@ from metarobust.evaluation import evaluate_run
 from metarobust.experiment import load_config, model_from_state, train_and_evaluate
 from metarobust.runs import RunDir, load_checkpoint
 from metarobust.training.data import TrainingData, take
-from metarobust.training.engine import SELECT_STEPS, Trainer
+from metarobust.training.engine import CLEAN, SELECT_STEPS, Trainer
 
 BASE = ["data.dataset=mnist", "data.image_size=16", "model.name=small_cnn", "model.hidden=16", "model.drop_rate=0",
         "at.batch_size=64", "optim.schedule=constant", "optim.lr=0.05", "device=cpu", "train_attack.eps=0.1",
@@ -60,7 +60,7 @@ def test_best_checkpoint_holds_the_epoch_with_the_highest_holdout_score(mnist16,
                                                                    trainer.model.state_dict().items()}),)
     trainer.fit()
     run.close()
-    assert trainer.best == {"epoch": 2, "step": 4, "holdout_robust_acc": 0.5}
+    assert trainer.best == {"epoch": 2, "step": 4, "holdout_acc": 0.5}
     best, last = load_checkpoint(run.best_path), load_checkpoint(run.checkpoint_path)
     assert best["step"] == 4 and last["step"] == 8 and best["selection"] == trainer.best
     assert set(best) == set(last)  # the same format
@@ -68,8 +68,8 @@ def test_best_checkpoint_holds_the_epoch_with_the_highest_holdout_score(mnist16,
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in weights[4])
     assert_same_parameters(trainer.selected_model(), with_weights(trainer.model, weights[4]))
     assert trainer.selected_step == 4
-    logged = [m for m in run.metrics() if "holdout_robust_acc" in m]
-    assert [m["holdout_robust_acc"] for m in logged] == [0.2, 0.5, 0.3, 0.5]
+    logged = [m for m in run.metrics() if "holdout_acc" in m]
+    assert [m["holdout_acc"] for m in logged] == [0.2, 0.5, 0.3, 0.5]
     assert [m["best_epoch"] for m in logged] == [1, 2, 2, 2]
     assert load_checkpoint(run.path)["step"] == 4  # a run folder's model is its best epoch
 
@@ -89,12 +89,12 @@ def test_train_and_eval_score_the_best_epoch_which_scores_what_was_logged(mnist1
     data = data_of(mnist16, 256, test=100)  # 4 steps per epoch
     summary = train_and_evaluate(cfg, progress=False, data=data)
     run = tmp_path / "real"
-    logged = [m["holdout_robust_acc"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if "holdout_robust_acc" in m]
+    logged = [m["holdout_acc"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "holdout_acc" in m]
     assert len(logged) == 3
     best_epoch = logged.index(max(logged)) + 1
     assert summary["select"] == "best" and summary["best_epoch"] == best_epoch and summary["holdout"] == 128
-    assert summary["best_holdout_robust_acc"] == max(logged) and summary["step"] == 4 * best_epoch
+    assert summary["best_holdout_acc"] == max(logged) and summary["step"] == 4 * best_epoch
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     model = model_from_state(cfg, state)
     attack = build_attack(replace(cfg.attack, name="pgd", steps=SELECT_STEPS, restarts=1))
@@ -129,8 +129,40 @@ def test_a_resumed_run_keeps_its_best_epoch(mnist16, tmp_path, monkeypatch):
     whole, resumed, whole_run, run = kill_and_resume(
         lambda name: config(mnist16, tmp_path, "at.epochs=4", "train.log_every=1", "train.checkpoint_every=4",
                             f"name={name}"), data, kill_at=5, checkpoint_at=4)
-    assert whole.best == resumed.best == {"epoch": 2, "step": 4, "holdout_robust_acc": 0.6}
+    assert whole.best == resumed.best == {"epoch": 2, "step": 4, "holdout_acc": 0.6}
     assert resumed._best_weights is None  # found before the kill: read from best.pt
     assert_same_parameters(whole.selected_model(), resumed.selected_model())
     assert_same_parameters(whole.model, resumed.model)
     assert whole_run.metrics() == run.metrics()
+
+
+@pytest.mark.parametrize("recipe, select_on, expected", [("natural", "auto", "clean"), ("pgd_at", "auto", "robust"),
+                                                         ("natural", "robust", "robust"), ("trades", "clean", "clean")])
+def test_natural_training_selects_its_epoch_on_clean_accuracy_adversarial_training_on_robust(
+        mnist16, tmp_path, monkeypatch, recipe, select_on, expected):
+    """A naturally trained model's PGD accuracy is highest when it is barely trained (its epoch 1
+    on CIFAR-10 at 22 % clean), so ``auto`` ranks the natural recipe's epochs by clean accuracy:
+    the score is then the clean accuracy of the held-out images, the summary says so."""
+    seen, original = [], Trainer.robust_accuracy
+
+    def robust_accuracy(self, attack, model=None, batch=None, seed=None):
+        seen.append(attack)
+        return original(self, attack, model, batch, seed)
+
+    monkeypatch.setattr(Trainer, "robust_accuracy", robust_accuracy)
+    cfg = config(mnist16, tmp_path, f"recipe={recipe}", f"at.select_on={select_on}", "at.epochs=1", "name=on")
+    trainer = Trainer(cfg, None, data=data_of(mnist16, 64), progress=False)
+    trainer.fit()
+    assert trainer.select_on == expected and len(seen) == 1
+    model, holdout = trainer.selected_model(), trainer.data.holdout
+    with torch.no_grad():
+        clean = float((model.eval()(holdout.images.float() / 255).argmax(-1) == holdout.labels).float().mean())
+    if expected == "clean":
+        assert trainer.best["holdout_acc"] == pytest.approx(clean, abs=1e-6)
+    else:
+        assert seen[0] is not CLEAN
+
+
+def test_an_unknown_selection_metric_is_refused(mnist16, tmp_path):
+    with pytest.raises(ConfigError, match="at.select_on"):
+        config(mnist16, tmp_path, "at.select_on=loss")

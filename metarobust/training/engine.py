@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from metarobust import compilation, distributed
 from metarobust.attacks import build_attack
-from metarobust.config import ExperimentConfig, to_dict
+from metarobust.config import ExperimentConfig, select_metric, to_dict
 from metarobust.data.episode import EpisodeBatch
 from metarobust.data.sampler import to_float
 from metarobust.distributed import DistInfo
@@ -67,6 +67,21 @@ NOISE_RANK_STRIDE = 7919
 """Plain recipes: rank r draws attack noise from ``seed + 1 + 7919 r`` (independent streams)."""
 SELECT_STEPS = 10
 """``at.select=best`` scores each epoch under PGD-10 (the ``attack`` section's norm, eps, step size)."""
+
+
+
+
+class _Clean:
+    """The identity "attack": :meth:`Trainer.robust_accuracy` with it is the clean accuracy."""
+
+    def init_noise(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        return None
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, noise=None) -> torch.Tensor:
+        return x
+
+
+CLEAN = _Clean()
 CHECK_CHUNK = 512
 """Held-out images attacked together by :meth:`Trainer.robust_accuracy` (eval mode: the chunking
 changes no prediction, only the memory an attack needs)."""
@@ -120,7 +135,7 @@ class Trainer:
         self.checkpoint_step: int | None = None
         """The step of the last checkpoint written or resumed from (``None``: none yet)."""
         self.best: dict[str, float] | None = None
-        """``at.select=best``: ``{"epoch", "step", "holdout_robust_acc"}`` of the best epoch so far
+        """``at.select=best``: ``{"epoch", "step", "holdout_acc"}`` of the best epoch so far
         (checkpointed: a resumed run keeps it); ``None`` before the first epoch ends."""
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._interrupted = False
@@ -242,26 +257,36 @@ class Trainer:
         plain recipes only)."""
         return self.cfg.at.select == "best" and not self.recipe.episodic
 
+    @property
+    def select_on(self) -> str:
+        """What :meth:`select` ranks epochs by: ``robust`` or ``clean`` (``at.select_on``, whose
+        ``auto`` is ``clean`` for the ``natural`` recipe and ``robust`` otherwise)."""
+        return select_metric(self.cfg.recipe, self.cfg.at.select_on)
+
     def select(self) -> dict[str, float]:
         """Score the epoch that just ended for ``at.select=best``: PGD-10 (the ``attack``
         section's norm, eps, step size and random start; one restart) on the held-out images,
         the deployed model in eval mode, the same noise every epoch (``cfg.seed``), so epochs
-        differ only by their weights. A strictly better epoch (ties keep the earlier one) becomes
-        the best: its checkpoint is written to ``checkpoints/best.pt`` (the format of ``last.pt``)
-        and its deployed weights kept for :meth:`selected_model`. Returns the metrics to log."""
+        differ only by their weights; or, when :attr:`select_on` is ``clean``, the clean accuracy
+        there. A strictly better epoch (ties keep the earlier one) becomes the best: its
+        checkpoint is written to ``checkpoints/best.pt`` (the format of ``last.pt``) and its
+        deployed weights kept for :meth:`selected_model`. Returns the metrics to log."""
         if self.data.holdout is None:
             raise ConfigError("at.select=best needs held-out images to select on: set at.holdout=1000 "
                               "(at.holdout is 0; never select on the test set)")
-        attack = build_attack(replace(self.cfg.attack, name="pgd", steps=SELECT_STEPS, restarts=1))
-        acc = self.robust_accuracy(attack)
+        if self.select_on == "clean":
+            acc = self.robust_accuracy(CLEAN)
+        else:
+            acc = self.robust_accuracy(build_attack(replace(self.cfg.attack, name="pgd", steps=SELECT_STEPS,
+                                                            restarts=1)))
         epoch = self.step_count // self.steps_per_epoch
-        if self.best is None or acc > self.best["holdout_robust_acc"]:
-            self.best = {"epoch": epoch, "step": self.step_count, "holdout_robust_acc": acc}
+        if self.best is None or acc > self.best["holdout_acc"]:
+            self.best = {"epoch": epoch, "step": self.step_count, "holdout_acc": acc}
             self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.run is not None and self.dist.is_main:
                 self.run.save_best(self.state_dict())
-        return {"holdout_robust_acc": acc, "best_epoch": float(self.best["epoch"]),
-                "best_holdout_robust_acc": self.best["holdout_robust_acc"]}
+        return {"holdout_acc": acc, "best_epoch": float(self.best["epoch"]),
+                "best_holdout_acc": self.best["holdout_acc"]}
 
     @property
     def selected_step(self) -> int:
