@@ -76,7 +76,7 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from metarobust.config import EPS_8, STEP_2, to_dict  # noqa: E402
+from metarobust.config import EPS_8, STEP_2, experiment_schema, to_dict  # noqa: E402
 from metarobust.errors import ConfigError, MetarobustError  # noqa: E402
 from metarobust.evaluation import paired_comparison, point_verdicts  # noqa: E402
 from metarobust.experiment import evaluate_checkpoint, load_config, train_and_evaluate  # noqa: E402
@@ -214,8 +214,10 @@ def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The keys (what a run is, not where) whose values differ between two resolved configs."""
-    a, b = flat(saved), flat(now)
+    """The keys (what a run is, not where) whose values differ between two resolved configs; a
+    key the saved config predates takes its default (as ``--resume`` does)."""
+    b = flat(now)
+    a = {**{k: v for k, v in flat(to_dict(experiment_schema()())).items() if k in b}, **flat(saved)}
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in LOCATION_KEYS and a.get(k) != b.get(k)}
 

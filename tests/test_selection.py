@@ -166,3 +166,15 @@ def test_natural_training_selects_its_epoch_on_clean_accuracy_adversarial_traini
 def test_an_unknown_selection_metric_is_refused(mnist16, tmp_path):
     with pytest.raises(ConfigError, match="at.select_on"):
         config(mnist16, tmp_path, "at.select_on=loss")
+
+
+def test_a_checkpoint_from_before_select_on_resumes_with_its_best_epoch(mnist16, tmp_path):
+    """Checkpoints written before ``at.select_on`` named the score ``holdout_robust_acc``."""
+    cfg = config(mnist16, tmp_path, "at.epochs=1", "name=old")
+    trainer = Trainer(cfg, None, data=data_of(mnist16, 64), progress=False)
+    trainer.fit()
+    state = trainer.state_dict()
+    state["selection"] = {"epoch": 1, "step": 1, "holdout_robust_acc": 0.25}
+    resumed = Trainer(cfg, None, data=data_of(mnist16, 64), progress=False)
+    resumed._restore(state)
+    assert resumed.best == {"epoch": 1, "step": 1, "holdout_acc": 0.25}

@@ -515,6 +515,8 @@ class Trainer:
         self.recipe.load_state_dict(_to_device(state["recipe"], self.device))
         self.stopped = state["stopped"]
         self.best = state.get("selection")  # absent from checkpoints written before at.select
+        if self.best is not None and "holdout_robust_acc" in self.best:  # written before at.select_on
+            self.best = {("holdout_acc" if k == "holdout_robust_acc" else k): v for k, v in self.best.items()}
         first = state["first_batch"]
         if first is not None:
             batch_type = getattr(self.sampler, "batch_type", EpisodeBatch)  # segmentation: SegEpisodeBatch
