@@ -198,7 +198,11 @@ class QueryAttack:
     def losses(self, oracle: Oracle, points: torch.Tensor, index: torch.Tensor, goal: Goal
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query ``points [M, ...]`` for examples ``index [M]``: ``(loss [M], fooled [M])``."""
-        scores = oracle(points, index)
+        return self.judge(oracle, oracle(points, index), index, goal)
+
+    def judge(self, oracle: Oracle, scores: torch.Tensor, index: torch.Tensor, goal: Goal
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss [M], fooled [M])`` of answers ``scores [M, K]`` for examples ``index [M]``."""
         labels = goal.labels[index]
         return (score_loss(scores, labels, self.loss, oracle.output, goal.targeted),
                 fooled(scores, labels, goal.targeted))
@@ -221,10 +225,7 @@ class QueryAttack:
             same &= ~held_scores[idx].isnan().any(1)
             reuse, idx = idx[same], idx[~same]
             if reuse.numel():
-                labels = goal.labels[reuse]
-                scores = held_scores[reuse]
-                best[reuse] = score_loss(scores, labels, self.loss, oracle.output, goal.targeted)
-                success[reuse] = fooled(scores, labels, goal.targeted)
+                best[reuse], success[reuse] = self.judge(oracle, held_scores[reuse], reuse, goal)
         if idx.numel():
             best[idx], success[idx] = self.losses(oracle, points[idx], idx, goal)
         return points, best, success
