@@ -17,7 +17,14 @@ of its clean and adversarial query features after fine-tuning; then draw
 and write ``results.json`` / ``results.md`` (a table); the last line printed is one JSON line.
 Every learner's run folder (checkpoint, metrics, eval.json) is kept under ``<out>/runs/``; a
 killed study continues where it stopped (finished runs are reused, a run with a checkpoint
-resumes).
+resumes). Run folders are working files; the study's committed summary (``--results``) can stand in
+for them: ``--reuse-results docs/results/shots_study_omniglot.json`` takes the rows of learners
+that have no finished run folder from that file, after checking that it was made with the same
+study settings, base config and test episodes. So a second seed can be added to a committed study
+without retraining the first::
+
+    python scripts/shots_study.py configs/meta/shots_study_omniglot.yaml data.root=../shared/data/omniglot \\
+        --reuse-results docs/results/shots_study_omniglot.json --results docs/results/shots_study_omniglot.json
 
 The study file (``configs/meta/shots_study_*.yaml``) is an experiment config (the base settings
 every run shares) plus a ``study:`` section with the grid and the scale; command-line flags
@@ -114,6 +121,44 @@ def load_study(path: Path, args: argparse.Namespace) -> tuple[Study, dict[str, A
     if args.name:
         study.name = args.name
     return study, raw
+
+
+REUSE_KEYS = ("recipes", "train_shots", "inner_steps", "test_shots", "iterations", "episodes", "test_queries",
+              "cascade_episodes", "points", "layers", "bootstrap", "seed", "overrides")
+"""The study settings a reused results file must share with the study being run (the replicate
+seeds may differ: adding one is what reuse is for)."""
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reusable_rows(path: Path, study: Study, base: dict, manifest_sha: str) -> dict[str, dict]:
+    """``{learner name: row}`` of a summary written by ``--results``, after checking that it
+    answers the same study: the settings of :data:`REUSE_KEYS`, the base config every run shares,
+    and (when the file records it) the same frozen test episodes."""
+    from metarobust.errors import ConfigError
+
+    try:
+        previous = json.loads(path.read_text())
+        rows, theirs = previous["rows"], previous["study"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--reuse-results {path}: not a shots-study summary written by --results ({exc})") from exc
+    ours = study.__dict__
+    differ = [k for k in REUSE_KEYS if theirs.get(k, ours[k]) != ours[k]]
+    if previous.get("base") != json.loads(json.dumps(base)):  # as the file holds it (tuples read back as lists)
+        differ.append("base (model, meta, attack)")
+    if previous.get("manifest_sha256", manifest_sha) != manifest_sha:
+        differ.append("the frozen test episodes (manifest_sha256)")
+    if differ:
+        raise ConfigError(f"--reuse-results {path}: made with other settings than this study ({', '.join(differ)}); "
+                          "rerun those learners, or drop --reuse-results")
+    if "manifest_sha256" not in previous:
+        print(f"note: {path} records no test-episode hash; its episodes are the ones frozen again here from "
+              f"study.seed={study.seed} (freezing is deterministic)", flush=True)
+    return {r["name"]: r for r in rows}
 
 
 def check_study(study: Study, base_cfg, stores) -> None:
@@ -469,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                         "these now (another process may run the rest in the same --out); tables need all")
     parser.add_argument("--results", default=None, help="also write the study's summary JSON here, e.g. "
                         "docs/results/shots_study_omniglot.json")
+    parser.add_argument("--reuse-results", dest="reuse_results", default=None,
+                        help="a summary written by --results (same study settings and test episodes): learners "
+                        "without a finished run folder take their rows from it instead of being trained")
     parser.add_argument("--resume", action="store_true", help="accepted for symmetry: a study always reuses "
                         "finished learners and resumes an interrupted one in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -507,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
             save_manifest(freeze_episodes(stores.test, m.ways, study.test_shots, study.test_queries or m.queries,
                                           study.episodes, seed=study.seed, dataset=first.data.dataset), manifest_path)
         manifest = load_manifest(manifest_path)
+        manifest_sha = file_sha256(manifest_path)
+        base_summary = {"model": f"{first.model.name}-{first.model.hidden}", "meta": dict(first.meta.__dict__),
+                        "attack": dict(first.attack.__dict__),
+                        "cascade": "apgd_ce_t" if study.cascade_episodes else None}
+        previous = (reusable_rows(Path(args.reuse_results), study, base_summary, manifest_sha)
+                    if args.reuse_results else {})
         subset = out / "episodes_cascade.json"
         if study.cascade_episodes and not subset.is_file():
             head = manifest.episodes[:study.cascade_episodes]
@@ -517,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = run_config(study, base, point.recipe, point.shots, point.steps, out, manifest_path,
                              args.overrides, seed=point.seed)
             if cfg.name not in only:
+                continue
+            if cfg.name in previous and not (Path(cfg.out_dir) / cfg.name / "eval.json").is_file():
+                rows.append({**previous[cfg.name], "reused": "results file"})
+                print(f"== [{i}/{len(points)}] {cfg.name}: from {args.reuse_results}", flush=True)
                 continue
             print(f"== [{i}/{len(points)}] {cfg.name}: {cfg.recipe}, {point.shots} training shots, {point.steps} "
                   f"inner steps, seed {point.seed}, {study.iterations} meta-updates ==", flush=True)
@@ -552,10 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     table, verdicts = markdown_table(rows, layer, estimator), claims_markdown(answers)
     primary = [r for r in rows if r["seed"] == study.seed]
     plots = plot_all(primary, out, title, layer, estimator)
-    payload = {"study": study.__dict__, "base": {"model": f"{first.model.name}-{first.model.hidden}",
-                                                 "meta": dict(first.meta.__dict__),
-                                                 "attack": dict(first.attack.__dict__),
-                                                 "cascade": "apgd_ce_t" if study.cascade_episodes else None},
+    payload = {"study": study.__dict__, "base": base_summary, "manifest_sha256": manifest_sha,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
                "seconds": round(time.perf_counter() - start, 1), "rows": rows, "answers": answers}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -100,3 +100,38 @@ def test_per_recipe_overrides_and_bad_study_keys(study_module, tmp_path):
     bad.write_text("study:\n  replicate_seed: [1]\ndata:\n  dataset: glyphs\n")
     with pytest.raises(ConfigError, match="replicate_seed"):
         study_module.load_study(bad, flags)
+
+
+def test_a_committed_summary_stands_in_for_lost_run_folders(study_module, tmp_path, capsys):
+    """--reuse-results: a second seed joins a study whose run folders are gone; the first seed's
+    rows come from the summary, only the new learners train, and a summary of another study is
+    refused before any training."""
+    common = ["configs/meta/shots_study_glyphs.yaml", "--iterations", "2", "--episodes", "4", "--cascade-episodes", "0",
+              "--train-shots", "1,3", "--inner-steps", "1", "--recipes", "maml", "--points", "40", "--bootstrap", "2",
+              "--quiet", "--threads", "1", "model.hidden=8", "meta.queries=3", "meta.test_inner_steps=1",
+              "eval.checks=false", "attack.steps=2", "eval.batch_size=2"]
+    first = tmp_path / "first.json"
+    assert study_module.main([*common, "--out", str(tmp_path / "a"), "--replicate-seeds", "", "--results", str(first)]) == 0
+    committed = json.loads(first.read_text())
+    assert len(committed["manifest_sha256"]) == 64
+
+    both = tmp_path / "both.json"
+    out = tmp_path / "b"  # a fresh folder: the first study's run folders are not there
+    assert study_module.main([*common, "--out", str(out), "--replicate-seeds", "1", "--reuse-results", str(first),
+                              "--results", str(both)]) == 0
+    capsys.readouterr()
+    rows = {r["name"]: r for r in json.loads(both.read_text())["rows"]}
+    assert set(rows) == {"maml_k1_s1", "maml_k3_s1", "maml_k1_s1_seed1", "maml_k3_s1_seed1"}
+    for name, old in ((r["name"], r) for r in committed["rows"]):
+        assert rows[name]["reused"] == "results file" and rows[name]["clean_acc"] == old["clean_acc"]
+    assert not (out / "runs" / "maml_k1_s1").exists()  # nothing retrained
+    assert (out / "runs" / "maml_k1_s1_seed1" / "eval.json").is_file()
+
+    from metarobust.errors import ConfigError
+
+    changed = [*common, "--out", str(tmp_path / "c"), "--iterations", "3", "--reuse-results", str(first)]
+    assert study_module.main(changed) == 2
+    assert "iterations" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "runs").exists()
+    with pytest.raises(ConfigError, match="not a shots-study summary"):
+        study_module.reusable_rows(tmp_path / "missing.json", None, {}, "")
