@@ -52,6 +52,19 @@ def test_a_query_past_an_example_budget_is_refused_before_the_target_runs(toy):
     oracle(x[1:2], torch.tensor([1]))  # the other example still has budget
 
 
+def test_a_stopped_example_keeps_its_count_and_gets_no_more_queries(toy):
+    model, x, _ = toy
+    oracle = Oracle(Counting(model), budget=5, examples=2)
+    oracle(x[:2])
+    oracle.stop(torch.tensor([True, False]))
+    assert oracle.remaining.tolist() == [0, 4] and oracle.queries.tolist() == [1, 1]
+    with pytest.raises(QueryBudgetExceeded):
+        oracle(x[:1], torch.tensor([0]))
+    oracle(x[1:2], torch.tensor([1]))
+    with pytest.raises(ValueError, match="a flag per example"):
+        oracle.stop(torch.tensor([True]))
+
+
 def test_no_gradient_reaches_the_input_through_the_oracle(toy):
     model, x, _ = toy
     for output in ("probs", "logits", "label"):

@@ -105,6 +105,15 @@ class Oracle:
         """Queries left per example ``[B]`` (on the device of the last query)."""
         return (self.budget - self.queries).to(self._device or self.budget.device)
 
+    def stop(self, done: torch.Tensor) -> None:
+        """End the examples ``done`` (``bool [B]``): their budget shrinks to the queries already
+        spent, so any later query for them is refused (an example fooled by a seeding proposal
+        stops there; the count it paid stays)."""
+        done = done.detach().bool().flatten().cpu()
+        if done.numel() != self.examples:
+            raise ValueError(f"stop() needs a flag per example ({self.examples}), got {done.numel()}")
+        self.budget = torch.where(done, self.queries, self.budget)
+
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the target receives it: rounded to the grid of ``levels`` values in [0, 1]."""
         if self.levels is None:

@@ -251,7 +251,7 @@ def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
 
     proposal = mcg.propose(oracle, x, y, proposal_rng)
     won = proposal.success.cpu()
-    oracle.budget = torch.where(won, oracle.queries, oracle.budget)  # a fooled example stops here
+    oracle.stop(won)  # a fooled example stops here, with its one query
     outcome = attack(oracle, x, y, generator, init=proposal.delta, known=(proposal.x_adv, proposal.scores))
     won = won.to(x.device)
     x_adv = torch.where(won.view(-1, *([1] * (x.dim() - 1))), proposal.x_adv, outcome.x_adv)
