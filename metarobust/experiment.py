@@ -88,7 +88,7 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"auto, none or one of {AUGMENTATIONS.names()}")
     for name in cfg.analysis.estimators:
         ESTIMATORS.get(name, "analysis.estimators")
-    resolve_optim(cfg.optim, recipe.default_optim(), recipe.epochs(cfg))
+    resolve_optim(cfg.optim, recipe.default_optim(cfg), recipe.epochs(cfg))
     check_recipe(recipe, cfg)
 
 
@@ -268,6 +268,10 @@ def train_and_evaluate(cfg: ExperimentConfig, resume: bool = False, progress: bo
     try:
         start = time.perf_counter()
         recipe = build_recipe(cfg)  # the recipe's own checks (a teacher, a starting checkpoint) first
+        if recipe.evaluation not in ("classifier", "fewshot"):
+            command = {"generator": "metarobust blackbox-train", "segmentation": "metarobust seg train"}
+            raise ConfigError(f"recipe {cfg.recipe!r} is not a classifier; train it with "
+                              f"{command.get(recipe.evaluation, 'its own command')} CONFIG")
         data = data or load_training_data(cfg, recipe, info.device)  # every data check before any work
         run = _open_run(cfg, resume, info)
         trainer = Trainer(cfg, run, resume=resume, data=data, progress=progress and info.is_main, dist=info,

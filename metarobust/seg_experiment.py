@@ -38,7 +38,7 @@ def load_seg_config(path: str | Path | None = None, overrides: list[str] | None 
     if not (isinstance(recipe, type) and issubclass(recipe, SegRecipe)):
         raise ConfigError(f"recipe={cfg.recipe!r} is not a segmentation recipe; choose one of "
                           f"{[n for n in RECIPES.names() if n.startswith('seg_')]}")
-    resolve_optim(cfg.optim, recipe.default_optim(), recipe.epochs(cfg))
+    resolve_optim(cfg.optim, recipe.default_optim(cfg), recipe.epochs(cfg))
     check_recipe(recipe, cfg)
     return cfg
 

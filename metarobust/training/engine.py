@@ -118,7 +118,7 @@ class Trainer:
         self.compile_decision = self._compile_decision()
         """Whether the steps run compiled (``at.compile``), and why."""
         self.models = self._build_models()
-        self.optim = resolve_optim(cfg.optim, self.recipe.default_optim(), self.recipe.epochs(cfg))
+        self.optim = resolve_optim(cfg.optim, self.recipe.default_optim(cfg), self.recipe.epochs(cfg))
         self.optimizer = build_optimizer(self._trainable_parameters(), self.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.at.amp == "fp16")
         self.generator = torch.Generator(device=self.device)
@@ -156,6 +156,8 @@ class Trainer:
         models compiled, the recipes' PGD attacks compile their step update too (``PGD.compile``)."""
         if self.recipe.episodic:
             return compilation.Decision(False, "meta recipes run eager (functional calls per task)")
+        if self.recipe.eager_reason:
+            return compilation.Decision(False, self.recipe.eager_reason)
         return compilation.decide(self.cfg.at.compile, self.device, self.cfg.model.name, self.total_steps)
 
     def _build_models(self) -> Models:

@@ -260,6 +260,9 @@ class Recipe:
     supports_awp: ClassVar[bool] = False
     divergence_hint: ClassVar[str] = "lower optim.lr (or use at.amp=none)"
     """Appended to the error raised when training diverges."""
+    eager_reason: ClassVar[str | None] = None
+    """Why this recipe's steps always run eager whatever ``at.compile=auto`` would measure
+    (``None``: the engine decides; MCG's flow)."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -315,8 +318,9 @@ class Recipe:
         return cfg.at.epochs
 
     @classmethod
-    def default_optim(cls) -> OptimConfig:
-        """The ``optim`` settings a ``null`` field takes: SGD 0.1, momentum 0.9, weight decay 2e-4,
+    def default_optim(cls, cfg: ExperimentConfig | None = None) -> OptimConfig:
+        """The ``optim`` settings a ``null`` field takes (``cfg``: for recipes whose defaults live
+        in their own section, e.g. MCG's learning rates): SGD 0.1, momentum 0.9, weight decay 2e-4,
         x0.1 at epochs 100 and 150 (Madry et al.'s CIFAR-10 PGD-AT, the AT papers' optimizer)."""
         return OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=2e-4, schedule="piecewise",
                            milestones=[100.0, 150.0])
@@ -498,7 +502,7 @@ class MetaRecipe(Recipe):
         return cfg.train.iterations
 
     @classmethod
-    def default_optim(cls) -> OptimConfig:
+    def default_optim(cls, cfg: ExperimentConfig | None = None) -> OptimConfig:
         """Adam at 1e-3, constant (MAML's and R-MAML's meta-optimizer)."""
         return OptimConfig(name="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, schedule="constant", milestones=[])
 

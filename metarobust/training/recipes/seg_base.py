@@ -159,7 +159,7 @@ class SegRecipe(Recipe):
         return cfg.train.iterations
 
     @classmethod
-    def default_optim(cls) -> OptimConfig:
+    def default_optim(cls, cfg: ExperimentConfig | None = None) -> OptimConfig:
         return OptimConfig(name="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4, schedule="piecewise",
                            milestones=[10000.0, 20000.0])
 

@@ -1,0 +1,159 @@
+"""MCG's generator training as recipes of the one trainer (``mcg_pretrain``, ``mcg_reptile``), on
+real MNIST at 16x16 with a naturally trained surrogate run: the engine's Reptile step is
+:func:`reptile_task`'s outer interpolation, stage 1 trains on exactly the transfer pairs of
+:func:`transfer_pairs`, both stages resume bit-exactly, and bad settings are refused first."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_same_parameters, kill_and_resume
+
+from metarobust.blackbox.mcg import MCGConfig
+from metarobust.blackbox.mcg.training import reptile_task, transfer_pairs
+from metarobust.config import DataConfig
+from metarobust.data.datasets import load_split
+from metarobust.errors import ConfigError
+from metarobust.experiment import load_config
+from metarobust.runs import RunDir
+from metarobust.training.data import TrainingData, take
+from metarobust.training.engine import Trainer
+from metarobust.training.recipes import Models, StepContext, build_recipe
+
+TINY = "{levels: 2, steps: 1, hidden: 8, x_hidden_channels: 4, x_hidden_size: 8}"
+SMALL = ("{transfer_steps: 2, pretrain_epochs: 2, pretrain_batch: 16, meta_epochs: 2, meta_batch: 16, "
+         "inner_steps: 2, confidence: [0.0, 1.0]}")
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_data):
+    root = shared_data / "mnist"
+    if not (root / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST idx files not found in {root}")
+    cfg = DataConfig(dataset="mnist", root=str(root), image_size=16)
+    return take(load_split(cfg, "train"), torch.arange(64), "mnist/train"), str(root)
+
+
+@pytest.fixture(scope="module")
+def surrogate(mnist, tmp_path_factory):
+    """A run folder of ``metarobust train``: a small CNN trained naturally for a few steps."""
+    store, root = mnist
+    out = tmp_path_factory.mktemp("surrogate")
+    cfg = load_config(None, ["recipe=natural", "data.dataset=mnist", "data.image_size=16", f"data.root={root}",
+                             "model.name=small_cnn", "model.hidden=8", "model.drop_rate=0", "at.batch_size=16",
+                             "at.epochs=2", "optim.schedule=constant", "optim.lr=0.05", "device=cpu", f"out_dir={out}",
+                             "name=surrogate", "attack.eps=0.3"])
+    run = RunDir(cfg, tensorboard=False)
+    Trainer(cfg, run, data=TrainingData(store, None, None), progress=False).fit()
+    run.close()
+    return str(out / "surrogate")
+
+
+def mcg_config(mnist, surrogate, tmp_path, recipe: str, *extra: str):
+    return load_config(None, [f"recipe={recipe}", "data.dataset=mnist", "data.image_size=16", f"data.root={mnist[1]}",
+                              "device=cpu", f"out_dir={tmp_path}", f"mcg.surrogates=[{surrogate}]",
+                              f"mcg.generator={TINY}", f"mcg.config={SMALL}", "train.log_every=1",
+                              "train.checkpoint_every=3", *extra])
+
+
+def data(mnist) -> TrainingData:
+    return TrainingData(mnist[0], None, None)
+
+
+def test_stage_1_trains_on_the_transfer_pairs_of_every_image_and_lowers_the_nll(mnist, surrogate, tmp_path):
+    cfg = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "name=stage1")
+    trainer = Trainer(cfg, None, data=data(mnist), progress=False)
+    assert trainer.total_steps == 2 * 4 and not trainer.compile_decision.on
+    assert trainer.optim.name == "adam" and trainer.optim.lr == MCGConfig().pretrain_lr  # MCG's, from mcg.config
+    recipe, models = trainer.recipe, trainer.models
+    recipe.make_pairs(models)
+    store = mnist[0]
+    x = store.images.float() / 255
+    _, delta, kept = transfer_pairs(models.raw["surrogate0"], x, store.labels, "linf", 0.3, recipe.settings)
+    (mine, theirs), = recipe._pairs
+    assert torch.equal(mine, kept) and int(kept.sum()) > 0
+    torch.testing.assert_close(theirs[kept], delta, rtol=0, atol=1e-6)  # one chunk: the same MI-FGSM
+    generator = models.modules["model"]
+    with torch.no_grad():
+        before = generator.nll(x[kept], delta).mean()
+    trainer.fit()
+    with torch.no_grad():
+        after = generator.nll(x[kept], delta).mean()
+    assert after < before
+    assert generator.cfg.eps == 0.3 and generator.cfg.shape == (1, 16, 16)  # eps: the surrogate's attack.eps
+
+
+def test_the_engines_reptile_step_is_reptile_tasks_interpolation(mnist, surrogate, tmp_path):
+    stage1 = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "name=stage1", "mcg.config.pretrain_epochs=1")
+    Trainer(stage1, RunDir(stage1, tensorboard=False), data=data(mnist), progress=False).fit()
+    cfg = mcg_config(mnist, surrogate, tmp_path, "mcg_reptile", "name=stage2", f"mcg.stage1={tmp_path / 'stage1'}")
+    trainer = Trainer(cfg, None, data=data(mnist), progress=False)
+    beta = MCGConfig(meta_batch=16, inner_steps=2).outer_step
+    assert trainer.optim.name == "sgd" and trainer.optim.lr == pytest.approx(beta) and trainer.optim.momentum == 0
+    generator = trainer.models.modules["model"]
+    reference = copy.deepcopy(generator)
+    rng = torch.Generator().manual_seed(5)
+    trainer.generator.set_state(rng.get_state())
+    batch = trainer.sampler.sample()
+    trainer.sampler = type("Once", (), {"sample": lambda self: batch})()
+    trainer.train_step()
+    task = reptile_task(reference, [trainer.models.raw["surrogate0"]], batch.x, batch.y,
+                        MCGConfig(**{**trainer.recipe.section.config, "outer_lr": beta, "outer_lr_scaled": False}),
+                        torch.Generator().manual_seed(5))
+    moved = 0.0
+    for p, q, t in zip(generator.parameters(), reference.parameters(), task, strict=True):
+        # theta - beta (theta - task) against theta + beta (task - theta): a few float32 roundings apart
+        torch.testing.assert_close(p, q, rtol=0, atol=8 * torch.finfo(torch.float32).eps * (1 + float(t.abs().max())))
+        moved += float((t - p.detach()).abs().sum())
+    assert moved > 0  # the inner loop went somewhere, and the step moved only beta of the way
+
+
+@pytest.mark.parametrize("stage", ["mcg_pretrain", "mcg_reptile"])
+def test_a_killed_stage_resumes_to_the_same_generator(mnist, surrogate, tmp_path, stage):
+    extra = []
+    if stage == "mcg_reptile":
+        first = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "name=stage1", "mcg.config.pretrain_epochs=1")
+        Trainer(first, RunDir(first, tensorboard=False), data=data(mnist), progress=False).fit()
+        extra = [f"mcg.stage1={tmp_path / 'stage1'}"]
+    whole, resumed, whole_run, run = kill_and_resume(
+        lambda name: mcg_config(mnist, surrogate, tmp_path, stage, f"name={name}", *extra), data(mnist),
+        kill_at=5, checkpoint_at=3)
+    assert_same_parameters(whole.model, resumed.model)
+    assert whole_run.metrics() == run.metrics()
+
+
+def test_bad_mcg_settings_are_refused_before_any_work(mnist, surrogate, tmp_path):
+    with pytest.raises(ConfigError, match="mcg.surrogates is empty"):
+        load_config(None, ["recipe=mcg_pretrain", "data.dataset=mnist"])
+    with pytest.raises(ConfigError, match="mcg.stage1 is empty"):
+        mcg_config(mnist, surrogate, tmp_path, "mcg_reptile")
+    with pytest.raises(ConfigError, match=r"mcg.generator.eps"):
+        mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "mcg.generator.eps=0.1")
+    with pytest.raises(ConfigError, match="unknown field"):
+        mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "mcg.config.pretrain_epoch=3")
+    with pytest.raises(ConfigError, match="plain SGD"):
+        mcg_config(mnist, surrogate, tmp_path, "mcg_reptile", "mcg.stage1=x", "optim.momentum=0.9")
+    with pytest.raises(ConfigError, match="does not exist|no checkpoint|not a"):
+        build_recipe(mcg_config(mnist, str(tmp_path / "nowhere"), tmp_path, "mcg_pretrain"))
+    cfg = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "data.dataset=cifar10")
+    with pytest.raises(ConfigError, match="trained on 'mnist'"):
+        build_recipe(cfg).roles()
+    from metarobust.experiment import train_and_evaluate
+
+    with pytest.raises(ConfigError, match="blackbox-train"):
+        train_and_evaluate(mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "name=refused"), data=data(mnist))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_an_empty_batch_of_pairs_is_a_zero_loss_with_a_graph(mnist, surrogate, tmp_path):
+    cfg = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "mcg.config.confidence=[0.999999, 1.0]")
+    trainer = Trainer(cfg, None, data=data(mnist), progress=False)
+    recipe = trainer.recipe
+    recipe._pairs = [(torch.zeros(len(mnist[0]), dtype=torch.bool), torch.zeros(len(mnist[0]), 1, 16, 16))]
+    ctx = StepContext(0, 0, 0.0, 0, trainer.generator, 10)
+    loss, stats = recipe.loss(Models(trainer.models._train, trainer.models.raw, trainer.models.modules,
+                                     trainer.models.trainable), trainer.sampler.sample(), ctx)
+    loss.backward()
+    assert float(loss) == 0.0 and float(stats["pairs"]) == 0.0
