@@ -388,5 +388,6 @@ def run_blackbox(cfg: BlackboxConfig, progress=None) -> tuple[dict[str, Any], di
     return summary, {"json": json_path, "plot": plot}
 
 
-__all__ = ["BlackboxConfig", "MCGSection", "TargetEpisodes", "attack_targets", "blackbox_headline", "blackbox_table", "load_blackbox_config",
-           "mcg_attacks", "random_targets", "run_blackbox", "seeded_attack", "targets", "whitebox_check"]
+__all__ = ["BlackboxConfig", "MCGSection", "TargetEpisodes", "attack_targets", "blackbox_headline", "blackbox_table",
+           "load_blackbox_config", "mcg_attacks", "random_targets", "run_blackbox", "seeded_attack", "targets",
+           "whitebox_check"]

@@ -142,15 +142,15 @@ def training_data(cfg: MCGTrainConfig) -> GeneratorData:
     from metarobust.blackbox.mcg.fewshot import surrogate_learners
 
     runs = surrogate_learners(cfg.surrogates, cfg.overrides)
-    datasets = {run.cfg.data.dataset for run in runs}
-    if len(datasets) > 1:
-        raise ConfigError(f"blackbox-train surrogates were trained on different datasets {sorted(datasets)}; "
-                          f"give surrogates of one dataset")
     kinds = {run.kind: run.path for run in runs}
     if len(kinds) > 1:
         raise ConfigError(f"blackbox-train surrogates mix plain classifiers and few-shot learners "
                           f"({kinds.get('classifier')!r} is a classifier, {kinds.get('fewshot')!r} a few-shot "
                           f"learner); a generator trains on one kind: give surrogates of the target's kind")
+    datasets = {run.cfg.data.dataset for run in runs}
+    if len(datasets) > 1:
+        raise ConfigError(f"blackbox-train surrogates were trained on different datasets {sorted(datasets)}; "
+                          f"give surrogates of one dataset")
     if "fewshot" in kinds:
         return training_episodes(cfg, runs)
     surrogates, x, y, eps, device = training_images(cfg, [run.model for run in runs], runs[0].cfg)
@@ -321,5 +321,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["GeneratorData", "MCGTrainConfig", "load_train_config", "train_generator", "training_data", "training_episodes",
-           "training_images"]
+__all__ = ["GeneratorData", "MCGTrainConfig", "load_train_config", "train_generator", "training_data",
+           "training_episodes", "training_images"]

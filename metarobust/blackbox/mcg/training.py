@@ -172,12 +172,13 @@ def meta_train_tasks(model: MCGGenerator, tasks: Sequence[Task], cfg: MCGConfig,
     history = []
     for _ in range(cfg.meta_epochs if epochs is None else epochs):
         with torch.no_grad():
-            total = sum(float(surrogate_margin(s, x, y, model.sample(x, generator), cfg.kappa).sum()) for x, y, s in tasks)
+            total = sum(float(surrogate_margin(s, x, y, model.sample(x, generator), cfg.kappa).sum())
+                        for x, y, s in tasks)
             history.append(total / max(sum(len(x) for x, _, _ in tasks), 1))
         order = torch.randperm(len(tasks), generator=generator, device=generator.device).tolist()
         reptile_epoch(model, (tasks[i] for i in order), cfg, generator)
     return history
 
 
-__all__ = ["Task", "adapt", "interpolate_", "margin_loss", "meta_train", "meta_train_tasks", "pretrain", "reptile_epoch",
-           "reptile_task", "snapshot", "surrogate_margin", "transfer_pairs"]
+__all__ = ["Task", "adapt", "interpolate_", "margin_loss", "meta_train", "meta_train_tasks", "pretrain",
+           "reptile_epoch", "reptile_task", "snapshot", "surrogate_margin", "transfer_pairs"]
