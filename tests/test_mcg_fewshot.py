@@ -131,13 +131,14 @@ def test_blackbox_train_on_a_few_shot_surrogate_then_the_runner_gives_exact_mcg_
     for name in ("signhunter", "square"):
         assert result["attacks"][f"mcg+{name}"]["attacked"] == result["attacks"][name]["attacked"]
     assert len(seen) == 2 * 2  # two attacks x two episodes
+    assert sum(int((budget > 0).sum()) for budget, *_ in seen) > 0, "no clean-correct point was attacked"
     for budget, outcome, charged, x in seen:
         assert torch.equal(outcome.queries.cpu(), charged.cpu())  # every image the target saw, counted once
         assert bool((outcome.queries.cpu() <= budget.cpu()).all())
         assert bool((outcome.queries.cpu()[budget.cpu() > 0] >= 1).all())  # the proposal is always paid
         assert bool((outcome.queries.cpu()[budget.cpu() == 0] == 0).all())
         assert bool(in_threat_model(x, outcome.x_adv, "linf", EPS).all())
-    assert result["mcg"]["surrogates"] == [str(runs[1])]
+    assert result["mcg"]["surrogates"] == [str(runs[1])] and result["mcg"]["adapted_per_episode"]
 
 
 def test_surrogates_of_the_wrong_kind_dataset_or_ways_fail_naming_the_field(runs, target, tmp_path):

@@ -227,7 +227,8 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=N
         for attack, (x_seen, scores), (_, _, y, _) in zip(mcg, answers, groups, strict=True):
             attack.history.add(x_seen, y, scores, cfg.output, kind="clean")  # answers the clean check paid for
         summary["mcg"] = {"generator": cfg.mcg.generator, "surrogates": list(cfg.mcg.surrogates),
-                          "config": dict(cfg.mcg.config)}
+                          "config": dict(cfg.mcg.config),
+                          "adapted_per_episode": episodes is not None}  # few-shot: surrogates fitted per support set
     chooser = torch.Generator().manual_seed(cfg.seed)
     goals = [random_targets(f, x, y, chooser) if cfg.targeted else None for f, x, y, _ in groups]
     generator = torch.Generator().manual_seed(cfg.seed)
