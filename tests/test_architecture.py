@@ -19,12 +19,14 @@ LAYERS = [
     ("training.recipes",),
     ("training.data", "training.engine"),
     ("evaluation", "analysis"),
-    ("experiment", "analysis.run_analysis", "seg_experiment", "blackbox.run", "blackbox.mcg.fit"),
+    ("experiment", "analysis.run_analysis", "seg_experiment", "blackbox.run", "blackbox.mcg.fit",
+     "blackbox.mcg.fewshot"),
     ("cli", "__main__"),
 ]
 """Bottom to top: a module may import its own layer and the layers below it. ``analysis.run_analysis`` is
 the ``metarobust id`` command (it loads a run as ``metarobust eval`` does), hence its layer; likewise
-``blackbox.run`` (``metarobust blackbox``) and ``blackbox.mcg.fit`` (``metarobust blackbox-train``)."""
+``blackbox.run`` (``metarobust blackbox``) and ``blackbox.mcg.fit`` (``metarobust blackbox-train``), and
+``blackbox.mcg.fewshot``, which loads their few-shot surrogate runs and adapts them as evaluation does."""
 
 
 def modules(package: Path) -> dict[str, Path]:

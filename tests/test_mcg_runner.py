@@ -158,7 +158,8 @@ def test_generator_training_resumes_after_stage_1_and_mid_stage_2_with_the_same_
     from metarobust.blackbox.mcg import fit
 
     model, x, y = toy
-    monkeypatch.setattr(fit, "training_images", lambda cfg: ([model], x, y, EPS, torch.device("cpu")))
+    data = fit.GeneratorData([(x, y, [model])], EPS, torch.device("cpu"))
+    monkeypatch.setattr(fit, "training_data", lambda cfg: data)
     small = {"transfer_steps": 2, "pretrain_epochs": 1, "pretrain_batch": 8, "meta_epochs": 2, "meta_batch": 8,
              "inner_steps": 1}
 

@@ -13,7 +13,10 @@ budget and seed: MCG's generator spends the example's first query on its proposa
 (:meth:`~metarobust.blackbox.mcg.MCGAttack.propose`, the same oracle), and the attack starts from
 it (``init=proposal.delta``) on the examples the proposal did not fool; an example's count is 1
 plus the attack's own, never past the budget. One :class:`MCGAttack` per target keeps its
-history (the clean answers, then every proposal's answer) across the attacks.
+history (the clean answers, then every proposal's answer) across the attacks. Its surrogates
+are the target's kind: for a classifier, plain classifier runs (copies); for a few-shot target,
+meta-learner runs each fine-tuned on the group's episode's support set
+(:mod:`~metarobust.blackbox.mcg.fewshot`, docs/blackbox.md "MCG on few-shot targets").
 """
 
 from __future__ import annotations
@@ -147,9 +150,25 @@ def load_blackbox_config(path: str | Path, overrides: list[str] | None = None) -
     return cfg
 
 
+@dataclass
+class TargetEpisodes:
+    """A few-shot target's episodes, one per group (:func:`targets`): what MCG's surrogate
+    learners are fine-tuned on (their support sets), and the dataset they come from."""
+
+    dataset: str
+    episodes: list
+    """:class:`~metarobust.data.episode.Episode` per group, in the groups' order."""
+
+    @property
+    def ways(self) -> int:
+        return self.episodes[0].ways
+
+
 def targets(cfg: BlackboxConfig):
-    """``(run config, [(forward, x, y, coupled)])``: the run's deployed model on its test points,
-    one entry per episode (few-shot) or one for the classifier's points."""
+    """``(run config, [(forward, x, y, coupled)], episodes)``: the run's deployed model on its
+    test points, one group per episode (few-shot) or one for the classifier's points;
+    ``episodes`` (:class:`TargetEpisodes`) are the few-shot groups' episodes, ``None`` for a
+    classifier."""
     from metarobust.evaluation.classifier import evaluation_points
     from metarobust.evaluation.fewshot import adapted_episodes
     from metarobust.evaluation.harness import batch_coupled
@@ -160,7 +179,7 @@ def targets(cfg: BlackboxConfig):
     run_cfg, model, _ = model_from_checkpoint(cfg.run, cfg.overrides)
     recipe = build_recipe(run_cfg)
     test = load_training_data(run_cfg, recipe, resolve_device(run_cfg.device)).test
-    out = []
+    out, episodes = [], None
     if recipe.evaluation == "classifier":
         index = evaluation_points(test, cfg.points)
         x = test.images[index].float() / 255
@@ -172,19 +191,23 @@ def targets(cfg: BlackboxConfig):
         manifest = resolve_manifest(run_cfg, test)
         learner = recipe.evaluation_learner(model, manifest.ways)
         coupled = batch_coupled(model)
+        episodes = TargetEpisodes(run_cfg.data.dataset, [])
         for i, (forward, episode, _) in enumerate(adapted_episodes(model, test, manifest, run_cfg, learner)):
             if i >= cfg.episodes:
                 break
             out.append((forward, episode.query_x, episode.query_y, coupled))
-    return run_cfg, out
+            episodes.episodes.append(episode)
+    return run_cfg, out, episodes
 
 
-def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=None) -> dict[str, Any]:
+def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=None,
+                   episodes: TargetEpisodes | None = None) -> dict[str, Any]:
     """Run every attack of ``cfg`` on ``groups`` (``[(forward, x, y, coupled)]``); the summary.
 
     With ``cfg.mcg.enabled`` (or ``mcg``: one :class:`~metarobust.blackbox.mcg.MCGAttack` per
-    group, built by :func:`mcg_attacks` when not given) each attack also runs seeded by MCG's
-    proposal (:func:`seeded_attack`) as ``mcg+<attack>``, from the same random state."""
+    group, built by :func:`mcg_attacks` when not given, with the few-shot target's ``episodes``)
+    each attack also runs seeded by MCG's proposal (:func:`seeded_attack`) as ``mcg+<attack>``,
+    from the same random state."""
     from metarobust.blackbox import build_blackbox_attack
     from metarobust.blackbox.report import mcg_comparison
 
@@ -199,12 +222,13 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=N
                                "levels": cfg.levels, "targeted": cfg.targeted, "points": len(correct),
                                "clean_acc": float(correct.float().mean()), "attacks": {}}
     if mcg is None and cfg.mcg.enabled:
-        mcg = mcg_attacks(cfg.mcg, groups, cfg.norm, eps)
+        mcg = mcg_attacks(cfg.mcg, groups, cfg.norm, eps, episodes)
     if mcg is not None:
         for attack, (x_seen, scores), (_, _, y, _) in zip(mcg, answers, groups, strict=True):
             attack.history.add(x_seen, y, scores, cfg.output, kind="clean")  # answers the clean check paid for
         summary["mcg"] = {"generator": cfg.mcg.generator, "surrogates": list(cfg.mcg.surrogates),
-                          "config": dict(cfg.mcg.config)}
+                          "config": dict(cfg.mcg.config),
+                          "adapted_per_episode": episodes is not None}  # few-shot: surrogates fitted per support set
     chooser = torch.Generator().manual_seed(cfg.seed)
     goals = [random_targets(f, x, y, chooser) if cfg.targeted else None for f, x, y, _ in groups]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -258,14 +282,19 @@ def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
     return Outcome(x_adv, proposal.queries.to(x.device) + outcome.queries, won | outcome.success)
 
 
-def mcg_attacks(section: MCGSection, groups, norm: str, eps: float) -> list:
+def mcg_attacks(section: MCGSection, groups, norm: str, eps: float, episodes: TargetEpisodes | None = None) -> list:
     """One :class:`~metarobust.blackbox.mcg.MCGAttack` per group (target), each with its own
-    copies of the surrogates (refreshed in place) and its own history; the generator must have
-    been trained for this norm, eps, image shape, and the surrogates must score the target's
-    classes."""
+    surrogates (refreshed in place) and its own history; the generator must have been trained
+    for this norm, eps and image shape.
+
+    A classifier target (``episodes=None``): copies of plain classifier runs that score the
+    target's classes. A few-shot target (``episodes``, one per group): meta-learner runs of its
+    dataset and ``ways``, each fine-tuned on the group's episode's support set
+    (:func:`~metarobust.blackbox.mcg.fewshot.adapt_surrogates`). Any other pairing is a
+    :class:`ConfigError` naming ``blackbox.mcg.surrogates`` and the fix."""
     from metarobust.blackbox.mcg import History, MCGAttack
     from metarobust.blackbox.mcg.checkpoint import load_generator
-    from metarobust.experiment import model_from_checkpoint
+    from metarobust.blackbox.mcg.fewshot import adapt_surrogates, check_fewshot_surrogates, surrogate_learners
 
     device = groups[0][1].device
     generator, _ = load_generator(section.generator, device)
@@ -278,16 +307,28 @@ def mcg_attacks(section: MCGSection, groups, norm: str, eps: float) -> list:
     if tuple(g.shape) != shape:
         raise ConfigError(f"blackbox.mcg.generator={section.generator!r} generates {tuple(g.shape)} perturbations; "
                           f"the target's images are {shape}")
-    surrogates = [model_from_checkpoint(path, device=str(device))[1] for path in section.surrogates]
+    cfg = section.mcg_config()
+    runs = surrogate_learners(section.surrogates, device=str(device),
+                              ways=episodes.ways if episodes is not None else None)
+    if episodes is not None:
+        check_fewshot_surrogates(runs, episodes.dataset, episodes.ways, "blackbox.mcg.surrogates")
+        if len(episodes.episodes) != len(groups):
+            raise ValueError(f"{len(episodes.episodes)} episodes for {len(groups)} groups; give one per group")
+        return [MCGAttack(norm, eps, copy.deepcopy(generator), adapt_surrogates(runs, e.support_x, e.support_y), cfg,
+                          History()) for e in episodes.episodes]
+    for run in runs:
+        if run.kind != "classifier":
+            raise ConfigError(f"blackbox.mcg.surrogates: {run.path!r} is a few-shot learner (recipe "
+                              f"{run.cfg.recipe!r}) and the target a plain classifier scoring global classes; "
+                              f"name plain classifier runs of the target's dataset")
+    surrogates = [run.model for run in runs]
     forward, x = groups[0][0], groups[0][1][:1]
     with torch.no_grad():
         classes = forward(x).shape[-1]
         for path, s in zip(section.surrogates, surrogates, strict=True):
             if s(x).shape[-1] != classes:
                 raise ConfigError(f"blackbox.mcg.surrogates: {path!r} scores {s(x).shape[-1]} classes, the "
-                                  f"target {classes}; a surrogate must share the target's classes (a few-shot "
-                                  f"learner's episode labels are not a surrogate's)")
-    cfg = section.mcg_config()
+                                  f"target {classes}; a surrogate must share the target's classes")
     return [MCGAttack(norm, eps, copy.deepcopy(generator), [copy.deepcopy(s) for s in surrogates], cfg, History())
             for _ in groups]
 
@@ -330,9 +371,9 @@ def run_blackbox(cfg: BlackboxConfig, progress=None) -> tuple[dict[str, Any], di
     """Attack the run of ``cfg``; write ``blackbox.json`` and ``blackbox.png``; the summary and paths."""
     from metarobust.runs import atomic_write_text
 
-    run_cfg, groups = targets(cfg)
+    run_cfg, groups, episodes = targets(cfg)
     eps = cfg.eps if cfg.eps is not None else (run_cfg.attack.eps if cfg.norm == "linf" else 0.5)
-    summary = attack_targets(cfg, groups, eps, progress)
+    summary = attack_targets(cfg, groups, eps, progress, episodes=episodes)
     summary["target"] = cfg.run
     summary["recipe"] = run_cfg.recipe
     summary["dataset"] = run_cfg.data.dataset
@@ -348,5 +389,6 @@ def run_blackbox(cfg: BlackboxConfig, progress=None) -> tuple[dict[str, Any], di
     return summary, {"json": json_path, "plot": plot}
 
 
-__all__ = ["BlackboxConfig", "MCGSection", "attack_targets", "blackbox_headline", "blackbox_table", "load_blackbox_config",
-           "mcg_attacks", "random_targets", "run_blackbox", "seeded_attack", "targets", "whitebox_check"]
+__all__ = ["BlackboxConfig", "MCGSection", "TargetEpisodes", "attack_targets", "blackbox_headline", "blackbox_table",
+           "load_blackbox_config", "mcg_attacks", "random_targets", "run_blackbox", "seeded_attack", "targets",
+           "whitebox_check"]

@@ -1,11 +1,16 @@
 """``metarobust blackbox-train CONFIG``: train MCG's generator on our own surrogate runs.
 
-Surrogates are run folders of ``metarobust train`` (plain classifiers of one dataset). Their
-dataset's *training* images (a seeded subset of ``images``) give stage 1's data, MI-FGSM
-transfer pairs from every surrogate (:func:`~metarobust.blackbox.mcg.transfer_pairs`), and
-stage 2's tasks; stage 1 (:func:`~metarobust.blackbox.mcg.pretrain`) then stage 2
-(:func:`~metarobust.blackbox.mcg.meta_train`) run with :class:`MCGConfig`'s paper defaults
-unless ``mcg`` overrides them. No target is queried.
+Surrogates are run folders of ``metarobust train`` of one dataset, all plain classifiers or all
+few-shot learners (:func:`training_data`). Plain classifiers: their dataset's *training* images
+(a seeded subset of ``images``) give stage 1's data, MI-FGSM transfer pairs from every surrogate
+(:func:`~metarobust.blackbox.mcg.transfer_pairs`), and stage 2's tasks, batches of them
+(:func:`~metarobust.blackbox.mcg.meta_train`). Few-shot learners [ours]: ``episodes`` seeded
+episodes of the training split (the runs' ``meta.ways``, ``meta.test_shots``, ``meta.queries``),
+every surrogate learner fine-tuned on each support set; stage 1's pairs come from each adapted
+surrogate on its episode's query set (episode labels), and each episode is one stage-2 task
+(:func:`~metarobust.blackbox.mcg.training.meta_train_tasks`). Stage 1
+(:func:`~metarobust.blackbox.mcg.pretrain`) and stage 2 run with :class:`MCGConfig`'s paper
+defaults unless ``mcg`` overrides them. No target is queried.
 
 It resumes: the generator after stage 1 is kept as ``<out>.stage1.pt`` and reused, stage 2
 writes ``<out>.stage2.pt`` after every epoch (weights and the random state, so a resumed run
@@ -28,7 +33,7 @@ import torch
 from metarobust.blackbox.mcg.checkpoint import load_generator, save_generator
 from metarobust.blackbox.mcg.config import GeneratorConfig, MCGConfig, known_fields
 from metarobust.blackbox.mcg.generator import MCGGenerator
-from metarobust.blackbox.mcg.training import meta_train, pretrain, transfer_pairs
+from metarobust.blackbox.mcg.training import Task, meta_train, meta_train_tasks, pretrain, transfer_pairs
 from metarobust.errors import ConfigError
 
 STAGE1_FIELDS = ("transfer_steps", "transfer_decay", "confidence", "pretrain_lr", "pretrain_batch", "pretrain_epochs",
@@ -42,14 +47,17 @@ class MCGTrainConfig:
     """A ``blackbox-train`` config; the generator's and MCG's defaults are the paper's."""
 
     surrogates: list[str] = field(default_factory=list)
-    """Run folders or checkpoints of ``metarobust train`` (one dataset)."""
+    """Run folders or checkpoints of ``metarobust train`` (one dataset; all plain classifiers or
+    all few-shot learners of one ``meta.ways``)."""
     out: str = ""
     """The generator checkpoint to write (``metarobust blackbox`` reads it as ``mcg.generator``)."""
     norm: str = "linf"
     eps: float | None = None
     """Radius; ``null``: the first surrogate's ``attack.eps`` (L-inf) or 0.5 (L2)."""
     images: int = 0
-    """Training images (a seeded subset of the train split); 0: all of them."""
+    """Plain classifier surrogates: training images (a seeded subset of the train split); 0: all."""
+    episodes: int = 200
+    """Few-shot surrogates: seeded training episodes (each a stage-2 task) [ours]."""
     chunk: int = 256
     """Images per MI-FGSM batch (memory only)."""
     generator: dict[str, Any] = field(default_factory=dict)
@@ -72,8 +80,9 @@ class MCGTrainConfig:
             raise ConfigError("blackbox-train out is empty; name the generator checkpoint to write (runs/mcg.pt)")
         if self.norm not in ("linf", "l2"):
             raise ConfigError(f"blackbox-train norm={self.norm!r}; choose linf or l2")
-        if self.images < 0 or self.chunk < 1:
-            raise ConfigError(f"blackbox-train images={self.images} must be >= 0 and chunk={self.chunk} >= 1")
+        if self.images < 0 or self.chunk < 1 or self.episodes < 1:
+            raise ConfigError(f"blackbox-train images={self.images} must be >= 0, chunk={self.chunk} and "
+                              f"episodes={self.episodes} >= 1")
         self.mcg_config()
 
     def mcg_config(self) -> MCGConfig:
@@ -103,27 +112,104 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None, chec
     return cfg
 
 
-def training_images(cfg: MCGTrainConfig):
-    """``(surrogates, x [N, C, H, W] in [0, 1], y [N], eps, device)`` from the surrogate runs and
-    their dataset's training split."""
+@dataclass
+class GeneratorData:
+    """What ``blackbox-train`` trains the generator on (no target is queried).
+
+    - tasks: ``[(x [M, C, H, W] in [0, 1], y [M], surrogates)]``. Plain classifier surrogates:
+      one entry, the training images with global labels and every surrogate (stage 2 batches
+      it); few-shot learners: one per training episode, its query set with episode labels and
+      each surrogate learner fine-tuned on its support set (stage 2's tasks as they are).
+    - eps: the radius; device: where the tensors and surrogates live.
+    - episode: few-shot surrogates: ``(ways, shots, queries)`` of the episodes; ``None``: plain.
+    """
+
+    tasks: list[Task]
+    eps: float
+    device: torch.device
+    episode: tuple[int, int, int] | None = None
+
+    @property
+    def episodic(self) -> bool:
+        return self.episode is not None
+
+
+def training_data(cfg: MCGTrainConfig) -> GeneratorData:
+    """The surrogate runs of ``cfg`` and their dataset's training split as
+    :class:`GeneratorData`: :func:`training_images` for plain classifiers,
+    :func:`training_episodes` for few-shot learners; a mix, or runs of different datasets, is a
+    :class:`ConfigError`."""
+    from metarobust.blackbox.mcg.fewshot import surrogate_learners
+
+    runs = surrogate_learners(cfg.surrogates, cfg.overrides)
+    kinds = {run.kind: run.path for run in runs}
+    if len(kinds) > 1:
+        raise ConfigError(f"blackbox-train surrogates mix plain classifiers and few-shot learners "
+                          f"({kinds.get('classifier')!r} is a classifier, {kinds.get('fewshot')!r} a few-shot "
+                          f"learner); a generator trains on one kind: give surrogates of the target's kind")
+    datasets = {run.cfg.data.dataset for run in runs}
+    if len(datasets) > 1:
+        raise ConfigError(f"blackbox-train surrogates were trained on different datasets {sorted(datasets)}; "
+                          f"give surrogates of one dataset")
+    if "fewshot" in kinds:
+        return training_episodes(cfg, runs)
+    surrogates, x, y, eps, device = training_images(cfg, [run.model for run in runs], runs[0].cfg)
+    return GeneratorData([(x, y, surrogates)], eps, device)
+
+
+def training_images(cfg: MCGTrainConfig, models: list | None = None, run_cfg=None):
+    """``(surrogates, x [N, C, H, W] in [0, 1], y [N], eps, device)`` from the surrogate runs
+    (``models`` and the first run's ``run_cfg`` when already loaded) and their dataset's
+    training split."""
     from metarobust.data.datasets import load_split
     from metarobust.experiment import model_from_checkpoint
     from metarobust.training.data import resolve_device
 
-    loaded = [model_from_checkpoint(path, cfg.overrides) for path in cfg.surrogates]
-    run_cfg = loaded[0][0]
-    datasets = {c.data.dataset for c, _, _ in loaded}
-    if len(datasets) > 1:
-        raise ConfigError(f"blackbox-train surrogates were trained on different datasets {sorted(datasets)}; "
-                          f"give surrogates of one dataset")
+    if models is None:
+        loaded = [model_from_checkpoint(path, cfg.overrides) for path in cfg.surrogates]
+        models, run_cfg = [m for _, m, _ in loaded], loaded[0][0]
     device = resolve_device(run_cfg.device)
     store = load_split(run_cfg.data, "train")
     index = torch.randperm(len(store), generator=torch.Generator().manual_seed(cfg.seed))
     index = index[:cfg.images] if cfg.images else index
     x = store.images[index].float().div(255).to(device)
     y = store.labels[index].to(device)
-    eps = cfg.eps if cfg.eps is not None else (run_cfg.attack.eps if cfg.norm == "linf" else 0.5)
-    return [m for _, m, _ in loaded], x, y, float(eps), device
+    return models, x, y, _radius(cfg, run_cfg), device
+
+
+def training_episodes(cfg: MCGTrainConfig, runs: list) -> GeneratorData:
+    """Few-shot surrogates (:class:`~metarobust.blackbox.mcg.fewshot.SurrogateLearner`, one
+    dataset and ``meta.ways``) [ours]: ``cfg.episodes`` episodes of their dataset's training
+    split (the first run's ``meta.ways``, ``meta.test_shots``, ``meta.queries``: the shape the
+    target is fine-tuned and attacked on; seeded by ``cfg.seed``), each with every surrogate's
+    evaluation learner fine-tuned on its support set (as evaluation fine-tunes a target); a
+    task is the episode's query set ``[N*Q, C, H, W]``, its labels ``[N*Q]`` and those adapted
+    surrogates."""
+    from metarobust.blackbox.mcg.fewshot import check_fewshot_surrogates
+    from metarobust.data.datasets import load_split
+    from metarobust.data.sampler import EpisodicSampler
+    from metarobust.evaluation.fewshot import adapt_episode
+    from metarobust.meta.functional import bind
+    from metarobust.training.data import resolve_device
+
+    run_cfg = runs[0].cfg
+    m = run_cfg.meta
+    check_fewshot_surrogates(runs, run_cfg.data.dataset, m.ways, "blackbox-train surrogates")
+    device = resolve_device(run_cfg.device)
+    store = load_split(run_cfg.data, "train").to("cpu")  # drawn on the CPU: the same episodes on any device
+    batch = EpisodicSampler(store, m.ways, m.test_shots, m.queries, tasks=cfg.episodes, seed=cfg.seed).sample()
+    batch = batch.to(device)
+    tasks = []
+    for t in range(batch.num_tasks):
+        sx, sy = batch.support_x[t], batch.support_y[t]
+        adapted = [bind(run.learner.forward, adapt_episode(run.model, sx, sy, run.learner)) for run in runs]
+        tasks.append((batch.query_x[t], batch.query_y[t], adapted))
+    return GeneratorData(tasks, _radius(cfg, run_cfg), device, (m.ways, m.test_shots, m.queries))
+
+
+def _radius(cfg: MCGTrainConfig, run_cfg) -> float:
+    """``cfg.eps``, or the first surrogate run's ``attack.eps`` (L-inf) or 0.5 (L2)."""
+    return float(cfg.eps if cfg.eps is not None else (run_cfg.attack.eps if cfg.norm == "linf" else 0.5))
 
 
 def _reusable(path: Path, settings: dict[str, Any]) -> tuple[MCGGenerator, dict[str, Any]] | None:
@@ -148,11 +234,15 @@ def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any
     start = time.perf_counter()
     out = Path(cfg.out)
     stage1, stage2 = out.with_name(out.name + ".stage1.pt"), out.with_name(out.name + ".stage2.pt")
-    surrogates, x, y, eps, device = training_images(cfg)
+    data = training_data(cfg)
+    eps, device = data.eps, data.device
     mcg_cfg = cfg.mcg_config()
-    gen_cfg = cfg.generator_config(tuple(x.shape[1:]), eps)
-    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "overrides", "chunk")}, "eps": eps,
-                "generator": asdict(gen_cfg), "mcg": asdict(mcg_cfg)}
+    gen_cfg = cfg.generator_config(tuple(data.tasks[0][0].shape[1:]), eps)
+    unused = "images" if data.episodic else "episodes"  # the other kind's field does not change the result
+    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "overrides", "chunk", unused)},
+                "eps": eps, "generator": asdict(gen_cfg), "mcg": asdict(mcg_cfg)}
+    if data.episodic:
+        settings["episode"] = data.episode
     settings = _plain(settings)
     first = {**settings, "mcg": {k: v for k, v in settings["mcg"].items() if k in STAGE1_FIELDS}}
     done = _reusable(out, settings)
@@ -162,11 +252,13 @@ def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any
     found = _reusable(stage1, first)
     if found is None:
         pairs_x, pairs_delta = [], []
-        for s in surrogates:
-            for lo in range(0, len(x), cfg.chunk):
-                xs, deltas, _ = transfer_pairs(s, x[lo:lo + cfg.chunk], y[lo:lo + cfg.chunk], cfg.norm, eps, mcg_cfg)
-                pairs_x.append(xs)
-                pairs_delta.append(deltas)
+        for x, y, surrogates in data.tasks:
+            for s in surrogates:
+                for lo in range(0, len(x), cfg.chunk):
+                    xs, deltas, _ = transfer_pairs(s, x[lo:lo + cfg.chunk], y[lo:lo + cfg.chunk], cfg.norm, eps,
+                                                   mcg_cfg)
+                    pairs_x.append(xs)
+                    pairs_delta.append(deltas)
         xs, deltas = torch.cat(pairs_x), torch.cat(pairs_delta)
         if not len(xs):
             raise ConfigError(f"blackbox-train: no training image is classified correctly by a surrogate with "
@@ -200,15 +292,21 @@ def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any
     bar = tqdm(total=mcg_cfg.meta_epochs, initial=len(margins), desc="mcg stage 2 (Reptile)", disable=not progress,
                dynamic_ncols=True)
     while len(margins) < mcg_cfg.meta_epochs:
-        margins += meta_train(generator, surrogates, x, y, mcg_cfg, rng, epochs=1)
+        if data.episodic:
+            margins += meta_train_tasks(generator, data.tasks, mcg_cfg, rng, epochs=1)
+        else:
+            x, y, surrogates = data.tasks[0]
+            margins += meta_train(generator, surrogates, x, y, mcg_cfg, rng, epochs=1)
         save_generator(stage2, generator, {"settings": settings, "pairs": pairs, "nll": nll, "margins": margins,
                                            "rng": rng.get_state()})
         bar.update()
         bar.set_postfix(margin=f"{margins[-1]:.3f}")
     bar.close()
     summary = {"generator": str(out), "surrogates": list(cfg.surrogates), "norm": cfg.norm, "eps": eps,
-               "images": len(x), "pairs": pairs, "stage1_nll": nll, "stage2_margin": margins,
-               "seconds": round(time.perf_counter() - start, 1)}
+               "images": sum(len(x) for x, _, _ in data.tasks), "pairs": pairs, "stage1_nll": nll,
+               "stage2_margin": margins, "seconds": round(time.perf_counter() - start, 1)}
+    if data.episodic:
+        summary["episodes"] = len(data.tasks)
     save_generator(out, generator, {"settings": settings, "summary": summary})
     stage2.unlink(missing_ok=True)  # the final file holds it; stage 1's is kept for a retrained stage 2
     return {**summary, "resumed": resumed}
@@ -223,4 +321,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["MCGTrainConfig", "load_train_config", "train_generator", "training_images"]
+__all__ = ["GeneratorData", "MCGTrainConfig", "load_train_config", "train_generator", "training_data",
+           "training_episodes", "training_images"]

@@ -2,7 +2,9 @@
 
 1. :func:`pretrain`: maximum likelihood of transfer perturbations (:func:`transfer_pairs`,
    MI-FGSM on a surrogate) given their images.
-2. :func:`meta_train`: Reptile over tasks (a batch of images and the surrogates): a few inner
+2. :func:`meta_train`: Reptile over tasks (a batch of images and the surrogates; for few-shot
+   surrogates :func:`meta_train_tasks`, one task per episode: its query set and the surrogate
+   learners adapted on its support set): a few inner
    Adam steps on the surrogates' margin loss of ``x + G(z; x)`` (:func:`reptile_task`), then the
    outer step ``theta <- theta + beta (theta_task - theta)`` written into the weights
    (:func:`interpolate_`). The released code assigned the interpolated tensors into a
@@ -12,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +24,9 @@ from metarobust.blackbox.mcg.config import MCGConfig
 from metarobust.blackbox.mcg.generator import MCGGenerator
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Task = tuple[torch.Tensor, torch.Tensor, Sequence[Forward]]
+"""One Reptile task: images ``x [B, C, H, W]`` in [0, 1], labels ``y [B]`` and the surrogates
+that score them (a few-shot episode's query set, its labels and the learners adapted on it)."""
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -130,6 +135,17 @@ def reptile_task(model: MCGGenerator, surrogates: Sequence[Forward], x: torch.Te
     return task
 
 
+def reptile_epoch(model: MCGGenerator, tasks: Iterable[Task], cfg: MCGConfig, generator: torch.Generator) -> None:
+    """:func:`reptile_task` on each task in turn, with all of its surrogates, or one drawn at
+    random with ``cfg.one_surrogate_per_task``."""
+    for x, y, surrogates in tasks:
+        chosen = surrogates
+        if cfg.one_surrogate_per_task:
+            pick = int(torch.randint(len(surrogates), (), generator=generator, device=generator.device))
+            chosen = [surrogates[pick]]
+        reptile_task(model, chosen, x, y, cfg, generator)
+
+
 def meta_train(model: MCGGenerator, surrogates: Sequence[Forward], x: torch.Tensor, y: torch.Tensor,
                cfg: MCGConfig, generator: torch.Generator, epochs: int | None = None) -> list[float]:
     """Stage 2: :func:`reptile_task` over shuffled batches of ``cfg.meta_batch`` images for
@@ -140,14 +156,29 @@ def meta_train(model: MCGGenerator, surrogates: Sequence[Forward], x: torch.Tens
     for _ in range(cfg.meta_epochs if epochs is None else epochs):
         with torch.no_grad():
             history.append(float(surrogate_margin(surrogates, x, y, model.sample(x, generator), cfg.kappa).mean()))
-        for idx in _batches(len(x), cfg.meta_batch, generator, x.device):
-            chosen = surrogates
-            if cfg.one_surrogate_per_task:
-                pick = int(torch.randint(len(surrogates), (), generator=generator, device=generator.device))
-                chosen = [surrogates[pick]]
-            reptile_task(model, chosen, x[idx], y[idx], cfg, generator)
+        reptile_epoch(model, ((x[idx], y[idx], surrogates) for idx in _batches(len(x), cfg.meta_batch, generator,
+                                                                                 x.device)), cfg, generator)
     return history
 
 
-__all__ = ["adapt", "interpolate_", "margin_loss", "meta_train", "pretrain", "reptile_task", "snapshot",
-           "surrogate_margin", "transfer_pairs"]
+def meta_train_tasks(model: MCGGenerator, tasks: Sequence[Task], cfg: MCGConfig, generator: torch.Generator,
+                     epochs: int | None = None) -> list[float]:
+    """Stage 2 on given tasks (few-shot surrogates: one per training episode, its query set and
+    the surrogate learners adapted on its support set [ours]): :func:`reptile_epoch` over the
+    tasks in a fresh random order each epoch, for ``epochs`` (default ``cfg.meta_epochs``).
+    ``cfg.meta_batch`` only enters the outer step ``beta`` (``outer_lr_scaled``); a task is
+    its whole query set. Returns the mean surrogate margin of fresh samples over every task's
+    images before each epoch's updates (lower is more adversarial)."""
+    history = []
+    for _ in range(cfg.meta_epochs if epochs is None else epochs):
+        with torch.no_grad():
+            total = sum(float(surrogate_margin(s, x, y, model.sample(x, generator), cfg.kappa).sum())
+                        for x, y, s in tasks)
+            history.append(total / max(sum(len(x) for x, _, _ in tasks), 1))
+        order = torch.randperm(len(tasks), generator=generator, device=generator.device).tolist()
+        reptile_epoch(model, (tasks[i] for i in order), cfg, generator)
+    return history
+
+
+__all__ = ["Task", "adapt", "interpolate_", "margin_loss", "meta_train", "meta_train_tasks", "pretrain",
+           "reptile_epoch", "reptile_task", "snapshot", "surrogate_margin", "transfer_pairs"]
