@@ -157,3 +157,45 @@ def test_an_empty_batch_of_pairs_is_a_zero_loss_with_a_graph(mnist, surrogate, t
                                      trainer.models.trainable), trainer.sampler.sample(), ctx)
     loss.backward()
     assert float(loss) == 0.0 and float(stats["pairs"]) == 0.0
+
+
+def test_blackbox_train_runs_both_stages_in_the_trainer_resumes_and_reuses(mnist, surrogate, tmp_path, monkeypatch):
+    """``metarobust blackbox-train`` with plain surrogates: the two recipes in run folders beside
+    ``out``; killed in stage 2, a rerun resumes it and ends with the uninterrupted generator; a
+    finished ``out`` is reused, one made with other settings refused."""
+    from metarobust.blackbox.mcg import fit
+    from metarobust.blackbox.mcg.checkpoint import load_generator
+    from metarobust.training.recipes.mcg import MCGReptile
+
+    small = {"transfer_steps": 2, "pretrain_epochs": 2, "pretrain_batch": 16, "meta_epochs": 2, "meta_batch": 16,
+             "inner_steps": 1, "confidence": [0.0, 1.0]}
+
+    def config(name, **changes):
+        return fit.MCGTrainConfig(surrogates=[surrogate], out=str(tmp_path / name), images=64, eps=0.3,
+                                  generator={"levels": 2, "steps": 1, "hidden": 8, "x_hidden_channels": 4,
+                                             "x_hidden_size": 8}, mcg={**small, **changes},
+                                  overrides=[f"data.root={mnist[1]}", "data.image_size=16", "device=cpu"])
+
+    whole = fit.train_generator(config("whole.pt"), progress=False)
+    assert whole["resumed"] is None and whole["images"] == 64 and whole["pairs"] > 0
+    assert len(whole["stage1_nll"]) == 2 and len(whole["stage2_margin"]) == 2
+    assert (tmp_path / "whole.pt.stage1" / "checkpoints" / "last.pt").is_file()
+    real, calls = MCGReptile.backward, []
+
+    def dying(self, *args, **kwargs):
+        if len(calls) == 5:  # stage 2 has 4 steps an epoch: killed in its second epoch
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MCGReptile, "backward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit.train_generator(config("killed.pt"), progress=False)
+    monkeypatch.setattr(MCGReptile, "backward", real)
+    again = fit.train_generator(config("killed.pt"), progress=False)
+    assert again["resumed"] == "stage2" and again["stage2_margin"] == whole["stage2_margin"]
+    a, b = load_generator(tmp_path / "whole.pt")[0], load_generator(tmp_path / "killed.pt")[0]
+    assert_same_parameters(a, b)
+    assert fit.train_generator(config("whole.pt"), progress=False)["resumed"] == "done"
+    with pytest.raises(ConfigError, match="other settings"):
+        fit.train_generator(config("whole.pt", meta_epochs=3), progress=False)

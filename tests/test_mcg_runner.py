@@ -154,12 +154,21 @@ def test_bad_mcg_fields_fail_with_the_field_the_value_and_the_fix(tmp_path):
     assert loaded.mcg.mcg_config().glow_steps == 1 and loaded.mcg.mcg_config().confidence == (0.2, 1.0)
 
 
-def test_generator_training_resumes_after_stage_1_and_mid_stage_2_with_the_same_result(toy, tmp_path, monkeypatch):
+def test_few_shot_generator_training_resumes_after_stage_1_and_mid_stage_2_with_the_same_result(toy, tmp_path,
+                                                                                                 monkeypatch):
+    """The few-shot path's own loop (episodes as Reptile tasks; plain surrogates train through the
+    recipes, tests/test_mcg_recipes.py): a kill after stage 1 or mid stage 2 resumes to the
+    same generator."""
+    from types import SimpleNamespace
+
     from metarobust.blackbox.mcg import fit
 
     model, x, y = toy
-    data = fit.GeneratorData([(x, y, [model])], EPS, torch.device("cpu"))
-    monkeypatch.setattr(fit, "training_data", lambda cfg: data)
+    half = len(x) // 2
+    data = fit.GeneratorData([(x[:half], y[:half], [model]), (x[half:], y[half:], [model])], EPS, torch.device("cpu"),
+                             episode=(2, 1, half // 2))
+    monkeypatch.setattr(fit, "surrogate_runs", lambda cfg: [SimpleNamespace(kind="fewshot")])
+    monkeypatch.setattr(fit, "training_episodes", lambda cfg, runs: data)
     small = {"transfer_steps": 2, "pretrain_epochs": 1, "pretrain_batch": 8, "meta_epochs": 2, "meta_batch": 8,
              "inner_steps": 1}
 
@@ -168,7 +177,7 @@ def test_generator_training_resumes_after_stage_1_and_mid_stage_2_with_the_same_
 
     whole = fit.train_generator(config("whole.pt"), progress=False)
     assert whole["resumed"] is None and len(whole["stage2_margin"]) == 2 and whole["pairs"] > 0
-    real = fit.meta_train
+    real = fit.meta_train_tasks
     for kill_after, resumed in [(0, "stage1"), (1, "stage2 epoch 1")]:
         calls = []
 
@@ -179,10 +188,10 @@ def test_generator_training_resumes_after_stage_1_and_mid_stage_2_with_the_same_
             return real(*args, **kwargs)
 
         name = f"killed{kill_after}.pt"
-        monkeypatch.setattr(fit, "meta_train", dying)
+        monkeypatch.setattr(fit, "meta_train_tasks", dying)
         with pytest.raises(KeyboardInterrupt):
             fit.train_generator(config(name), progress=False)
-        monkeypatch.setattr(fit, "meta_train", real)
+        monkeypatch.setattr(fit, "meta_train_tasks", real)
         assert fit.train_generator(config(name), progress=False)["resumed"] == resumed
         a, b = load_generator(tmp_path / "whole.pt")[0], load_generator(tmp_path / name)[0]
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

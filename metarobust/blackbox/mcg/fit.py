@@ -1,22 +1,24 @@
 """``metarobust blackbox-train CONFIG``: train MCG's generator on our own surrogate runs.
 
 Surrogates are run folders of ``metarobust train`` of one dataset, all plain classifiers or all
-few-shot learners (:func:`training_data`). Plain classifiers: their dataset's *training* images
-(a seeded subset of ``images``) give stage 1's data, MI-FGSM transfer pairs from every surrogate
-(:func:`~metarobust.blackbox.mcg.transfer_pairs`), and stage 2's tasks, batches of them
-(:func:`~metarobust.blackbox.mcg.meta_train`). Few-shot learners [ours]: ``episodes`` seeded
-episodes of the training split (the runs' ``meta.ways``, ``meta.test_shots``, ``meta.queries``),
-every surrogate learner fine-tuned on each support set; stage 1's pairs come from each adapted
-surrogate on its episode's query set (episode labels), and each episode is one stage-2 task
-(:func:`~metarobust.blackbox.mcg.training.meta_train_tasks`). Stage 1
-(:func:`~metarobust.blackbox.mcg.pretrain`) and stage 2 run with :class:`MCGConfig`'s paper
-defaults unless ``mcg`` overrides them. No target is queried.
+few-shot learners (:func:`surrogate_runs`). No target is queried.
 
-It resumes: the generator after stage 1 is kept as ``<out>.stage1.pt`` and reused, stage 2
-writes ``<out>.stage2.pt`` after every epoch (weights and the random state, so a resumed run
-draws what the uninterrupted one would), and a finished ``out`` with the same settings is
-reused. All three are written atomically (:mod:`~metarobust.blackbox.mcg.checkpoint`); a file
-made with other settings is refused rather than mixed in.
+- **Plain classifiers** (:func:`train_with_recipes`): the two stages are recipes of the one
+  trainer, ``mcg_pretrain`` and ``mcg_reptile`` (:mod:`metarobust.training.recipes.mcg`), run in
+  the folders ``<out>.stage1`` and ``<out>.stage2`` beside ``out`` on a seeded subset of
+  ``images`` training images; the trainer checkpoints them every epoch (atomically, loaded with
+  ``weights_only``), resumes a killed stage exactly, stops on a NaN, and refuses a folder made
+  with other settings. The finished generator is written to ``out``.
+- **Few-shot learners** [ours]: ``episodes`` seeded episodes of the training split (the runs'
+  ``meta.ways``, ``meta.test_shots``, ``meta.queries``), every surrogate learner fine-tuned on
+  each support set; stage 1's pairs come from each adapted surrogate on its episode's query set
+  (episode labels), and each episode is one stage-2 task
+  (:func:`~metarobust.blackbox.mcg.training.meta_train_tasks`). This path still runs its own
+  loop: the generator after stage 1 is kept as ``<out>.stage1.pt`` and reused, stage 2 writes
+  ``<out>.stage2.pt`` after every epoch (weights and the random state), all atomically.
+
+Either way a finished ``out`` with the same settings is reused and one made with other
+settings is refused rather than mixed in.
 
     metarobust blackbox-train configs/blackbox/mcg_train_mnist.yaml surrogates=[runs/a] out=runs/g.pt
 """
@@ -116,10 +118,9 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None, chec
 class GeneratorData:
     """What ``blackbox-train`` trains the generator on (no target is queried).
 
-    - tasks: ``[(x [M, C, H, W] in [0, 1], y [M], surrogates)]``. Plain classifier surrogates:
-      one entry, the training images with global labels and every surrogate (stage 2 batches
-      it); few-shot learners: one per training episode, its query set with episode labels and
-      each surrogate learner fine-tuned on its support set (stage 2's tasks as they are).
+    - tasks: ``[(x [M, C, H, W] in [0, 1], y [M], surrogates)]``: one per training episode, its
+      query set with episode labels and each surrogate learner fine-tuned on its support set
+      (stage 2's tasks as they are). (Plain classifier surrogates train through the recipes.)
     - eps: the radius; device: where the tensors and surrogates live.
     - episode: few-shot surrogates: ``(ways, shots, queries)`` of the episodes; ``None``: plain.
     """
@@ -134,10 +135,9 @@ class GeneratorData:
         return self.episode is not None
 
 
-def training_data(cfg: MCGTrainConfig) -> GeneratorData:
-    """The surrogate runs of ``cfg`` and their dataset's training split as
-    :class:`GeneratorData`: :func:`training_images` for plain classifiers,
-    :func:`training_episodes` for few-shot learners; a mix, or runs of different datasets, is a
+def surrogate_runs(cfg: MCGTrainConfig) -> list:
+    """The surrogate runs of ``cfg`` (:class:`~metarobust.blackbox.mcg.fewshot.SurrogateLearner`),
+    all of one kind (plain classifiers or few-shot learners) and one dataset, else a
     :class:`ConfigError`."""
     from metarobust.blackbox.mcg.fewshot import surrogate_learners
 
@@ -151,30 +151,84 @@ def training_data(cfg: MCGTrainConfig) -> GeneratorData:
     if len(datasets) > 1:
         raise ConfigError(f"blackbox-train surrogates were trained on different datasets {sorted(datasets)}; "
                           f"give surrogates of one dataset")
-    if "fewshot" in kinds:
-        return training_episodes(cfg, runs)
-    surrogates, x, y, eps, device = training_images(cfg, [run.model for run in runs], runs[0].cfg)
-    return GeneratorData([(x, y, surrogates)], eps, device)
+    return runs
 
 
-def training_images(cfg: MCGTrainConfig, models: list | None = None, run_cfg=None):
-    """``(surrogates, x [N, C, H, W] in [0, 1], y [N], eps, device)`` from the surrogate runs
-    (``models`` and the first run's ``run_cfg`` when already loaded) and their dataset's
-    training split."""
-    from metarobust.data.datasets import load_split
-    from metarobust.experiment import model_from_checkpoint
-    from metarobust.training.data import resolve_device
+def stage_configs(cfg: MCGTrainConfig, run_cfg) -> tuple[Any, Any]:
+    """The ``mcg_pretrain`` and ``mcg_reptile`` experiment configs of a ``blackbox-train``
+    config whose surrogates are plain classifiers (``run_cfg``: the first surrogate's, with
+    ``cfg.overrides``): their data (the surrogates' dataset, a seeded subset of ``cfg.images``
+    training images), the ``mcg`` section, and run folders ``<out>.stage1`` / ``<out>.stage2``
+    beside ``cfg.out``."""
+    import json
 
-    if models is None:
-        loaded = [model_from_checkpoint(path, cfg.overrides) for path in cfg.surrogates]
-        models, run_cfg = [m for _, m, _ in loaded], loaded[0][0]
-    device = resolve_device(run_cfg.device)
-    store = load_split(run_cfg.data, "train")
-    index = torch.randperm(len(store), generator=torch.Generator().manual_seed(cfg.seed))
-    index = index[:cfg.images] if cfg.images else index
-    x = store.images[index].float().div(255).to(device)
-    y = store.labels[index].to(device)
-    return models, x, y, _radius(cfg, run_cfg), device
+    from metarobust.experiment import load_config
+
+    out = Path(cfg.out)
+    d = run_cfg.data
+    common = [f"data.dataset={d.dataset}", f"data.image_size={d.image_size}", f"device={run_cfg.device}",
+              f"at.train_size={cfg.images}", "at.holdout=0", f"seed={cfg.seed}", f"out_dir={out.parent}",
+              f"mcg.surrogates={json.dumps(list(cfg.surrogates))}", f"mcg.norm={cfg.norm}",
+              f"mcg.eps={'null' if cfg.eps is None else cfg.eps}", f"mcg.generator={json.dumps(cfg.generator)}",
+              f"mcg.config={json.dumps(_plain(cfg.mcg))}", *([f"data.root={d.root}"] if d.root else [])]
+    first = load_config(None, [*common, "recipe=mcg_pretrain", f"name={out.name}.stage1"])
+    second = load_config(None, [*common, "recipe=mcg_reptile", f"name={out.name}.stage2",
+                                f"mcg.stage1={out.parent / (out.name + '.stage1')}"])
+    return first, second
+
+
+def run_stage(stage_cfg, data, progress: bool) -> tuple[Any, list[dict[str, Any]], bool]:
+    """Train one stage in its run folder through the one trainer, resuming a checkpoint (a
+    finished run trains nothing; one made with other settings is refused by
+    :class:`~metarobust.runs.RunDir`), logging and checkpointing once per epoch. Returns the
+    generator, the run's metrics and whether a checkpoint was there."""
+    from metarobust.runs import RunDir
+    from metarobust.training.engine import Trainer
+    from metarobust.training.recipes import build_recipe
+
+    recipe = build_recipe(stage_cfg)
+    per_epoch = recipe.schedule(data.train, 1)[1]
+    stage_cfg.train.log_every = stage_cfg.train.checkpoint_every = per_epoch
+    path = Path(stage_cfg.out_dir) / stage_cfg.name
+    resume = (path / "checkpoints" / "last.pt").is_file()
+    run = RunDir(stage_cfg, resume=resume, tensorboard=False)
+    try:
+        generator = Trainer(stage_cfg, run, resume=resume, data=data, progress=progress, recipe=recipe).fit()
+        return generator.eval(), run.metrics(), resume
+    finally:
+        run.close()
+
+
+def train_with_recipes(cfg: MCGTrainConfig, run_cfg, progress: bool) -> dict[str, Any]:
+    """Plain-classifier surrogates: stage 1 (``mcg_pretrain``) then stage 2 (``mcg_reptile``)
+    in the one trainer (:func:`stage_configs`, :func:`run_stage`); writes ``cfg.out`` and
+    returns the summary."""
+    from metarobust.training.data import load_training_data, resolve_device
+    from metarobust.training.recipes import build_recipe
+
+    start = time.perf_counter()
+    first, second = stage_configs(cfg, run_cfg)
+    recipe = build_recipe(first)
+    settings = _plain({"recipes": ["mcg_pretrain", "mcg_reptile"], **{k: v for k, v in asdict(cfg).items()
+                                                                      if k not in ("out", "overrides", "chunk")},
+                       "eps": recipe.eps, "mcg": asdict(recipe.settings)})
+    done = _reusable(Path(cfg.out), settings)
+    if done is not None:
+        return {**done[1]["summary"], "resumed": "done"}
+    data = load_training_data(first, recipe, resolve_device(first.device), with_test=False)
+    _, metrics1, resumed1 = run_stage(first, data, progress)
+    generator, metrics2, resumed2 = run_stage(second, data, progress)
+    epoch_ends = [m for m in metrics1 if "loss" in m]
+    summary = {"generator": str(cfg.out), "surrogates": list(cfg.surrogates), "norm": cfg.norm, "eps": recipe.eps,
+               "images": len(data.train), "pairs": int(next((m["pairs_total"] for m in metrics1
+                                                              if "pairs_total" in m), 0)),
+               "stage1_nll": [m["loss"] for m in epoch_ends],
+               "stage2_margin": [m["fresh_margin"] for m in metrics2 if "fresh_margin" in m],
+               "runs": [str(Path(first.out_dir) / first.name), str(Path(second.out_dir) / second.name)],
+               "seconds": round(time.perf_counter() - start, 1)}
+    save_generator(cfg.out, generator, {"settings": settings, "summary": summary})
+    resumed = "stage2" if resumed2 else ("stage1" if resumed1 else None)
+    return {**summary, "resumed": resumed}
 
 
 def training_episodes(cfg: MCGTrainConfig, runs: list) -> GeneratorData:
@@ -231,10 +285,13 @@ def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any
     and surrogate margins, seconds)."""
     from tqdm.auto import tqdm
 
+    runs = surrogate_runs(cfg)
+    if runs[0].kind == "classifier":
+        return train_with_recipes(cfg, runs[0].cfg, progress)
     start = time.perf_counter()
     out = Path(cfg.out)
     stage1, stage2 = out.with_name(out.name + ".stage1.pt"), out.with_name(out.name + ".stage2.pt")
-    data = training_data(cfg)
+    data = training_episodes(cfg, runs)
     eps, device = data.eps, data.device
     mcg_cfg = cfg.mcg_config()
     gen_cfg = cfg.generator_config(tuple(data.tasks[0][0].shape[1:]), eps)
@@ -321,5 +378,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["GeneratorData", "MCGTrainConfig", "load_train_config", "train_generator", "training_data",
-           "training_episodes", "training_images"]
+__all__ = ["GeneratorData", "MCGTrainConfig", "load_train_config", "run_stage", "stage_configs", "surrogate_runs",
+           "train_generator", "train_with_recipes", "training_episodes"]

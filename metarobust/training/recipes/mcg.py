@@ -235,6 +235,15 @@ class MCGPretrain(MCGRecipe):
                 kept[lo:lo + PAIR_CHUNK] = keep
                 delta[lo:lo + PAIR_CHUNK][keep] = d
             self._pairs.append((kept, delta))
+        if not any(bool(kept.any()) for kept, _ in self._pairs):
+            raise ConfigError(f"recipe {self.name!r}: no training image is classified correctly by a surrogate with "
+                              f"confidence in mcg.config.confidence={self.settings.confidence}; widen it or check "
+                              f"the surrogate runs")
+
+    def on_epoch_end(self, trainer: TrainerView) -> dict[str, float]:
+        """The fresh-sample margin, and ``pairs_total``: the transfer pairs stage 1 trains on."""
+        total = sum(int(kept.sum()) for kept, _ in self._pairs or [])
+        return {**super().on_epoch_end(trainer), "pairs_total": float(total)}
 
     def pairs(self, models: Models, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x [M, C, H, W], delta [M, C, H, W])``: the batch's transfer pairs from every surrogate
