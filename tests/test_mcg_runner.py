@@ -110,6 +110,17 @@ def test_the_runner_reports_each_attack_with_and_without_mcg_and_the_query_ratio
     assert mcg.history.size("clean") == len(x) and mcg.history.size("attack") == len(x)
 
 
+def test_test_fasr_runs_the_proposal_alone_as_one_row_of_one_query_per_point(toy):
+    model, x, y = toy
+    cfg = BlackboxConfig(run="toy", attacks=["signhunter"], budget=30, eps=EPS, whitebox_check=False)
+    mcg = mcg_for(toy, MCGConfig(glow_steps=3, glow_lr=0.05, glow_interpolation=1.0, test_fasr=True))
+    s = attack_targets(cfg, [(model, x, y, False)], EPS, mcg=[mcg])
+    assert set(s["attacks"]) == {"mcg", "signhunter"}
+    row = s["attacks"]["mcg"]
+    assert row["attacked"] == len(x) and row["mean_queries_all"] == 1.0 and 0 < row["success_rate"] < 1
+    assert row["fasr"] == row["success_rate"]  # one query: every success is a first-query success
+
+
 def test_a_generator_checkpoint_round_trips_to_identical_samples(tmp_path):
     g = tiny_generator()
     path = save_generator(tmp_path / "g.pt", g, {"surrogates": ["runs/a"], "stage": 2})

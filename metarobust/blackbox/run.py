@@ -207,7 +207,8 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=N
     With ``cfg.mcg.enabled`` (or ``mcg``: one :class:`~metarobust.blackbox.mcg.MCGAttack` per
     group, built by :func:`mcg_attacks` when not given, with the few-shot target's ``episodes``)
     each attack also runs seeded by MCG's proposal (:func:`seeded_attack`) as ``mcg+<attack>``,
-    from the same random state."""
+    from the same random state; with ``mcg.config.test_fasr`` the proposal alone runs instead,
+    as one row ``mcg`` (one query per point: its success rate is MCG's FASR)."""
     from metarobust.blackbox import build_blackbox_attack
     from metarobust.blackbox.report import mcg_comparison
 
@@ -233,30 +234,35 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=N
     goals = [random_targets(f, x, y, chooser) if cfg.targeted else None for f, x, y, _ in groups]
     generator = torch.Generator().manual_seed(cfg.seed)
     proposal_rng = torch.Generator().manual_seed(cfg.seed)
+    fasr_only = mcg is not None and mcg[0].cfg.test_fasr
+    rows = []  # (label, attack or None for MCG's proposal alone, seeders, random generator)
+    if fasr_only:  # test_fasr: MCG's first query alone, the paper's FASR protocol
+        rows.append(("mcg", None, mcg, proposal_rng))
     for name in cfg.attacks:
         attack = build_blackbox_attack(name, cfg.norm, eps, **cfg.params.get(name, {}))
         start = generator.get_state()
-        runs = [(name, None, generator)]
-        if mcg is not None:  # the same random state as the plain run
-            runs.append((f"mcg+{name}", mcg, torch.Generator().set_state(start)))
-        for label, seeders, rng in runs:
-            queries, claimed, verified, spent = [], [], [], 0
-            for i, ((forward, x, y, coupled), ok, y_target) in enumerate(zip(groups, clean, goals)):
-                oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
-                if seeders is None:
-                    outcome = attack(oracle, x, y, rng, y_target=y_target)
-                else:
-                    outcome = seeded_attack(attack, seeders[i], oracle, x, y, rng, proposal_rng)
-                verdict = oracle.verify(outcome.x_adv, y, target=y_target)
-                queries.append(outcome.queries[ok])
-                claimed.append(outcome.success[ok])
-                verified.append(verdict[ok])
-                spent += oracle.verification_queries
-            summary["attacks"][label] = summarise(torch.cat(queries), torch.cat(claimed), torch.cat(verified),
-                                                  cfg.budget)
-            summary["attacks"][label]["verification_queries"] = spent
-            if progress:
-                progress(label, summary["attacks"][label])
+        rows.append((name, attack, None, generator))
+        if mcg is not None and not fasr_only:  # the same random state as the plain run
+            rows.append((f"mcg+{name}", attack, mcg, torch.Generator().set_state(start)))
+    for label, attack, seeders, rng in rows:
+        queries, claimed, verified, spent = [], [], [], 0
+        for i, ((forward, x, y, coupled), ok, y_target) in enumerate(zip(groups, clean, goals)):
+            oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
+            if seeders is None:
+                outcome = attack(oracle, x, y, rng, y_target=y_target)
+            elif attack is None:
+                outcome = seeders[i](oracle, x, y, rng)
+            else:
+                outcome = seeded_attack(attack, seeders[i], oracle, x, y, rng, proposal_rng)
+            verdict = oracle.verify(outcome.x_adv, y, target=y_target)
+            queries.append(outcome.queries[ok])
+            claimed.append(outcome.success[ok])
+            verified.append(verdict[ok])
+            spent += oracle.verification_queries
+        summary["attacks"][label] = summarise(torch.cat(queries), torch.cat(claimed), torch.cat(verified), cfg.budget)
+        summary["attacks"][label]["verification_queries"] = spent
+        if progress:
+            progress(label, summary["attacks"][label])
     if mcg is not None:
         summary["mcg"]["comparison"] = mcg_comparison(summary)
     if cfg.whitebox_check:

@@ -110,8 +110,8 @@ class MCGConfig:
       the loss is below ``latent_stop``.
     - finetune_reload: restore the generator's weights after each image (else the fine-tuned
       weights carry over to the next one).
-    - test_fasr: stop after the first query (read by the runner: the proposal is always one
-      query).
+    - test_fasr: stop after the first query: the runner runs the proposal alone (one row
+      ``mcg``, one query per point) instead of seeding the attacks.
     - per_example: each image is its own task, fine-tuned on alone (the paper); ``False``
       fine-tunes one copy on the whole batch (cheaper).
     - temperature: of the latent drawn before encoding [ours: 1].
