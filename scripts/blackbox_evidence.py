@@ -4,10 +4,10 @@
    *target* and two *surrogates*. Plain classifiers (``--dataset mnist|cifar10``, through
    ``configs/at/<dataset>_natural.yaml``): one surrogate of another architecture, one of the
    target's architecture from another initialisation (seed) and another subset of the training
-   images. Few-shot (``--dataset omniglot``, through ``configs/meta/omniglot_maml.yaml``): three
-   plain MAML learners (non-robust, so the attacks have something to do) that differ in seed and
-   width; the surrogates are meta-learner runs adapted per episode (docs/blackbox.md, "MCG on
-   few-shot targets").
+   images. Few-shot (``--dataset omniglot``): three non-robust few-shot learners of one kind
+   (``--learner rfs``, the default, through ``configs/meta/omniglot_rfs.yaml``; or ``maml``) that
+   differ in seed and width; the surrogates are adapted to each episode's support set
+   (docs/blackbox.md, "MCG on few-shot targets").
 2. Trains MCG's generator on the surrogates (``metarobust blackbox-train``'s
    :func:`~metarobust.blackbox.mcg.fit.train_generator`: MI-FGSM transfer pairs on training
    images, or, few-shot, on the query sets of seeded training episodes with every surrogate
@@ -34,30 +34,26 @@ from measured unit costs (docs/blackbox.md; it took 49 with both cores busy). ``
 the pipeline in under a minute (its numbers are not evidence). ``--dataset cifar10`` is defined
 but neither run nor timed.
 
-Scale (``--dataset omniglot``, few-shot, the staged small Omniglot): the shots study's substrate
-(``configs/meta/shots_study_omniglot.yaml``: 5-way 1-shot, Conv-4, first order, one inner step at
-lr 0.4, three at test, meta-batch 4, 5 training queries per class), plain ``maml`` for 1,000
-meta-updates: the target (width 32, seed 0), a surrogate of another seed (width 32, seed 1) and
-one of another width and seed (width 16, seed 2), each scored on 20 frozen 5-way 1-shot 15-query
-test episodes (PGD-10 at 8/255, no checks). The generator (MNIST's c-Glow sizes) on 50 seeded
-training episodes of the attacked shape (5 x 15 = 75 query images each, 3,750 images; MI-FGSM-30
-pairs from both adapted surrogates, 5 NLL epochs, 2 Reptile epochs, one task per episode);
-attacks at L-inf 8/255 with 1,000 queries on the query sets of the first 4 frozen test episodes
-(300 points). Not yet run. Estimate for one core: learners 3 x 3 min (the shots study measured
-maml at 1,000 meta-updates in about 3 min); generator about 14 min (the MNIST run's 36 min for
-9,844 pairs x 10 NLL epochs + 5,000 images x 3 Reptile epochs, scaled to at most 7,500 pairs x 5
-+ 3,750 images x 2); but the attacks take HOURS: MAML's transductive batch norm makes the oracle
-batch-coupled (each query scored inside its 75-image clean query set), measured at about 63 ms
-per point-query on a loaded core in ``--tiny`` (full 15-query episodes), so 12 runs x ~270
-attacked points x a few hundred queries each is of the order of 10-25 hours. Run the attacks on
-a GPU, or cut ``--episodes``/``--budget``; a learner without batch norm did not train on this
-substrate. ``--tiny`` runs the same pipeline at 20 meta-updates, 2-query episodes, 2 training
-episodes, 1 attacked episode, 20 queries (about 20 seconds).
+Scale (``--dataset omniglot``, few-shot, the staged small Omniglot: 3,500 training images of
+175 classes, 860 test images of 43): ``--learner rfs`` (default): RFS pre-trained for 30 epochs
+(its config's SGD, x0.1 at 3/4) as the target (Conv-4 width 32, seed 0) and surrogates (width 32
+seed 1; width 16 seed 2), each fitting its logistic probe on an episode's support set; every run
+scored on 20 frozen 5-way 1-shot 15-query test episodes (PGD-10 at 8/255, no checks). The
+generator (MNIST's c-Glow sizes) on 50 seeded training episodes of the attacked shape (75 query
+images each; MI-FGSM-30 pairs from both adapted surrogates, 5 NLL epochs, 2 Reptile epochs, one
+task per episode); attacks at L-inf 8/255 with 1,000 queries on the query sets of the first 4
+frozen test episodes (300 points). ``--learner maml`` takes the shots study's MAML substrate
+(5-way 1-shot, first order, one inner step at lr 0.4, three at test, meta-batch 4) for
+``--iterations`` meta-updates; MAML's transductive batch norm makes its oracle batch-coupled (each
+query scored inside its 75-image clean query set: about 63 ms per point-query on a loaded core,
+of the order of 10-25 hours of attacks on one core), so it is for a GPU; RFS's running batch norm
+costs one image's forward per query. ``--tiny`` runs the pipeline in about 30 seconds.
 
     python scripts/blackbox_evidence.py --dataset mnist                 # ~30 min, one core
     python scripts/blackbox_evidence.py --dataset mnist --resume        # after a kill: continue
     python scripts/blackbox_evidence.py --dataset mnist --tiny --out /tmp/bbe --results /tmp/bbe.json
-    python scripts/blackbox_evidence.py --dataset omniglot              # not run: attacks take hours on a CPU
+    python scripts/blackbox_evidence.py --dataset omniglot              # RFS learners
+    python scripts/blackbox_evidence.py --dataset omniglot --learner maml --device cuda   # for a GPU
     python scripts/blackbox_evidence.py --dataset omniglot --tiny --out /tmp/bbo --results /tmp/bbo.json
 """
 
@@ -109,13 +105,20 @@ DATASETS: dict[str, dict[str, Any]] = {
                  "mcg": {"transfer_steps": 10, "pretrain_epochs": 5, "meta_epochs": 2}},
     },
     "omniglot": {
-        "kind": "fewshot", "config": "meta/omniglot_maml.yaml", "staged": SHARED / "omniglot", "eps": EPS_8,
-        "models": {"target": ["recipe=maml", "model.hidden=32", "seed=0"],
-                   "surrogate_maml_s1": ["recipe=maml", "model.hidden=32", "seed=1"],
-                   "surrogate_maml_w16": ["recipe=maml", "model.hidden=16", "seed=2"]},
+        "kind": "fewshot", "staged": SHARED / "omniglot", "eps": EPS_8,
+        "learners": {  # --learner: the configs the three models override
+            "rfs": {"config": "meta/omniglot_rfs.yaml",
+                    "models": {"target": ["model.hidden=32", "seed=0"],
+                               "surrogate_rfs_s1": ["model.hidden=32", "seed=1"],
+                               "surrogate_rfs_w16": ["model.hidden=16", "seed=2"]}},
+            "maml": {"config": "meta/omniglot_maml.yaml",
+                     "models": {"target": ["recipe=maml", "model.hidden=32", "seed=0"],
+                                "surrogate_maml_s1": ["recipe=maml", "model.hidden=32", "seed=1"],
+                                "surrogate_maml_w16": ["recipe=maml", "model.hidden=16", "seed=2"]}}},
         "generator": {"levels": 2, "steps": 4, "hidden": 64, "x_hidden_channels": 16, "x_hidden_size": 64},
         "params": {"bandits": {"tile": 4}, "nes": {"sigma": 0.01}},
-        "full": {"iterations": 1000, "eval_episodes": 20, "episodes": 4, "queries": 15, "train_episodes": 50, "budget": 1000,
+        "full": {"iterations": 1000, "epochs": 30, "eval_episodes": 20, "episodes": 4, "queries": 15,
+                 "train_episodes": 50, "budget": 1000,
                  "mcg": {"pretrain_epochs": 5, "meta_epochs": 2}},
     },
 }
@@ -137,12 +140,13 @@ train: the loss sat at ln 5 for 300 meta-updates), so the oracle is batch-couple
 scored inside its clean query set (75 images per query point)."""
 
 SCALE_KEYS = {"classifier": ("epochs", "train_size", "images", "points", "budget"),
-              "fewshot": ("iterations", "eval_episodes", "episodes", "queries", "train_episodes", "budget")}
+              "fewshot": ("learner", "iterations", "epochs", "eval_episodes", "episodes", "queries", "train_episodes",
+                          "budget")}
 """The scale flags each kind of target reads (the others are refused)."""
 
-TINY = {"epochs": 2, "train_size": 2048, "images": 64, "points": 8, "budget": 20,
+TINY = {"learner": "rfs", "epochs": 2, "train_size": 2048, "images": 64, "points": 8, "budget": 20,
         "iterations": 20, "eval_episodes": 2, "episodes": 1, "queries": 2, "train_episodes": 2,
-        "mcg": {"transfer_steps": 2, "pretrain_epochs": 1, "meta_epochs": 1, "glow_steps": 1}}
+        "mcg": {"transfer_steps": 2, "pretrain_epochs": 1, "meta_epochs": 1, "glow_steps": 1, "confidence": [0.0, 1.0]}}
 TINY_GENERATOR = {"steps": 1, "hidden": 8, "x_hidden_channels": 4, "x_hidden_size": 8}
 
 
@@ -150,11 +154,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
     parser.add_argument("--tiny", action="store_true", help="a pipeline check in minutes (not evidence)")
-    parser.add_argument("--epochs", type=int, help="classifiers: training epochs of the target and surrogates")
+    parser.add_argument("--epochs", type=int, help="classifiers, and few-shot rfs: training epochs of the target and "
+                        "surrogates")
     parser.add_argument("--train-size", type=int, help="classifiers: training images of each model")
     parser.add_argument("--images", type=int, help="classifiers: training images for the generator")
     parser.add_argument("--points", type=int, help="classifiers: test points attacked")
-    parser.add_argument("--iterations", type=int, help="few-shot: meta-updates of the target and surrogates")
+    parser.add_argument("--learner", choices=("rfs", "maml"), help="few-shot: the learners (default rfs: a query "
+                        "costs one image's forward; maml's transductive batch norm scores each query inside its "
+                        "75-image query set)")
+    parser.add_argument("--iterations", type=int, help="few-shot, maml: meta-updates of the target and surrogates")
     parser.add_argument("--eval-episodes", type=int, help="few-shot: frozen test episodes (each run is scored on all)")
     parser.add_argument("--episodes", type=int, help="few-shot: frozen test episodes attacked (75 query points each)")
     parser.add_argument("--queries", type=int, help="few-shot: query images per class of the frozen and generator "
@@ -197,6 +205,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def learner_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"config", "models"}`` of the run: the dataset's, or for few-shot the ``--learner``'s."""
+    spec = DATASETS[args.dataset]
+    return spec["learners"][args.learner] if "learners" in spec else spec
+
+
 def classifier_overrides(args: argparse.Namespace) -> list[str]:
     """A natural classifier's scale: ``args.epochs`` on ``args.train_size`` images, scored on
     ``args.points`` test points."""
@@ -208,8 +222,13 @@ def classifier_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def fewshot_overrides(args: argparse.Namespace) -> list[str]:
-    """A meta-learner's scale: :data:`SUBSTRATE` for ``args.iterations`` meta-updates, scored on
-    the study's frozen test episodes (:func:`frozen_episodes`)."""
+    """A few-shot learner's scale, scored on the study's frozen test episodes
+    (:func:`frozen_episodes`): RFS pre-trains ``args.epochs`` epochs (SGD as its config, x0.1 at
+    3/4), MAML runs :data:`SUBSTRATE` for ``args.iterations`` meta-updates."""
+    if args.learner == "rfs":
+        return [f"at.epochs={args.epochs}", "optim.schedule=piecewise", f"optim.milestones=[{0.75 * args.epochs}]",
+                "train.checkpoint_every=200", f"meta.ways={FEWSHOT['ways']}", f"meta.test_shots={FEWSHOT['shots']}",
+                *episode_overrides(args)]
     return [*SUBSTRATE, f"train.iterations={args.iterations}",
             f"train.checkpoint_every={max(1, args.iterations // 4)}", *episode_overrides(args)]
 
@@ -228,7 +247,7 @@ def frozen_episodes(args: argparse.Namespace) -> Path:
 
     path = args.out / "episodes.json"
     if not path.is_file():
-        data = load_config(configs_dir() / DATASETS[args.dataset]["config"], [f"data.root={args.data_root}"]).data
+        data = load_config(configs_dir() / learner_spec(args)["config"], [f"data.root={args.data_root}"]).data
         save_manifest(freeze_episodes(load_split(data, "test"), FEWSHOT["ways"], FEWSHOT["shots"], args.queries,
                                       args.eval_episodes, seed=0, dataset=args.dataset), path)
     return path
@@ -246,7 +265,7 @@ def train_model(args: argparse.Namespace, name: str, extra: list[str]) -> tuple[
     overrides = [*scale, *extra, f"name={name}", f"out_dir={args.out}", f"data.root={args.data_root}",
                  f"device={args.device}", f"attack.eps={spec['eps']}", "attack.steps=10", f"attack.step_size={2.5 * spec['eps'] / 10}",
                  "eval.checks=false"]
-    cfg = load_config(configs_dir() / spec["config"], overrides)
+    cfg = load_config(configs_dir() / learner_spec(args)["config"], overrides)
     resume = (run / "checkpoints" / "last.pt").is_file()
     print(f"== {name}: {'resuming' if resume else 'training'} {' '.join(extra)}", flush=True)
     start = time.perf_counter()
@@ -277,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         frozen_episodes(args)
 
     runs = {}
-    for name, extra in spec["models"].items():
+    for name, extra in learner_spec(args)["models"].items():
         runs[name], seconds[f"train_{name}"] = train_model(args, name, extra)
     target, surrogates = runs.pop("target"), [str(p) for p in runs.values()]
 
@@ -357,12 +376,13 @@ def target_of(args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, An
     also the episode shape, how many frozen test episodes were attacked and that the surrogates
     were adapted to each one's support set."""
     spec = DATASETS[args.dataset]
-    out = {"kind": spec["kind"], "recipe": summary.get("recipe"), "config": spec["config"],
-           "models": {name: " ".join(extra) for name, extra in spec["models"].items()}}
+    out = {"kind": spec["kind"], "recipe": summary.get("recipe"), "config": learner_spec(args)["config"],
+           "models": {name: " ".join(extra) for name, extra in learner_spec(args)["models"].items()}}
     if spec["kind"] == "fewshot":
-        out.update({**FEWSHOT, "queries": args.queries, "episodes_attacked": summary["groups"], "substrate": " ".join(SUBSTRATE),
-                    "iterations": args.iterations,
-                    "adapted_per_episode": summary["mcg"]["adapted_per_episode"]})
+        scale = ({"epochs": args.epochs} if args.learner == "rfs"
+                 else {"substrate": " ".join(SUBSTRATE), "iterations": args.iterations})
+        out.update({**FEWSHOT, "learner": args.learner, "queries": args.queries, "episodes_attacked": summary["groups"],
+                    **scale, "adapted_per_episode": summary["mcg"]["adapted_per_episode"]})
     return out
 
 

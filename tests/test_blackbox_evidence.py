@@ -31,7 +31,8 @@ def test_omniglot_tiny_gives_plain_and_mcg_rows_within_budget_on_a_few_shot_targ
                           "--results", str(results), "--data-root", str(root)])
     assert json.loads(results.read_text()) == result
     target = result["target"]
-    assert target["kind"] == "fewshot" and target["recipe"] == "maml" and target["adapted_per_episode"]
+    assert target["kind"] == "fewshot" and target["recipe"] == "rfs" and target["learner"] == "rfs"
+    assert target["adapted_per_episode"]
     assert (target["ways"], target["shots"], target["episodes_attacked"]) == (5, 1, 1)
     assert result["points"] == 5 * target["queries"] and result["generator"]["episodes"] == 2
     budget = result["threat"]["budget"]
