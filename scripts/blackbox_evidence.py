@@ -117,7 +117,7 @@ DATASETS: dict[str, dict[str, Any]] = {
                                 "surrogate_maml_w16": ["recipe=maml", "model.hidden=16", "seed=2"]}}},
         "generator": {"levels": 2, "steps": 4, "hidden": 64, "x_hidden_channels": 16, "x_hidden_size": 64},
         "params": {"bandits": {"tile": 4}, "nes": {"sigma": 0.01}},
-        "full": {"iterations": 1000, "epochs": 30, "eval_episodes": 20, "episodes": 4, "queries": 15,
+        "full": {"learner": "rfs", "iterations": 1000, "epochs": 30, "eval_episodes": 20, "episodes": 4, "queries": 15,
                  "train_episodes": 50, "budget": 1000,
                  "mcg": {"pretrain_epochs": 5, "meta_epochs": 2}},
     },
