@@ -106,7 +106,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "mnist": {
         "staged": SHARED / "mnist", "chance": 0.1, "train_images": 60000,
         "threat": ["train_attack.eps=0.3", "attack.eps=0.3", "attack.step_size=0.0375"],
-        "cpu": {"model": "small_cnn", "width": 32, "train_size": 10000, "epochs": 6, "holdout": 500,
+        "cpu": {"model": "small_cnn", "width": 32, "train_size": 20000, "epochs": 6, "holdout": 500,
                 "extra": ["train_attack.steps=10", "train_attack.step_size=0.04"]},
     },
 }
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--epochs", type=int, help="CPU scale: training epochs (cifar10 6, mnist 6)")
     parser.add_argument("--width", type=int, help="CPU scale: model.hidden (cifar10 8, mnist 32; 64: the paper's)")
-    parser.add_argument("--train-size", type=int, help="CPU scale: training images (cifar10 2000, mnist 10000)")
+    parser.add_argument("--train-size", type=int, help="CPU scale: training images (cifar10 2000, mnist 20000)")
     parser.add_argument("--holdout", type=int, help="held-out training images to select the epoch on "
                                                     "(CPU 500, GPU 1000)")
     parser.add_argument("--select", choices=("best", "last"), default="best",
