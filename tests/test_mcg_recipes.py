@@ -199,3 +199,20 @@ def test_blackbox_train_runs_both_stages_in_the_trainer_resumes_and_reuses(mnist
     assert fit.train_generator(config("whole.pt"), progress=False)["resumed"] == "done"
     with pytest.raises(ConfigError, match="other settings"):
         fit.train_generator(config("whole.pt", meta_epochs=3), progress=False)
+
+
+def test_stage_configs_carry_the_surrogates_data_settings_including_nulls(mnist, surrogate, tmp_path):
+    """The stage configs take the surrogate run's dataset, root and image size as they are (a
+    null image size stays null: the dataset's own)."""
+    from dataclasses import replace
+
+    from metarobust.blackbox.mcg import fit
+    from metarobust.experiment import model_from_checkpoint
+
+    run_cfg = model_from_checkpoint(surrogate, [f"data.root={mnist[1]}"])[0]
+    cfg = fit.MCGTrainConfig(surrogates=[surrogate], out=str(tmp_path / "g.pt"), images=32, eps=0.3)
+    for size in (16, None):
+        first, second = fit.stage_configs(cfg, replace(run_cfg, data=replace(run_cfg.data, image_size=size)))
+        assert first.data.image_size == second.data.image_size == size
+        assert first.recipe == "mcg_pretrain" and second.mcg.stage1 == str(tmp_path / "g.pt.stage1")
+        assert first.at.train_size == 32 and first.data.root == mnist[1]
