@@ -108,7 +108,7 @@ class MCGRecipe(Recipe):
 
     evaluation: ClassVar[str] = "generator"
     attack_bn: ClassVar[str] = "eval"
-    divergence_hint: ClassVar[str] = "lower mcg.config's learning rates (or mcg.config.pretrain_clip)"
+    divergence_hint: ClassVar[str] = "lower optim.lr (stage 1: MCG's pretrain_lr; stage 2: the outer step beta)"
     eager_reason: ClassVar[str | None] = "MCG's flow runs eager (its steps are not in the compile measurements)"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
