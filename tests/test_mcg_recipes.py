@@ -140,6 +140,10 @@ def test_bad_mcg_settings_are_refused_before_any_work(mnist, surrogate, tmp_path
     cfg = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "data.dataset=cifar10")
     with pytest.raises(ConfigError, match="trained on 'mnist'"):
         build_recipe(cfg).roles()
+    recipe = build_recipe(mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain"))
+    recipe.saved[0]["recipe"] = "maml"  # as a meta-learner run's checkpoint records it
+    with pytest.raises(ConfigError, match="meta-learner"):
+        recipe.roles()
     from metarobust.experiment import train_and_evaluate
 
     with pytest.raises(ConfigError, match="blackbox-train"):

@@ -44,6 +44,7 @@ from metarobust.data.store import ImageStore
 from metarobust.errors import ConfigError
 from metarobust.runs import load_checkpoint
 from metarobust.training.recipes.base import (
+    RECIPES,
     Models,
     Recipe,
     Role,
@@ -149,6 +150,12 @@ class MCGRecipe(Recipe):
         known = {f for f in ModelConfig.__dataclass_fields__}
         surrogates = []
         for i, (path, saved) in enumerate(zip(self.section.surrogates, self.saved, strict=True)):
+            kind = saved.get("recipe")
+            if kind in RECIPES.names() and RECIPES.get(kind, "recipe").episodic:
+                raise ConfigError(f"mcg.surrogates: {path!r} is a meta-learner ({kind}), scoring episode labels; "
+                                  f"recipe {self.name!r} trains on plain classifiers of the training classes. "
+                                  f"metarobust blackbox-train takes meta-learner surrogates through its few-shot "
+                                  f"path (docs/blackbox.md, MCG on few-shot targets)")
             dataset = (saved.get("data") or {}).get("dataset")
             if dataset is not None and dataset != self.cfg.data.dataset:
                 raise ConfigError(f"mcg.surrogates: {path!r} was trained on {dataset!r}, this run's data.dataset is "
