@@ -15,6 +15,20 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 """The staged, read-only public datasets beside the checkout (``../shared/data``)."""
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``, which
+    the dataclasses of a script need to find their module)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

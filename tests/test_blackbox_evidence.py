@@ -5,20 +5,14 @@ Reads the staged small Omniglot (``../shared/data/omniglot``) and is skipped whe
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def evidence_script():
-    spec = importlib.util.spec_from_file_location("blackbox_evidence", ROOT / "scripts" / "blackbox_evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("blackbox_evidence")
 
 
 def test_omniglot_tiny_gives_plain_and_mcg_rows_within_budget_on_a_few_shot_target(shared_data, tmp_path):

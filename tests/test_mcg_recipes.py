@@ -13,8 +13,6 @@ from conftest import assert_same_parameters, kill_and_resume
 
 from metarobust.blackbox.mcg import MCGConfig
 from metarobust.blackbox.mcg.training import reptile_task, transfer_pairs
-from metarobust.config import DataConfig
-from metarobust.data.datasets import load_split
 from metarobust.errors import ConfigError
 from metarobust.experiment import load_config
 from metarobust.runs import RunDir
@@ -28,12 +26,10 @@ SMALL = ("{transfer_steps: 2, pretrain_epochs: 2, pretrain_batch: 16, meta_epoch
 
 
 @pytest.fixture(scope="module")
-def mnist(shared_data):
-    root = shared_data / "mnist"
-    if not (root / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST idx files not found in {root}")
-    cfg = DataConfig(dataset="mnist", root=str(root), image_size=16)
-    return take(load_split(cfg, "train"), torch.arange(64), "mnist/train"), str(root)
+def mnist(mnist16):
+    """64 training images of the session's 16x16 MNIST, and its root."""
+    train, _, root = mnist16
+    return take(train, torch.arange(64), "mnist/train"), root
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ it tests; RFS's torch logistic regression is scikit-learn's, and its attack goes
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -292,12 +291,10 @@ def test_shots_study_files_give_a_valid_config_for_every_grid_point(tmp_path):
     """scripts/shots_study.py's grid: each point loads (validated), ITS-MAML at equal shots runs as
     R-MAML_out, and the shots and inner steps land in the run's config."""
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("shots_study", CONFIGS.parent / "scripts" / "shots_study.py")
-    study_module = importlib.util.module_from_spec(spec)
-    sys.modules["shots_study"] = study_module  # its dataclass looks its module up
-    spec.loader.exec_module(study_module)
+    from conftest import load_script
+
+    study_module = load_script("shots_study")
     flags = argparse.Namespace(recipes=None, train_shots="1,5", inner_steps=None, layers=None, iterations=None,
                                episodes=None, points=None, bootstrap=None, test_shots=None, seed=None, name=None,
                                replicate_seeds=None, cascade_episodes=None)

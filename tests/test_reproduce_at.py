@@ -3,24 +3,17 @@ per-point verdicts, and its refusal to reuse a run made with other settings."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
 from metarobust.config import to_yaml
 from metarobust.errors import ConfigError
 from metarobust.evaluation.result import encode_verdicts
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("reproduce_at", ROOT / "scripts" / "reproduce_at.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce_at")
 
 
 def test_cpu_defaults_score_every_method_on_the_same_points_with_selection(study, tmp_path):

@@ -4,24 +4,19 @@ learners, and the claims' arithmetic (verdicts from intervals)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study_module():
-    spec = importlib.util.spec_from_file_location("shots_study", ROOT / "scripts" / "shots_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shots_study"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("shots_study")  # its dataclasses look their module up in sys.modules
 
 
 def test_verdicts_follow_the_intervals(study_module):

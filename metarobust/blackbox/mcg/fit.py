@@ -178,16 +178,17 @@ def stage_configs(cfg: MCGTrainConfig, run_cfg) -> tuple[Any, Any]:
     return first, second
 
 
-def run_stage(stage_cfg, data, progress: bool) -> tuple[Any, list[dict[str, Any]], bool]:
+def run_stage(stage_cfg, data, progress: bool, recipe=None) -> tuple[Any, list[dict[str, Any]], bool]:
     """Train one stage in its run folder through the one trainer, resuming a checkpoint (a
     finished run trains nothing; one made with other settings is refused by
-    :class:`~metarobust.runs.RunDir`), logging and checkpointing once per epoch. Returns the
-    generator, the run's metrics and whether a checkpoint was there."""
+    :class:`~metarobust.runs.RunDir`), logging and checkpointing once per epoch. ``recipe``: the
+    stage's recipe if already built (else built here). Returns the generator, the run's metrics
+    and whether a checkpoint was there."""
     from metarobust.runs import RunDir
     from metarobust.training.engine import Trainer
     from metarobust.training.recipes import build_recipe
 
-    recipe = build_recipe(stage_cfg)
+    recipe = recipe or build_recipe(stage_cfg)
     per_epoch = recipe.schedule(data.train, 1)[1]
     stage_cfg.train.log_every = stage_cfg.train.checkpoint_every = per_epoch
     path = Path(stage_cfg.out_dir) / stage_cfg.name
@@ -217,7 +218,7 @@ def train_with_recipes(cfg: MCGTrainConfig, run_cfg, progress: bool) -> dict[str
     if done is not None:
         return {**done[1]["summary"], "resumed": "done"}
     data = load_training_data(first, recipe, resolve_device(first.device), with_test=False)
-    _, metrics1, resumed1 = run_stage(first, data, progress)
+    _, metrics1, resumed1 = run_stage(first, data, progress, recipe)
     generator, metrics2, resumed2 = run_stage(second, data, progress)
     epoch_ends = [m for m in metrics1 if "loss" in m]
     summary = {"generator": str(cfg.out), "surrogates": list(cfg.surrogates), "norm": cfg.norm, "eps": recipe.eps,

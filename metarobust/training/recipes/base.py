@@ -592,6 +592,17 @@ def register_recipe(name: str, description: str) -> Callable[[type[Recipe]], typ
     return decorator
 
 
+def saved_model_config(saved: dict[str, Any], default: ModelConfig) -> ModelConfig:
+    """The architecture a run was trained with, from the config its checkpoint saved (its
+    ``model`` section; unknown keys of other versions dropped), else ``default``: how a recipe
+    builds a role from another run (LTD's teacher, MCG's surrogates)."""
+    model = (saved or {}).get("model")
+    if not model:
+        return default
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in model.items() if k in known})
+
+
 def check_recipe(cls: type[Recipe], cfg: ExperimentConfig) -> None:
     """The engine options a recipe must support (``awp.gamma > 0``: :attr:`Recipe.supports_awp`;
     ``at.select=best``: a plain classifier), then the recipe's own :meth:`Recipe.config_check`;
@@ -616,4 +627,4 @@ def build_recipe(cfg: ExperimentConfig) -> Recipe:
 
 
 __all__ = ["RECIPES", "MetaRecipe", "Models", "Recipe", "Role", "StepContext", "Stats", "TrainerView",
-           "bn_mode", "build_recipe", "check_recipe", "register_recipe", "resolve_augment"]
+           "bn_mode", "build_recipe", "check_recipe", "register_recipe", "resolve_augment", "saved_model_config"]

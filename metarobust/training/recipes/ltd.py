@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from metarobust.training.recipes.base import (
     StepContext,
     bn_mode,
     register_recipe,
+    saved_model_config,
 )
 
 
@@ -66,11 +67,7 @@ def checkpoint_model_config(path: str, default: ModelConfig) -> ModelConfig:
     except ConfigError as exc:
         raise ConfigError(f"ltd.teacher={path!r}: {exc}; train a robust teacher first, e.g. "
                           f"metarobust train configs/at/cifar10_trades.yaml") from None
-    saved = (state.get("config") or {}).get("model")
-    if not saved:
-        return default
-    known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    return saved_model_config(state.get("config") or {}, default)
 
 
 def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:

@@ -52,6 +52,7 @@ from metarobust.training.recipes.base import (
     StepContext,
     TrainerView,
     register_recipe,
+    saved_model_config,
 )
 
 PAIR_CHUNK = 256
@@ -147,7 +148,6 @@ class MCGRecipe(Recipe):
 
     # -- pieces -----------------------------------------------------------------------------
     def roles(self) -> list[Role]:
-        known = {f for f in ModelConfig.__dataclass_fields__}
         surrogates = []
         for i, (path, saved) in enumerate(zip(self.section.surrogates, self.saved, strict=True)):
             kind = saved.get("recipe")
@@ -160,7 +160,7 @@ class MCGRecipe(Recipe):
             if dataset is not None and dataset != self.cfg.data.dataset:
                 raise ConfigError(f"mcg.surrogates: {path!r} was trained on {dataset!r}, this run's data.dataset is "
                                   f"{self.cfg.data.dataset!r}; give surrogates of one dataset")
-            arch = ModelConfig(**{k: v for k, v in (saved.get("model") or {}).items() if k in known})
+            arch = saved_model_config(saved, ModelConfig())
             surrogates.append(Role(f"surrogate{i}", trainable=False, model=arch, checkpoint=path))
         return [Role("model", model=ModelConfig(name=GENERATOR), checkpoint=self.start()), *surrogates]
 
