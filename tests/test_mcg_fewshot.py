@@ -1,5 +1,7 @@
 """MCG on few-shot targets: surrogate meta-learners adapted per episode, the generator trained on
-episodes, the runner's mcg+ rows, and the errors that name blackbox.mcg.surrogates."""
+episodes by the ``mcg_pretrain`` / ``mcg_reptile`` recipes of the one trainer (exact pairs, one
+episode per Reptile task, exact resume), the runner's mcg+ rows, and the errors that name
+blackbox.mcg.surrogates."""
 
 from __future__ import annotations
 
@@ -139,6 +141,74 @@ def test_blackbox_train_on_a_few_shot_surrogate_then_the_runner_gives_exact_mcg_
         assert bool((outcome.queries.cpu()[budget.cpu() == 0] == 0).all())
         assert bool(in_threat_model(x, outcome.x_adv, "linf", EPS).all())
     assert result["mcg"]["surrogates"] == [str(runs[1])] and result["mcg"]["adapted_per_episode"]
+
+
+def recipe_config(runs, tmp_path, recipe: str, *extra: str):
+    """A generator-training run on glyphs with the MAML surrogate run, 3 training episodes."""
+    from metarobust.experiment import load_config
+
+    small = "{transfer_steps: 2, confidence: [0.0, 1.0], pretrain_epochs: 2, pretrain_batch: 8, meta_epochs: 2, " \
+            "inner_steps: 1}"
+    tiny = "{" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + "}"
+    return load_config(None, [f"recipe={recipe}", "data.dataset=glyphs", "device=cpu", f"out_dir={tmp_path}",
+                              f"mcg.surrogates=[{runs[1]}]", "mcg.episodes=3", f"mcg.eps={EPS}",
+                              f"mcg.generator={tiny}", f"mcg.config={small}", "train.log_every=1",
+                              "train.checkpoint_every=2", *extra])
+
+
+def test_stage_1_on_few_shot_surrogates_pairs_each_episodes_queries_with_its_adapted_surrogate(runs, tmp_path):
+    from metarobust.blackbox.mcg.training import transfer_pairs
+    from metarobust.data.sampler import to_float
+    from metarobust.training.engine import Trainer
+
+    trainer = Trainer(recipe_config(runs, tmp_path, "mcg_pretrain", "name=s1"), None, progress=False)
+    recipe, models = trainer.recipe, trainer.models
+    assert recipe.fewshot and recipe.episode_shape == (5, 1, 2)
+    pool = recipe.pool
+    assert len(recipe.store) == 3 * 5 * 2 and trainer.total_steps == 2 * (30 // 8)
+    with torch.no_grad():  # the meta-learner's head scores the episode labels
+        assert models.modules["surrogate0"](torch.rand(2, 1, 28, 28)).shape == (2, 5)
+    recipe.make_pairs(models)
+    (kept, delta), = recipe._pairs
+    [run] = surrogate_learners([str(runs[1])], device="cpu", ways=5)  # the runner's path, independently
+    for t in range(pool.episodes):
+        sx, sy = pool.support(t)
+        assert sx.shape == (5, 1, 28, 28) and torch.equal(sy.sort().values, torch.arange(5))
+        [surrogate] = adapt_surrogates([run], sx, sy)
+        span = pool.span(t)
+        x, y = to_float(recipe.store.images[span]), recipe.store.labels[span]
+        _, d, keep = transfer_pairs(surrogate, x, y, "linf", EPS, recipe.settings)
+        assert torch.equal(kept[span], keep)
+        torch.testing.assert_close(delta[span][keep], d, rtol=0, atol=1e-6)  # float32 round-off of one forward
+    assert int(kept.sum()) > 0 and bool((delta.abs() <= EPS + 1e-6).all())
+    trainer.fit()
+
+
+def test_stage_2_on_few_shot_surrogates_takes_one_episode_per_step_and_resumes_exactly(runs, tmp_path):
+    from conftest import assert_same_parameters, kill_and_resume
+
+    from metarobust.runs import RunDir
+    from metarobust.training.data import TrainingData, load_training_data
+    from metarobust.training.engine import Trainer
+
+    first = recipe_config(runs, tmp_path, "mcg_pretrain", "name=stage1", "mcg.config.pretrain_epochs=1")
+    Trainer(first, RunDir(first, tensorboard=False), progress=False).fit()
+    make = lambda name: recipe_config(runs, tmp_path, "mcg_reptile", f"name={name}",  # noqa: E731
+                                      f"mcg.stage1={tmp_path / 'stage1'}")
+    trainer = Trainer(make("probe"), None, progress=False)
+    assert trainer.total_steps == 2 * 3 and trainer.steps_per_epoch == 3
+    pool, seen = trainer.recipe.pool, []
+    for _ in range(3):  # one epoch: every episode once, each its whole query set
+        batch = trainer.sampler.sample()
+        t = pool.episode_of(batch.index)
+        assert torch.equal(batch.index, torch.arange(pool.span(t).start, pool.span(t).stop))
+        seen.append(t)
+    assert sorted(seen) == [0, 1, 2]
+    train = load_training_data(make("data"), trainer.recipe, torch.device("cpu"), with_test=False).train
+    whole, resumed, whole_run, run = kill_and_resume(make, TrainingData(train, None, None), kill_at=3,
+                                                     checkpoint_at=2)
+    assert_same_parameters(whole.model, resumed.model)
+    assert whole_run.metrics() == run.metrics()
 
 
 def test_surrogates_of_the_wrong_kind_dataset_or_ways_fail_naming_the_field(runs, target, tmp_path):

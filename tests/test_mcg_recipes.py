@@ -136,10 +136,16 @@ def test_bad_mcg_settings_are_refused_before_any_work(mnist, surrogate, tmp_path
     cfg = mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", "data.dataset=cifar10")
     with pytest.raises(ConfigError, match="trained on 'mnist'"):
         build_recipe(cfg).roles()
-    recipe = build_recipe(mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain"))
-    recipe.saved[0]["recipe"] = "maml"  # as a meta-learner run's checkpoint records it
-    with pytest.raises(ConfigError, match="meta-learner"):
-        recipe.roles()
+    recipe = build_recipe(mcg_config(mnist, surrogate, tmp_path, "mcg_pretrain", f"mcg.surrogates=[{surrogate},"
+                                                                                f"{surrogate}]"))
+    assert not recipe.fewshot
+    recipe.saved[1]["recipe"] = "maml"  # as a meta-learner run's checkpoint records it
+    with pytest.raises(ConfigError, match=r"mcg.surrogates mix plain classifiers .* and few-shot learners"):
+        recipe.check_surrogates()
+    recipe.saved[0]["recipe"] = "maml"
+    recipe.saved[0]["meta"], recipe.saved[1]["meta"] = {"ways": 5}, {"ways": 20}
+    with pytest.raises(ConfigError, match=r"different meta.ways \[5, 20\]"):
+        recipe.check_surrogates()
     from metarobust.experiment import train_and_evaluate
 
     with pytest.raises(ConfigError, match="blackbox-train"):

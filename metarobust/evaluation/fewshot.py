@@ -59,22 +59,6 @@ def adapted_batches(model: nn.Module, store: ImageStore, manifest: Manifest, cfg
         yield batch, {k: v for k, v in params.items() if k not in fast}, fast
 
 
-def adapt_episode(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, learner: Learner) -> Params:
-    """The weights ``learner`` fits on one support set (``[N*K, C, H, W]``, ``[N*K]``), all of
-    them (adapted or not) by name and detached: what :func:`adapted_episodes`' forward runs at
-    (its per-task loop: ``learner.forward(weights, x)``). The model is put in eval mode.
-
-    Example:
-        >>> w = adapt_episode(model, episode.support_x, episode.support_y, recipe.evaluation_learner(model, 5))
-        >>> logits = learner.forward(w, episode.query_x)            # [N*Q, N]
-    """
-    model.eval()
-    params = detached(params_of(model))
-    with torch.no_grad():  # as adapted_batches: torch.func.grad still differentiates inside
-        fast = learner.adapt(params, support_x, support_y)
-    return {**params, **{k: v.detach() for k, v in fast.items()}}
-
-
 def adapted_episodes(model: nn.Module, store: ImageStore, manifest: Manifest, cfg: ExperimentConfig,
                      learner: Learner) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tensor], Episode, torch.Tensor]]:
     """Each frozen episode of ``manifest`` with the model fine-tuned on its support set, lazily

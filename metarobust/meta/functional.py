@@ -54,4 +54,24 @@ def bind(forward: FunctionalForward, params: Params) -> Callable[[torch.Tensor],
     return lambda x: forward(params, x)
 
 
-__all__ = ["FunctionalForward", "Params", "bind", "detached", "functional_forward", "params_of"]
+def adapt_episode(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, learner) -> Params:
+    """The weights ``learner`` (``adapt(params, x, y) -> fast`` and ``forward(fast, x)``: MAML, a
+    logistic probe) fits on one support set (``[N*K, C, H, W]``, ``[N*K]``), all of them (adapted
+    or not) by name and detached: what evaluation's per-task forward runs at
+    (``learner.forward(weights, x)``). The model is put in eval mode. Used by evaluation and by
+    MCG's few-shot surrogates (adapted per episode as evaluation adapts a target). Every
+    parameter takes part, frozen ones too (``requires_grad=False``, as a trainer's frozen role
+    holds them): the learner differentiates with ``torch.func``, which needs no flag.
+
+    Example:
+        >>> w = adapt_episode(model, episode.support_x, episode.support_y, recipe.evaluation_learner(model, 5))
+        >>> logits = learner.forward(w, episode.query_x)            # [N*Q, N]
+    """
+    model.eval()
+    params = detached(dict(model.named_parameters()))
+    with torch.no_grad():  # torch.func.grad still differentiates inside
+        fast = learner.adapt(params, support_x, support_y)
+    return {**params, **{k: v.detach() for k, v in fast.items()}}
+
+
+__all__ = ["FunctionalForward", "Params", "adapt_episode", "bind", "detached", "functional_forward", "params_of"]

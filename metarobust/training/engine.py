@@ -170,7 +170,8 @@ class Trainer:
             torch.manual_seed(cfg.seed)          # without reseeding the caller's global RNG
             for role in self.recipe.roles():
                 arch = role.model or cfg.model
-                module = self.recipe.build_model(arch, in_channels, outputs, size, cfg.data.dataset).to(self.device)
+                module = self.recipe.build_model(arch, in_channels, role.outputs or outputs, size,
+                                                 cfg.data.dataset).to(self.device)
                 if role.checkpoint:
                     _load_role_weights(module, role.checkpoint, role.name, arch, self.device)
                 if role.dual_bn:

@@ -38,7 +38,7 @@ class AdaptedSurrogate(nn.Module):
 
     Arguments:
         forward: ``forward(weights, x) -> logits`` (the learner's, e.g. ``MAML.forward``).
-        weights: the adapted weights by name (:func:`~metarobust.evaluation.fewshot.adapt_episode`).
+        weights: the adapted weights by name (:func:`~metarobust.meta.functional.adapt_episode`).
 
     Call: ``surrogate(x [B, C, H, W]) -> logits [B, N]`` (``forward`` at the module's parameters).
     The RFS probe's forward runs the backbone at the model's own weights, so for it only the
@@ -109,7 +109,7 @@ def adapt_surrogates(runs: Sequence[SurrogateLearner], support_x: torch.Tensor,
     """Each run's learner fine-tuned on the support set ``support_x [N*K, C, H, W]``,
     ``support_y [N*K]`` (as evaluation fine-tunes the target), as fresh
     :class:`AdaptedSurrogate` modules in eval mode."""
-    from metarobust.evaluation.fewshot import adapt_episode
+    from metarobust.meta.functional import adapt_episode
 
     return [AdaptedSurrogate(run.learner.forward, adapt_episode(run.model, support_x, support_y, run.learner)).eval()
             for run in runs]

@@ -1,24 +1,19 @@
 """``metarobust blackbox-train CONFIG``: train MCG's generator on our own surrogate runs.
 
 Surrogates are run folders of ``metarobust train`` of one dataset, all plain classifiers or all
-few-shot learners (:func:`surrogate_runs`). No target is queried.
+few-shot learners (:func:`surrogate_runs`). No target is queried. The two stages are recipes of
+the one trainer, ``mcg_pretrain`` and ``mcg_reptile`` (:mod:`metarobust.training.recipes.mcg`),
+run in the folders ``<out>.stage1`` and ``<out>.stage2`` beside ``out``; the trainer checkpoints
+them every epoch (atomically, loaded with ``weights_only``), resumes a killed stage exactly, stops
+on a NaN, and refuses a folder made with other settings. The finished generator is written to
+``out``; a finished ``out`` with the same settings is reused and one made with other settings is
+refused rather than mixed in.
 
-- **Plain classifiers** (:func:`train_with_recipes`): the two stages are recipes of the one
-  trainer, ``mcg_pretrain`` and ``mcg_reptile`` (:mod:`metarobust.training.recipes.mcg`), run in
-  the folders ``<out>.stage1`` and ``<out>.stage2`` beside ``out`` on a seeded subset of
-  ``images`` training images; the trainer checkpoints them every epoch (atomically, loaded with
-  ``weights_only``), resumes a killed stage exactly, stops on a NaN, and refuses a folder made
-  with other settings. The finished generator is written to ``out``.
-- **Few-shot learners** [ours]: ``episodes`` seeded episodes of the training split (the runs'
-  ``meta.ways``, ``meta.test_shots``, ``meta.queries``), every surrogate learner fine-tuned on
-  each support set; stage 1's pairs come from each adapted surrogate on its episode's query set
-  (episode labels), and each episode is one stage-2 task
-  (:func:`~metarobust.blackbox.mcg.training.meta_train_tasks`). This path still runs its own
-  loop: the generator after stage 1 is kept as ``<out>.stage1.pt`` and reused, stage 2 writes
-  ``<out>.stage2.pt`` after every epoch (weights and the random state), all atomically.
-
-Either way a finished ``out`` with the same settings is reused and one made with other
-settings is refused rather than mixed in.
+- **Plain classifiers**: a seeded subset of ``images`` training images (0: all).
+- **Few-shot learners** [ours]: ``episodes`` seeded episodes of the training split in the runs'
+  episode shape, every surrogate learner fine-tuned on each support set; stage 1's pairs come from
+  each adapted surrogate on its episode's query set (episode labels), and each episode is one
+  stage-2 task (:class:`~metarobust.training.recipes.mcg.EpisodePool`).
 
     metarobust blackbox-train configs/blackbox/mcg_train_mnist.yaml surrogates=[runs/a] out=runs/g.pt
 """
@@ -30,18 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from metarobust.blackbox.mcg.checkpoint import load_generator, save_generator
 from metarobust.blackbox.mcg.config import GeneratorConfig, MCGConfig, known_fields
 from metarobust.blackbox.mcg.generator import MCGGenerator
-from metarobust.blackbox.mcg.training import Task, meta_train, meta_train_tasks, pretrain, transfer_pairs
 from metarobust.errors import ConfigError
-
-STAGE1_FIELDS = ("transfer_steps", "transfer_decay", "confidence", "pretrain_lr", "pretrain_batch", "pretrain_epochs",
-                 "pretrain_clip", "pretrain_noise")
-"""The :class:`MCGConfig` fields stage 1 depends on: a stage-1 checkpoint is reused when they and
-the data, surrogates, threat model and generator are unchanged, whatever stage 2's settings."""
 
 
 @dataclass
@@ -57,11 +44,10 @@ class MCGTrainConfig:
     eps: float | None = None
     """Radius; ``null``: the first surrogate's ``attack.eps`` (L-inf) or 0.5 (L2)."""
     images: int = 0
-    """Plain classifier surrogates: training images (a seeded subset of the train split); 0: all."""
+    """Plain classifier surrogates: training images (a seeded subset of the train split); 0: all.
+    Few-shot surrogates draw their episodes from the whole split (``episodes``)."""
     episodes: int = 200
     """Few-shot surrogates: seeded training episodes (each a stage-2 task) [ours]."""
-    chunk: int = 256
-    """Images per MI-FGSM batch (memory only)."""
     generator: dict[str, Any] = field(default_factory=dict)
     """:class:`GeneratorConfig` fields (``levels``, ``steps``, ``hidden``...; MNIST's 28 pixels
     need ``levels: 2``)."""
@@ -82,9 +68,8 @@ class MCGTrainConfig:
             raise ConfigError("blackbox-train out is empty; name the generator checkpoint to write (runs/mcg.pt)")
         if self.norm not in ("linf", "l2"):
             raise ConfigError(f"blackbox-train norm={self.norm!r}; choose linf or l2")
-        if self.images < 0 or self.chunk < 1 or self.episodes < 1:
-            raise ConfigError(f"blackbox-train images={self.images} must be >= 0, chunk={self.chunk} and "
-                              f"episodes={self.episodes} >= 1")
+        if self.images < 0 or self.episodes < 1:
+            raise ConfigError(f"blackbox-train images={self.images} must be >= 0 and episodes={self.episodes} >= 1")
         self.mcg_config()
 
     def mcg_config(self) -> MCGConfig:
@@ -114,27 +99,6 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None, chec
     return cfg
 
 
-@dataclass
-class GeneratorData:
-    """What ``blackbox-train`` trains the generator on (no target is queried).
-
-    - tasks: ``[(x [M, C, H, W] in [0, 1], y [M], surrogates)]``: one per training episode, its
-      query set with episode labels and each surrogate learner fine-tuned on its support set
-      (stage 2's tasks as they are). (Plain classifier surrogates train through the recipes.)
-    - eps: the radius; device: where the tensors and surrogates live.
-    - episode: few-shot surrogates: ``(ways, shots, queries)`` of the episodes; ``None``: plain.
-    """
-
-    tasks: list[Task]
-    eps: float
-    device: torch.device
-    episode: tuple[int, int, int] | None = None
-
-    @property
-    def episodic(self) -> bool:
-        return self.episode is not None
-
-
 def surrogate_runs(cfg: MCGTrainConfig) -> list:
     """The surrogate runs of ``cfg`` (:class:`~metarobust.blackbox.mcg.fewshot.SurrogateLearner`),
     all of one kind (plain classifiers or few-shot learners) and one dataset, else a
@@ -154,12 +118,13 @@ def surrogate_runs(cfg: MCGTrainConfig) -> list:
     return runs
 
 
-def stage_configs(cfg: MCGTrainConfig, run_cfg) -> tuple[Any, Any]:
+def stage_configs(cfg: MCGTrainConfig, run_cfg, fewshot: bool = False) -> tuple[Any, Any]:
     """The ``mcg_pretrain`` and ``mcg_reptile`` experiment configs of a ``blackbox-train``
-    config whose surrogates are plain classifiers (``run_cfg``: the first surrogate's, with
-    ``cfg.overrides``): their data (the surrogates' dataset, a seeded subset of ``cfg.images``
-    training images), the ``mcg`` section, and run folders ``<out>.stage1`` / ``<out>.stage2``
-    beside ``cfg.out``."""
+    config (``run_cfg``: the first surrogate's, with ``cfg.overrides``): their data (the
+    surrogates' dataset; plain classifiers: a seeded subset of ``cfg.images`` training images;
+    few-shot learners (``fewshot``): ``cfg.episodes`` episodes of the whole training split), the
+    ``mcg`` section, and run folders
+    ``<out>.stage1`` / ``<out>.stage2`` beside ``cfg.out``."""
     import json
 
     from metarobust.experiment import load_config
@@ -168,7 +133,8 @@ def stage_configs(cfg: MCGTrainConfig, run_cfg) -> tuple[Any, Any]:
     d = run_cfg.data
     size = "null" if d.image_size is None else d.image_size
     common = [f"data.dataset={d.dataset}", f"data.image_size={size}", f"device={run_cfg.device}",
-              f"at.train_size={cfg.images}", "at.holdout=0", f"seed={cfg.seed}", f"out_dir={out.parent}",
+              f"at.train_size={0 if fewshot else cfg.images}", "at.holdout=0", f"seed={cfg.seed}", f"out_dir={out.parent}",
+              f"mcg.episodes={cfg.episodes}",
               f"mcg.surrogates={json.dumps(list(cfg.surrogates))}", f"mcg.norm={cfg.norm}",
               f"mcg.eps={'null' if cfg.eps is None else cfg.eps}", f"mcg.generator={json.dumps(cfg.generator)}",
               f"mcg.config={json.dumps(_plain(cfg.mcg))}", *([f"data.root={d.root}"] if d.root else [])]
@@ -201,19 +167,24 @@ def run_stage(stage_cfg, data, progress: bool, recipe=None) -> tuple[Any, list[d
         run.close()
 
 
-def train_with_recipes(cfg: MCGTrainConfig, run_cfg, progress: bool) -> dict[str, Any]:
-    """Plain-classifier surrogates: stage 1 (``mcg_pretrain``) then stage 2 (``mcg_reptile``)
-    in the one trainer (:func:`stage_configs`, :func:`run_stage`); writes ``cfg.out`` and
-    returns the summary."""
+def train_with_recipes(cfg: MCGTrainConfig, run_cfg, progress: bool, fewshot: bool = False) -> dict[str, Any]:
+    """Stage 1 (``mcg_pretrain``) then stage 2 (``mcg_reptile``) in the one trainer
+    (:func:`stage_configs`, :func:`run_stage`); writes ``cfg.out`` and returns the summary.
+    ``fewshot``: the surrogates are few-shot learners (the settings then hold ``episodes`` and
+    the episode shape and not ``images``; plain ones the reverse)."""
     from metarobust.training.data import load_training_data, resolve_device
     from metarobust.training.recipes import build_recipe
 
     start = time.perf_counter()
-    first, second = stage_configs(cfg, run_cfg)
+    first, second = stage_configs(cfg, run_cfg, fewshot)
     recipe = build_recipe(first)
-    settings = _plain({"recipes": ["mcg_pretrain", "mcg_reptile"], **{k: v for k, v in asdict(cfg).items()
-                                                                      if k not in ("out", "overrides", "chunk")},
-                       "eps": recipe.eps, "mcg": asdict(recipe.settings)})
+    unused = "images" if fewshot else "episodes"  # the other kind's field does not change the result
+    settings = {"recipes": ["mcg_pretrain", "mcg_reptile"],
+                **{k: v for k, v in asdict(cfg).items() if k not in ("out", "overrides", unused)},
+                "eps": recipe.eps, "mcg": asdict(recipe.settings)}
+    if fewshot:
+        settings["episode"] = recipe.episode_shape
+    settings = _plain(settings)
     done = _reusable(Path(cfg.out), settings)
     if done is not None:
         return {**done[1]["summary"], "resumed": "done"}
@@ -222,50 +193,25 @@ def train_with_recipes(cfg: MCGTrainConfig, run_cfg, progress: bool) -> dict[str
     generator, metrics2, resumed2 = run_stage(second, data, progress)
     epoch_ends = [m for m in metrics1 if "loss" in m]
     summary = {"generator": str(cfg.out), "surrogates": list(cfg.surrogates), "norm": cfg.norm, "eps": recipe.eps,
-               "images": len(data.train), "pairs": int(next((m["pairs_total"] for m in metrics1
-                                                              if "pairs_total" in m), 0)),
+               "images": len(recipe.store), "pairs": int(next((m["pairs_total"] for m in metrics1
+                                                                if "pairs_total" in m), 0)),
                "stage1_nll": [m["loss"] for m in epoch_ends],
                "stage2_margin": [m["fresh_margin"] for m in metrics2 if "fresh_margin" in m],
                "runs": [str(Path(first.out_dir) / first.name), str(Path(second.out_dir) / second.name)],
                "seconds": round(time.perf_counter() - start, 1)}
+    if fewshot:
+        summary["episodes"] = recipe.pool.episodes
     save_generator(cfg.out, generator, {"settings": settings, "summary": summary})
     resumed = "stage2" if resumed2 else ("stage1" if resumed1 else None)
     return {**summary, "resumed": resumed}
 
 
-def training_episodes(cfg: MCGTrainConfig, runs: list) -> GeneratorData:
-    """Few-shot surrogates (:class:`~metarobust.blackbox.mcg.fewshot.SurrogateLearner`, one
-    dataset and ``meta.ways``) [ours]: ``cfg.episodes`` episodes of their dataset's training
-    split (the first run's ``meta.ways``, ``meta.test_shots``, ``meta.queries``: the shape the
-    target is fine-tuned and attacked on; seeded by ``cfg.seed``), each with every surrogate's
-    evaluation learner fine-tuned on its support set (as evaluation fine-tunes a target); a
-    task is the episode's query set ``[N*Q, C, H, W]``, its labels ``[N*Q]`` and those adapted
-    surrogates."""
-    from metarobust.blackbox.mcg.fewshot import check_fewshot_surrogates
-    from metarobust.data.datasets import load_split
-    from metarobust.data.sampler import EpisodicSampler
-    from metarobust.evaluation.fewshot import adapt_episode
-    from metarobust.meta.functional import bind
-    from metarobust.training.data import resolve_device
-
-    run_cfg = runs[0].cfg
-    m = run_cfg.meta
-    check_fewshot_surrogates(runs, run_cfg.data.dataset, m.ways, "blackbox-train surrogates")
-    device = resolve_device(run_cfg.device)
-    store = load_split(run_cfg.data, "train").to("cpu")  # drawn on the CPU: the same episodes on any device
-    batch = EpisodicSampler(store, m.ways, m.test_shots, m.queries, tasks=cfg.episodes, seed=cfg.seed).sample()
-    batch = batch.to(device)
-    tasks = []
-    for t in range(batch.num_tasks):
-        sx, sy = batch.support_x[t], batch.support_y[t]
-        adapted = [bind(run.learner.forward, adapt_episode(run.model, sx, sy, run.learner)) for run in runs]
-        tasks.append((batch.query_x[t], batch.query_y[t], adapted))
-    return GeneratorData(tasks, _radius(cfg, run_cfg), device, (m.ways, m.test_shots, m.queries))
-
-
-def _radius(cfg: MCGTrainConfig, run_cfg) -> float:
-    """``cfg.eps``, or the first surrogate run's ``attack.eps`` (L-inf) or 0.5 (L2)."""
-    return float(cfg.eps if cfg.eps is not None else (run_cfg.attack.eps if cfg.norm == "linf" else 0.5))
+def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Stage 1 then stage 2 on ``cfg``'s surrogates (:func:`train_with_recipes`), resuming from
+    what a killed run left; writes ``cfg.out`` and returns a summary (paths, pair and image
+    counts, the per-epoch NLL and surrogate margins, seconds)."""
+    runs = surrogate_runs(cfg)
+    return train_with_recipes(cfg, runs[0].cfg, progress, fewshot=runs[0].kind == "fewshot")
 
 
 def _reusable(path: Path, settings: dict[str, Any]) -> tuple[MCGGenerator, dict[str, Any]] | None:
@@ -281,96 +227,6 @@ def _reusable(path: Path, settings: dict[str, Any]) -> tuple[MCGGenerator, dict[
     return generator, info
 
 
-def train_generator(cfg: MCGTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Stage 1 then stage 2 on ``cfg``'s surrogates, resuming from what a killed run left;
-    writes ``cfg.out`` and returns a summary (paths, pair and image counts, the per-epoch NLL
-    and surrogate margins, seconds)."""
-    from tqdm.auto import tqdm
-
-    runs = surrogate_runs(cfg)
-    if runs[0].kind == "classifier":
-        return train_with_recipes(cfg, runs[0].cfg, progress)
-    start = time.perf_counter()
-    out = Path(cfg.out)
-    stage1, stage2 = out.with_name(out.name + ".stage1.pt"), out.with_name(out.name + ".stage2.pt")
-    data = training_episodes(cfg, runs)
-    eps, device = data.eps, data.device
-    mcg_cfg = cfg.mcg_config()
-    gen_cfg = cfg.generator_config(tuple(data.tasks[0][0].shape[1:]), eps)
-    unused = "images" if data.episodic else "episodes"  # the other kind's field does not change the result
-    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "overrides", "chunk", unused)},
-                "eps": eps, "generator": asdict(gen_cfg), "mcg": asdict(mcg_cfg)}
-    if data.episodic:
-        settings["episode"] = data.episode
-    settings = _plain(settings)
-    first = {**settings, "mcg": {k: v for k, v in settings["mcg"].items() if k in STAGE1_FIELDS}}
-    done = _reusable(out, settings)
-    if done is not None:
-        return {**done[1]["summary"], "resumed": "done"}
-    resumed = None
-    found = _reusable(stage1, first)
-    if found is None:
-        pairs_x, pairs_delta = [], []
-        for x, y, surrogates in data.tasks:
-            for s in surrogates:
-                for lo in range(0, len(x), cfg.chunk):
-                    xs, deltas, _ = transfer_pairs(s, x[lo:lo + cfg.chunk], y[lo:lo + cfg.chunk], cfg.norm, eps,
-                                                   mcg_cfg)
-                    pairs_x.append(xs)
-                    pairs_delta.append(deltas)
-        xs, deltas = torch.cat(pairs_x), torch.cat(pairs_delta)
-        if not len(xs):
-            raise ConfigError(f"blackbox-train: no training image is classified correctly by a surrogate with "
-                              f"confidence in mcg.confidence={mcg_cfg.confidence}; widen it or check the runs")
-        torch.manual_seed(cfg.seed)  # the flow's fixed permutations
-        generator = MCGGenerator(gen_cfg).to(device)
-        bar = tqdm(total=mcg_cfg.pretrain_epochs, desc="mcg stage 1 (NLL)", disable=not progress, dynamic_ncols=True)
-
-        def tick(_: int, nll: float) -> None:
-            bar.update()
-            bar.set_postfix(bits=f"{nll:.3f}")
-
-        nll = pretrain(generator, xs, deltas, mcg_cfg, torch.Generator(device=device).manual_seed(cfg.seed),
-                       on_epoch=tick)
-        bar.close()
-        info = {"settings": first, "pairs": len(xs), "nll": nll}
-        save_generator(stage1, generator, info)
-    else:
-        generator, info = found
-        generator = generator.to(device)
-        resumed = "stage1"
-    pairs, nll = info["pairs"], info["nll"]
-    rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    margins: list[float] = []
-    partial = _reusable(stage2, settings)
-    if partial is not None:
-        generator, info = partial
-        generator = generator.to(device)
-        rng.set_state(info["rng"])
-        margins, resumed = list(info["margins"]), f"stage2 epoch {len(info['margins'])}"
-    bar = tqdm(total=mcg_cfg.meta_epochs, initial=len(margins), desc="mcg stage 2 (Reptile)", disable=not progress,
-               dynamic_ncols=True)
-    while len(margins) < mcg_cfg.meta_epochs:
-        if data.episodic:
-            margins += meta_train_tasks(generator, data.tasks, mcg_cfg, rng, epochs=1)
-        else:
-            x, y, surrogates = data.tasks[0]
-            margins += meta_train(generator, surrogates, x, y, mcg_cfg, rng, epochs=1)
-        save_generator(stage2, generator, {"settings": settings, "pairs": pairs, "nll": nll, "margins": margins,
-                                           "rng": rng.get_state()})
-        bar.update()
-        bar.set_postfix(margin=f"{margins[-1]:.3f}")
-    bar.close()
-    summary = {"generator": str(out), "surrogates": list(cfg.surrogates), "norm": cfg.norm, "eps": eps,
-               "images": sum(len(x) for x, _, _ in data.tasks), "pairs": pairs, "stage1_nll": nll,
-               "stage2_margin": margins, "seconds": round(time.perf_counter() - start, 1)}
-    if data.episodic:
-        summary["episodes"] = len(data.tasks)
-    save_generator(out, generator, {"settings": settings, "summary": summary})
-    stage2.unlink(missing_ok=True)  # the final file holds it; stage 1's is kept for a retrained stage 2
-    return {**summary, "resumed": resumed}
-
-
 def _plain(value: Any) -> Any:
     """Tuples as lists, recursively: what a checkpoint's info compares equal to after loading."""
     if isinstance(value, dict):
@@ -380,5 +236,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["GeneratorData", "MCGTrainConfig", "load_train_config", "run_stage", "stage_configs", "surrogate_runs",
-           "train_generator", "train_with_recipes", "training_episodes"]
+__all__ = ["MCGTrainConfig", "load_train_config", "run_stage", "stage_configs", "surrogate_runs", "train_generator",
+           "train_with_recipes"]

@@ -3,8 +3,8 @@
 1. :func:`pretrain`: maximum likelihood of transfer perturbations (:func:`transfer_pairs`,
    MI-FGSM on a surrogate) given their images.
 2. :func:`meta_train`: Reptile over tasks (a batch of images and the surrogates; for few-shot
-   surrogates :func:`meta_train_tasks`, one task per episode: its query set and the surrogate
-   learners adapted on its support set): a few inner
+   surrogates, one task per episode: its query set and the surrogate learners adapted on its
+   support set, :mod:`metarobust.training.recipes.mcg`): a few inner
    Adam steps on the surrogates' margin loss of ``x + G(z; x)`` (:func:`reptile_task`), then the
    outer step ``theta <- theta + beta (theta_task - theta)`` written into the weights
    (:func:`interpolate_`). The released code assigned the interpolated tensors into a
@@ -161,24 +161,5 @@ def meta_train(model: MCGGenerator, surrogates: Sequence[Forward], x: torch.Tens
     return history
 
 
-def meta_train_tasks(model: MCGGenerator, tasks: Sequence[Task], cfg: MCGConfig, generator: torch.Generator,
-                     epochs: int | None = None) -> list[float]:
-    """Stage 2 on given tasks (few-shot surrogates: one per training episode, its query set and
-    the surrogate learners adapted on its support set [ours]): :func:`reptile_epoch` over the
-    tasks in a fresh random order each epoch, for ``epochs`` (default ``cfg.meta_epochs``).
-    ``cfg.meta_batch`` only enters the outer step ``beta`` (``outer_lr_scaled``); a task is
-    its whole query set. Returns the mean surrogate margin of fresh samples over every task's
-    images before each epoch's updates (lower is more adversarial)."""
-    history = []
-    for _ in range(cfg.meta_epochs if epochs is None else epochs):
-        with torch.no_grad():
-            total = sum(float(surrogate_margin(s, x, y, model.sample(x, generator), cfg.kappa).sum())
-                        for x, y, s in tasks)
-            history.append(total / max(sum(len(x) for x, _, _ in tasks), 1))
-        order = torch.randperm(len(tasks), generator=generator, device=generator.device).tolist()
-        reptile_epoch(model, (tasks[i] for i in order), cfg, generator)
-    return history
-
-
-__all__ = ["Task", "adapt", "interpolate_", "margin_loss", "meta_train", "meta_train_tasks", "pretrain",
+__all__ = ["Task", "adapt", "interpolate_", "margin_loss", "meta_train", "pretrain",
            "reptile_epoch", "reptile_task", "snapshot", "surrogate_margin", "transfer_pairs"]

@@ -114,6 +114,8 @@ class Role:
         dual_bn: give every BatchNorm an auxiliary twin after loading the checkpoint
             (:func:`~metarobust.models.dual_bn.convert_dual_bn`; AdvProp, Hou et al.). The
             deployed model drops the twins (:meth:`Recipe.deployed`).
+        outputs: its classifier's outputs; ``None``: :meth:`Recipe.head_size` (a frozen run of
+            another head, e.g. MCG's meta-learner surrogates scoring ``meta.ways`` labels).
     """
 
     name: str
@@ -121,6 +123,7 @@ class Role:
     model: ModelConfig | None = None
     checkpoint: str | None = None
     dual_bn: bool = False
+    outputs: int | None = None
 
 
 @dataclass

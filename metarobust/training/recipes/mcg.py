@@ -18,8 +18,21 @@ white-box surrogates, in two stages, before any target is queried:
   (:attr:`MCGConfig.outer_step`, no momentum, no weight decay) applies it, so the checkpoint,
   resume, NaN stop, logging and progress bar are the trainer's. Starts from stage 1's run.
 
+**Few-shot surrogates** [ours; META.md covers plain classifiers only]: when the surrogate runs are
+meta-learners (a few-shot recipe, e.g. ``maml`` or ``rfs``), the training data is a pool of
+``mcg.episodes`` episodes drawn once (seeded) from the training split in the surrogates' episode
+shape (``meta.ways``, ``meta.test_shots``, ``meta.queries``: what a target is fine-tuned and
+attacked on), and each surrogate is fine-tuned on an episode's support set with its own
+evaluation learner (:meth:`Recipe.evaluation_learner`, as evaluation fine-tunes a target,
+:func:`~metarobust.meta.functional.adapt_episode`) before it scores that episode's query images
+with the episode's labels. Stage 1's pairs come from each episode's adapted surrogates on its
+query images; stage 2 takes **one episode per step** (its whole query set is the Reptile task),
+the episodes in a fresh seeded order each epoch: at attack time the generator meets one episode's
+query set with surrogates adapted to it. Adaptation is deterministic, so a resumed run rebuilds
+the same pairs and tasks.
+
 Both read their settings from the ``mcg`` section: the surrogate runs (``metarobust train`` runs
-of plain classifiers on ``data.dataset``), the threat model, the generator's sizes
+of ``data.dataset``: all plain classifiers or all meta-learners), the threat model, the generator's sizes
 (:class:`~metarobust.blackbox.mcg.GeneratorConfig`) and MCG's settings
 (:class:`~metarobust.blackbox.mcg.MCGConfig`); the optimizer, batch size and epochs default to
 the latter's (``optim`` fields left ``null``). Surrogates are frozen roles of the recipe (eval
@@ -28,6 +41,7 @@ mode, no gradient to their weights). ``metarobust blackbox-train`` runs the two 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,11 +51,19 @@ from torch import nn
 from metarobust.blackbox.mcg.config import GeneratorConfig, MCGConfig, known_fields
 from metarobust.blackbox.mcg.generator import MCGGenerator
 from metarobust.blackbox.mcg.training import adapt, snapshot, surrogate_margin, transfer_pairs
-from metarobust.config import ExperimentConfig, ModelConfig, OptimConfig, check_value, config_section
+from metarobust.config import (
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    check_value,
+    config_from_dict,
+    config_section,
+)
 from metarobust.data.episode import EpisodeBatch
-from metarobust.data.sampler import BatchSampler, to_float
+from metarobust.data.sampler import BatchSampler, EpisodicSampler, check_episode_shape, to_float
 from metarobust.data.store import ImageStore
 from metarobust.errors import ConfigError
+from metarobust.meta.functional import adapt_episode, bind
 from metarobust.runs import load_checkpoint
 from metarobust.training.recipes.base import (
     RECIPES,
@@ -67,7 +89,8 @@ class MCGSection:
     """MCG's generator training (``mcg_pretrain``, ``mcg_reptile``; defaults: the paper's)."""
 
     surrogates: list[str] = field(default_factory=list)
-    """Run folders or checkpoints of ``metarobust train`` (plain classifiers of ``data.dataset``)."""
+    """Run folders or checkpoints of ``metarobust train`` of ``data.dataset``: all plain
+    classifiers, or all meta-learners of one ``meta.ways`` (few-shot surrogates)."""
     norm: str = "linf"
     eps: float | None = None
     """Radius; ``null``: the first surrogate's ``attack.eps`` (L-inf) or 0.5 (L2)."""
@@ -78,9 +101,13 @@ class MCGSection:
     """:class:`MCGConfig` fields (``pretrain_epochs``, ``meta_epochs``, ``transfer_steps``...)."""
     stage1: str | None = None
     """``mcg_reptile``: the ``mcg_pretrain`` run (folder or checkpoint) it starts from."""
+    episodes: int = 200
+    """Few-shot surrogates: the training episodes, drawn once (seeded by ``seed``) from the
+    training split; each is one stage-2 task [ours]. Unused with plain classifiers."""
 
     def check(self) -> None:
         check_value(self.norm in ("linf", "l2"), "mcg.norm", self.norm, "linf or l2")
+        check_value(self.episodes >= 1, "mcg.episodes", self.episodes, "an integer >= 1")
         check_value(self.eps is None or self.eps > 0, "mcg.eps", self.eps, "a radius > 0, or null")
         values = known_fields(GeneratorConfig, self.generator, "mcg.generator")
         for fixed in ("shape", "norm", "eps"):
@@ -103,10 +130,88 @@ def surrogate_config(path: str) -> dict[str, Any]:
                           f"metarobust train configs/at/mnist_natural.yaml") from None
 
 
+def surrogate_kind(saved: dict[str, Any]) -> str:
+    """``"fewshot"`` for a run of a recipe evaluated on few-shot episodes (a meta-learner, RFS),
+    else ``"classifier"``."""
+    name = saved.get("recipe")
+    if name in RECIPES.names() and RECIPES.get(name, "recipe").evaluation == "fewshot":
+        return "fewshot"
+    return "classifier"
+
+
+class EpisodePool:
+    """Few-shot surrogates' training data [ours]: ``episodes`` ``ways``-way ``shots``-shot
+    ``queries``-query episodes of ``train``, drawn once (on the CPU, seeded: the same episodes on
+    any device).
+
+    Attributes:
+        store: the episodes' query images, episode by episode (``episodes * ways * queries``
+            images, ``per_episode`` each), labelled with their episode labels ``0..ways-1``;
+            what the samplers draw from and stage 1's pairs index.
+        support_index: ``[episodes, ways * shots]`` positions in ``train`` of each support set;
+            ``support_y``: their episode labels.
+    """
+
+    def __init__(self, train: ImageStore, ways: int, shots: int, queries: int, episodes: int, seed: int) -> None:
+        check_episode_shape(train, ways, shots, queries, "meta (of the surrogate runs)")
+        drawn = EpisodicSampler(train.to("cpu"), ways, shots, queries, tasks=episodes, seed=seed).sample()
+        device = train.images.device
+        self.train_images = train.images
+        self.support_index = drawn.support_index.to(device)
+        self.support_y = drawn.support_y.to(device)
+        query = drawn.query_index.to(device)
+        self.episodes, self.per_episode = query.shape
+        self.store = ImageStore(train.images[query.reshape(-1)], drawn.query_y.reshape(-1).to(device),
+                                [f"label {i}" for i in range(ways)], f"{train.name} ({episodes} episodes' query sets)")
+
+    def support(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Episode ``t``'s support set ``(x [N*K, C, H, W] in [0, 1], y [N*K])``."""
+        return to_float(self.train_images[self.support_index[t]]), self.support_y[t]
+
+    def span(self, t: int) -> slice:
+        """Episode ``t``'s query images in :attr:`store`."""
+        return slice(t * self.per_episode, (t + 1) * self.per_episode)
+
+    def episode_of(self, index: torch.Tensor) -> int:
+        """The episode of a batch of one episode's positions ``index [B]`` in :attr:`store`."""
+        return int(index[0]) // self.per_episode
+
+
+class EpisodeSampler:
+    """Stage 2 on few-shot surrogates: one episode of ``pool`` per call, its whole query set as a
+    plain batch (episode labels; ``index``: positions in ``pool.store``), the episodes in a fresh
+    seeded order each pass. Checkpointed as :class:`~metarobust.data.sampler.BatchSampler` is."""
+
+    def __init__(self, pool: EpisodePool, seed: int) -> None:
+        self.pool = pool
+        self.generator = torch.Generator(device=pool.store.images.device)
+        self.generator.manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long, device=pool.store.images.device)
+        self.position = pool.episodes  # a new order on the first call
+
+    def sample(self) -> EpisodeBatch:
+        pool = self.pool
+        if self.position >= pool.episodes:
+            self.order = torch.randperm(pool.episodes, generator=self.generator, device=self.order.device)
+            self.position = 0
+        index = self.order[self.position] * pool.per_episode + torch.arange(pool.per_episode, device=self.order.device)
+        self.position += 1
+        return EpisodeBatch.plain(to_float(pool.store.images[index]), pool.store.labels[index], index)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": torch.tensor(self.position)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].to(self.order.device)
+        self.position = int(state["position"])
+
+
 class MCGRecipe(Recipe):
     """What both stages share: the ``mcg`` section, the generator and the frozen surrogates,
-    plain batches of the training images (no augmentation), and no test-time evaluation (the
-    generator is scored by ``metarobust blackbox``, against a target)."""
+    plain batches of the training images (no augmentation) or, with few-shot surrogates, of an
+    :class:`EpisodePool`'s query images, and no test-time evaluation (the generator is scored by
+    ``metarobust blackbox``, against a target)."""
 
     evaluation: ClassVar[str] = "generator"
     attack_bn: ClassVar[str] = "eval"
@@ -119,6 +224,41 @@ class MCGRecipe(Recipe):
         self.settings = self.section.mcg_config()
         self.saved = [surrogate_config(path) for path in self.section.surrogates]
         self.eps = self.resolve_eps()
+        self.fewshot = self.check_surrogates()
+        self.surrogate_cfgs = [config_from_dict(saved) for saved in self.saved] if self.fewshot else []
+        self.store: ImageStore | None = None
+        """What the batches are drawn from (set by :meth:`sampler`): the training images, or the pool's."""
+        self.pool: EpisodePool | None = None
+        self._learners: list[Any] | None = None
+
+    def check_surrogates(self) -> bool:
+        """Refuse surrogates that mix kinds or come from another dataset (or, few-shot, another
+        ``meta.ways``); whether they are few-shot learners."""
+        paths = self.section.surrogates
+        kinds = {surrogate_kind(saved): path for path, saved in zip(paths, self.saved, strict=True)}
+        if len(kinds) > 1:
+            raise ConfigError(f"mcg.surrogates mix plain classifiers ({kinds['classifier']!r}) and few-shot learners "
+                              f"({kinds['fewshot']!r}); a generator trains on one kind: give surrogates of the "
+                              f"target's kind")
+        ways = set()
+        for path, saved in zip(paths, self.saved, strict=True):
+            dataset = (saved.get("data") or {}).get("dataset")
+            if dataset is not None and dataset != self.cfg.data.dataset:
+                raise ConfigError(f"mcg.surrogates: {path!r} was trained on {dataset!r}, this run's data.dataset is "
+                                  f"{self.cfg.data.dataset!r}; give surrogates of one dataset")
+            ways.add((saved.get("meta") or {}).get("ways"))
+        fewshot = "fewshot" in kinds
+        if fewshot and len(ways) > 1:
+            raise ConfigError(f"mcg.surrogates are meta-learners of different meta.ways {sorted(ways)}; a generator "
+                              f"trains on one episode shape: give surrogates of one meta.ways")
+        return fewshot
+
+    @property
+    def episode_shape(self) -> tuple[int, int, int]:
+        """Few-shot surrogates: ``(ways, shots, queries)`` of the pool's episodes, the first
+        run's ``meta.ways``, ``meta.test_shots``, ``meta.queries``."""
+        m = self.surrogate_cfgs[0].meta
+        return m.ways, m.test_shots, m.queries
 
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
@@ -150,18 +290,11 @@ class MCGRecipe(Recipe):
     def roles(self) -> list[Role]:
         surrogates = []
         for i, (path, saved) in enumerate(zip(self.section.surrogates, self.saved, strict=True)):
-            kind = saved.get("recipe")
-            if kind in RECIPES.names() and RECIPES.get(kind, "recipe").episodic:
-                raise ConfigError(f"mcg.surrogates: {path!r} is a meta-learner ({kind}), scoring episode labels; "
-                                  f"recipe {self.name!r} trains on plain classifiers of the training classes. "
-                                  f"metarobust blackbox-train takes meta-learner surrogates through its few-shot "
-                                  f"path (docs/blackbox.md, MCG on few-shot targets)")
-            dataset = (saved.get("data") or {}).get("dataset")
-            if dataset is not None and dataset != self.cfg.data.dataset:
-                raise ConfigError(f"mcg.surrogates: {path!r} was trained on {dataset!r}, this run's data.dataset is "
-                                  f"{self.cfg.data.dataset!r}; give surrogates of one dataset")
             arch = saved_model_config(saved, ModelConfig())
-            surrogates.append(Role(f"surrogate{i}", trainable=False, model=arch, checkpoint=path))
+            outputs = None  # the training split's classes (plain classifiers, RFS' backbone)
+            if self.fewshot and RECIPES.get(self.surrogate_cfgs[i].recipe, "recipe").episodic:
+                outputs = self.surrogate_cfgs[i].meta.ways  # a meta-learner's head scores episode labels
+            surrogates.append(Role(f"surrogate{i}", trainable=False, model=arch, checkpoint=path, outputs=outputs))
         return [Role("model", model=ModelConfig(name=GENERATOR), checkpoint=self.start()), *surrogates]
 
     def start(self) -> str | None:
@@ -177,27 +310,84 @@ class MCGRecipe(Recipe):
     def batch_size(self) -> int:
         raise NotImplementedError
 
-    def sampler(self, train: ImageStore, rank: int, world_size: int) -> BatchSampler:
+    one_episode_per_batch: ClassVar[bool] = False
+    """With few-shot surrogates, a batch is one pool episode's query set (stage 2's tasks)."""
+
+    def sampler(self, train: ImageStore, rank: int, world_size: int) -> BatchSampler | EpisodeSampler:
         if world_size > 1:
             raise ConfigError(f"recipe {self.name!r} runs in one process (no torchrun)")
-        return BatchSampler(train, min(self.batch_size(), len(train)), seed=self.cfg.seed)
+        if self.fewshot:
+            ways, shots, queries = self.episode_shape
+            self.pool = EpisodePool(train, ways, shots, queries, self.section.episodes, self.cfg.seed)
+            if self.one_episode_per_batch:
+                self.store = self.pool.store
+                return EpisodeSampler(self.pool, self.cfg.seed)
+        self.store = self.pool.store if self.pool is not None else train
+        return BatchSampler(self.store, min(self.batch_size(), len(self.store)), seed=self.cfg.seed)
 
     def schedule(self, train: ImageStore, world_size: int) -> tuple[int, int]:
-        per_epoch = max(1, len(train) // self.batch_size())
+        if self.fewshot and self.one_episode_per_batch:
+            per_epoch = self.section.episodes
+        else:
+            ways, _, queries = self.episode_shape if self.fewshot else (0, 0, 0)
+            images = self.section.episodes * ways * queries if self.fewshot else len(train)
+            per_epoch = max(1, images // self.batch_size())
         return self.epochs(self.cfg) * per_epoch, per_epoch
 
     @staticmethod
     def surrogates(models: Models) -> list[nn.Module]:
+        """The frozen surrogate runs, as their models."""
         return [models.raw[name] for name in models if name.startswith("surrogate")]
 
+    def learners(self, models: Models) -> list[Any]:
+        """Few-shot surrogates: each run's evaluation learner (its own recipe's) over its model."""
+        if self._learners is None:
+            ways = self.episode_shape[0]
+            self._learners = [RECIPES.get(cfg.recipe, "recipe")(cfg).evaluation_learner(model, ways)
+                              for cfg, model in zip(self.surrogate_cfgs, self.surrogates(models), strict=True)]
+        return self._learners
+
+    def adapted(self, models: Models, t: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Episode ``t``'s surrogates: each run fine-tuned on its support set by its evaluation
+        learner (detached weights; the runs themselves are never changed)."""
+        sx, sy = self.pool.support(t)
+        return [bind(learner.forward, adapt_episode(model, sx, sy, learner))
+                for model, learner in zip(self.surrogates(models), self.learners(models), strict=True)]
+
+    def task_surrogates(self, models: Models, batch: EpisodeBatch) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
+        """What scores ``batch``: the surrogate runs, or (few-shot) its episode's adapted ones."""
+        if self.pool is None:
+            return self.surrogates(models)
+        return self.adapted(models, self.pool.episode_of(batch.index))
+
+    def blocks(self, models: Models):
+        """``(positions, surrogates)`` covering :attr:`store`: chunks of ``PAIR_CHUNK`` images
+        scored by the runs, or (few-shot) each episode's query images by its adapted surrogates."""
+        if self.pool is None:
+            for lo in range(0, len(self.store), PAIR_CHUNK):
+                yield slice(lo, lo + PAIR_CHUNK), self.surrogates(models)
+        else:
+            for t in range(self.pool.episodes):
+                yield self.pool.span(t), self.adapted(models, t)
+
+    def check_task(self, trainer: TrainerView) -> tuple[EpisodeBatch, Sequence[Callable[[torch.Tensor], torch.Tensor]]]:
+        """What :meth:`on_epoch_end` scores: the epoch's first batch and the runs, or (few-shot)
+        the pool's first episode and its adapted surrogates (the same every epoch)."""
+        if self.pool is None:
+            return trainer.check_batch(), self.surrogates(trainer.models)
+        span = self.pool.span(0)
+        index = torch.arange(span.start, span.stop, device=self.store.images.device)
+        batch = EpisodeBatch.plain(to_float(self.store.images[index]), self.store.labels[index], index)
+        return batch, self.adapted(trainer.models, 0)
+
     def on_epoch_end(self, trainer: TrainerView) -> dict[str, float]:
-        """The mean surrogate margin of fresh samples on the epoch's first batch (lower: more
+        """The mean surrogate margin of fresh samples on :meth:`check_task` (lower: more
         adversarial; what stage 2 lowers)."""
-        batch = trainer.check_batch()
+        batch, surrogates = self.check_task(trainer)
         generator = trainer.models.modules["model"]
         with torch.no_grad():
             delta = generator.sample(batch.x, trainer.generator)
-            margin = surrogate_margin(self.surrogates(trainer.models), batch.x, batch.y, delta, self.settings.kappa)
+            margin = surrogate_margin(surrogates, batch.x, batch.y, delta, self.settings.kappa)
         return {"fresh_margin": float(margin.mean())}
 
 
@@ -207,7 +397,6 @@ class MCGPretrain(MCGRecipe):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        self.store: ImageStore | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
@@ -222,26 +411,22 @@ class MCGPretrain(MCGRecipe):
     def batch_size(self) -> int:
         return self.settings.pretrain_batch
 
-    def sampler(self, train: ImageStore, rank: int, world_size: int) -> BatchSampler:
-        self.store = train
-        return super().sampler(train, rank, world_size)
-
     def make_pairs(self, models: Models) -> None:
-        """Every training image's transfer pair from every surrogate, in fixed chunks of
-        ``PAIR_CHUNK`` images of the store (the same pairs whatever the batches, and after a
-        resume): per surrogate ``(kept bool [N], delta [N, C, H, W])``."""
+        """Every training image's transfer pair from every surrogate, block by block of the
+        store (:meth:`blocks`: fixed chunks, or episodes with their adapted surrogates; the same
+        pairs whatever the batches, and after a resume): per surrogate ``(kept bool [N],
+        delta [N, C, H, W])``."""
         x_all, y_all = self.store.images, self.store.labels
-        self._pairs = []
-        for surrogate in self.surrogates(models):
-            kept = torch.zeros(len(x_all), dtype=torch.bool, device=y_all.device)
-            delta = torch.zeros(len(x_all), *x_all.shape[1:], device=y_all.device)
-            for lo in range(0, len(x_all), PAIR_CHUNK):
-                x = to_float(x_all[lo:lo + PAIR_CHUNK])
-                _, d, keep = transfer_pairs(surrogate, x, y_all[lo:lo + PAIR_CHUNK], self.section.norm, self.eps,
-                                            self.settings)
-                kept[lo:lo + PAIR_CHUNK] = keep
-                delta[lo:lo + PAIR_CHUNK][keep] = d
-            self._pairs.append((kept, delta))
+        count = len(self.section.surrogates)
+        kept = [torch.zeros(len(x_all), dtype=torch.bool, device=y_all.device) for _ in range(count)]
+        delta = [torch.zeros(len(x_all), *x_all.shape[1:], device=y_all.device) for _ in range(count)]
+        for span, surrogates in self.blocks(models):
+            x, y = to_float(x_all[span]), y_all[span]
+            for i, surrogate in enumerate(surrogates):
+                _, d, keep = transfer_pairs(surrogate, x, y, self.section.norm, self.eps, self.settings)
+                kept[i][span] = keep
+                delta[i][span][keep] = d
+        self._pairs = list(zip(kept, delta, strict=True))
         if not any(bool(kept.any()) for kept, _ in self._pairs):
             raise ConfigError(f"recipe {self.name!r}: no training image is classified correctly by a surrogate with "
                               f"confidence in mcg.config.confidence={self.settings.confidence}; widen it or check "
@@ -283,6 +468,8 @@ class MCGPretrain(MCGRecipe):
 class MCGReptile(MCGRecipe):
     """Stage 2 (see the module docstring)."""
 
+    one_episode_per_batch: ClassVar[bool] = True
+
     @classmethod
     def config_check(cls, cfg: ExperimentConfig) -> None:
         super().config_check(cfg)
@@ -317,7 +504,7 @@ class MCGReptile(MCGRecipe):
         and ``theta - theta_task`` written as its gradient (SGD at ``lr = beta`` then
         interpolates). The loss logged: the surrogate margin of a fresh sample at ``theta_task``."""
         generator: MCGGenerator = models.modules["model"]
-        surrogates = self.surrogates(models)
+        surrogates = self.task_surrogates(models, batch)
         if self.settings.one_surrogate_per_task:
             pick = int(torch.randint(len(surrogates), (), generator=ctx.generator, device=ctx.generator.device))
             surrogates = [surrogates[pick]]
@@ -334,4 +521,5 @@ class MCGReptile(MCGRecipe):
         return after, {"task_distance": moved}
 
 
-__all__ = ["GENERATOR", "MCGPretrain", "MCGRecipe", "MCGReptile", "MCGSection"]
+__all__ = ["GENERATOR", "EpisodePool", "EpisodeSampler", "MCGPretrain", "MCGRecipe", "MCGReptile", "MCGSection",
+           "surrogate_kind"]
