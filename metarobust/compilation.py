@@ -58,7 +58,7 @@ class Measurement:
 
 # BEGIN MEASURED (scripts/bench.py --write-table rewrites the lines up to END MEASURED)
 MEASURED: dict[tuple[str, str], Measurement] = {
-    ("cpu", "preact_resnet18"): Measurement(train_speedup=1.199, attack_speedup=1.929, compile_s=96.3, eager_step_s=8.4564, source='scripts/bench.py 2026-12-01, Intel(R) Xeon(R) Processor, 1 threads, load 3.19, torch 2.14.1+cu130, width 16, batch 128, amp none'),
+    ("cpu", "preact_resnet18"): Measurement(train_speedup=1.394, attack_speedup=1.679, compile_s=37.5, eager_step_s=2.4609, source='scripts/bench.py 2026-12-02, AMD EPYC, 1 threads, load 2.3, torch 2.14.1+cu130, width 16, batch 128, amp none'),
 }
 # END MEASURED
 """``(device kind, model family) -> Measurement``: what ``at.compile=auto`` decides from."""

@@ -427,3 +427,22 @@ def test_attacks_run_in_the_recipes_batchnorm_mode_and_restore_train_mode():
     with bn_mode(model, "eval"):
         assert not model.training
     assert model.training
+
+
+def test_attacks_differentiate_only_the_input_and_leave_the_weights_trainable():
+    """``Recipe.attack`` runs with the weights frozen (so a compiled backward skips their
+    gradients), gives them no gradient, and restores ``requires_grad``; a frozen parameter stays
+    frozen."""
+    model = TinyBN().train()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    during = []
+    model.body[1].register_forward_pre_hook(lambda m, i: during.append([p.requires_grad for p in model.parameters()]))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    r = build_recipe(load_config(None, ["recipe=pgd_at", "train_attack.steps=2"]))
+    attack = r.train_attack()
+    x_adv = r.attack(model, attack, x, y, noise=attack.init_noise(x, torch.Generator().manual_seed(0)))
+    assert during and not any(any(step) for step in during)
+    assert not torch.equal(x_adv, x)  # the input gradient was there
+    assert all(p.grad is None for p in model.parameters())
+    assert not frozen.requires_grad and all(p.requires_grad for p in list(model.parameters())[1:])

@@ -133,7 +133,8 @@ def stage_configs(cfg: MCGTrainConfig, run_cfg, fewshot: bool = False) -> tuple[
     d = run_cfg.data
     size = "null" if d.image_size is None else d.image_size
     common = [f"data.dataset={d.dataset}", f"data.image_size={size}", f"device={run_cfg.device}",
-              f"at.train_size={0 if fewshot else cfg.images}", "at.holdout=0", f"seed={cfg.seed}", f"out_dir={out.parent}",
+              f"at.train_size={0 if fewshot else cfg.images}", "at.holdout=0", f"seed={cfg.seed}",
+              f"out_dir={out.parent}",
               f"mcg.episodes={cfg.episodes}",
               f"mcg.surrogates={json.dumps(list(cfg.surrogates))}", f"mcg.norm={cfg.norm}",
               f"mcg.eps={'null' if cfg.eps is None else cfg.eps}", f"mcg.generator={json.dumps(cfg.generator)}",

@@ -215,6 +215,24 @@ class TrainerView(Protocol):
 
 
 @contextmanager
+def input_gradients_only(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model``'s trainable parameters set not to require gradients, restored
+    after: an attack differentiates with respect to its input only. Eager autograd skips the
+    weight gradients anyway; a compiled model's backward is one graph that computes a gradient for
+    every input that requires one, so without this it would compute every weight's gradient at
+    every attack step (measured: ``scripts/bench.py --sections at``, docs/speed.md). The compiled
+    forward then has a second graph for the frozen weights, compiled once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextmanager
 def bn_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     """Run a block with ``model`` in ``"train"`` or ``"eval"`` mode (BatchNorm: batch statistics
     and running-stat updates, or the running statistics), restoring its previous mode after.
@@ -353,7 +371,7 @@ class Recipe:
         [0, 1] by construction, and the checks' host synchronisation would be one per step."""
         if isinstance(attack, (PGD, APGD)):
             kw.setdefault("check", False)
-        with bn_mode(model, self.bn):
+        with bn_mode(model, self.bn), input_gradients_only(model):
             return attack(model, x, y, loss, noise, **kw).detach()
 
     def loss(self, models: Models, batch: EpisodeBatch, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
@@ -630,4 +648,5 @@ def build_recipe(cfg: ExperimentConfig) -> Recipe:
 
 
 __all__ = ["RECIPES", "MetaRecipe", "Models", "Recipe", "Role", "StepContext", "Stats", "TrainerView",
-           "bn_mode", "build_recipe", "check_recipe", "register_recipe", "resolve_augment", "saved_model_config"]
+           "bn_mode", "build_recipe", "check_recipe", "input_gradients_only", "register_recipe", "resolve_augment",
+           "saved_model_config"]

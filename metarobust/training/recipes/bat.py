@@ -17,7 +17,15 @@ from metarobust.config import check_value, config_section
 from metarobust.data.episode import EpisodeBatch
 from metarobust.errors import ConfigError
 from metarobust.training.objectives import TRADES_START_SIGMA, accuracy, trades_kl
-from metarobust.training.recipes.base import Models, Recipe, Stats, StepContext, bn_mode, register_recipe
+from metarobust.training.recipes.base import (
+    Models,
+    Recipe,
+    Stats,
+    StepContext,
+    bn_mode,
+    input_gradients_only,
+    register_recipe,
+)
 from metarobust.training.recipes.trades import trades_attack_target
 
 
@@ -155,7 +163,7 @@ class BAT(Recipe):
         target = trades_attack_target(raw, x, self.bn)
         noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
         start = x + TRADES_START_SIGMA * noise
-        with bn_mode(raw, self.bn):
+        with bn_mode(raw, self.bn), input_gradients_only(raw):
             points = boundary_points(raw, x, y, target, start, a.eps, a.step_size, a.steps, bat.tau)
         model = models["model"]
         clean = model(x).float()
