@@ -40,6 +40,22 @@ def test_the_oracle_counts_every_image_for_its_example_and_verification_apart(to
     assert oracle.queries.tolist() == [4, 1, 2] and oracle.verification_queries == 3
 
 
+def test_the_oracle_keeps_each_examples_last_charged_image_and_answer(toy):
+    model, x, y = toy
+    oracle = Oracle(model, budget=torch.tensor([3, 3, 0]), output="probs", levels=256)
+    assert oracle.last is None
+    images = x[[0, 1, 0]] * 0.9 + 0.001  # example 0 twice: its later image counts
+    answers = oracle(images, torch.tensor([0, 1, 0]))
+    points, kept, answered = oracle.last
+    assert answered.tolist() == [True, True, False]
+    assert torch.equal(points[:2], oracle.quantise(images[[2, 1]]))  # as the target received them
+    assert torch.equal(kept[:2], answers[[2, 1]])
+    with pytest.raises(QueryBudgetExceeded):
+        oracle(x[2:3], torch.tensor([2]))  # refused: nothing is remembered
+    oracle.verify(x[:3], y[:3])  # outside the budget: not the attacker's
+    assert torch.equal(oracle.last[0][:2], points[:2]) and oracle.last[2].tolist() == [True, True, False]
+
+
 def test_a_query_past_an_example_budget_is_refused_before_the_target_runs(toy):
     model, x, _ = toy
     target = Counting(model)

@@ -94,6 +94,7 @@ class Oracle:
         self.queries = torch.zeros(examples, dtype=torch.long)
         self.verification_queries = 0
         self._device: torch.device | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def scores(self) -> bool:
@@ -143,7 +144,34 @@ class Oracle:
                 f"check oracle.remaining before querying")
         self.queries = spent
         self._device = x.device
-        return self._answer(x, index)
+        answer = self._answer(x, index)
+        self._remember(x, index, answer)
+        return answer
+
+    @property
+    def last(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(x [B, ...], answers [B, ...], answered bool [B])``: per example the last image a
+        charged query sent (as the target received it: quantised) and the answer it was given;
+        ``None`` before any query. What an attacker keeps of its own queries (MCG's history,
+        META.md 3.4 step 6); verification queries are not in it."""
+        return self._last
+
+    def _remember(self, x: torch.Tensor, index: torch.Tensor, answer: torch.Tensor) -> None:
+        if not len(index):
+            return
+        if self._last is None:
+            self._last = (torch.zeros((self.examples, *x.shape[1:]), dtype=x.dtype, device=x.device),
+                          torch.zeros((self.examples, *answer.shape[1:]), dtype=answer.dtype, device=x.device),
+                          torch.zeros(self.examples, dtype=torch.bool, device=x.device))
+        points, answers, answered = self._last
+        index = index.to(x.device)
+        order = torch.arange(len(index), device=x.device)  # an example sent twice keeps its later image
+        latest = torch.full((self.examples,), -1, dtype=torch.long, device=x.device).scatter_reduce(
+            0, index, order, "amax")
+        sent = latest >= 0
+        points[sent] = self.quantise(x[latest[sent]])
+        answers[sent] = answer[latest[sent]].to(answers.device)
+        answered |= sent
 
     def restricted(self, index: torch.Tensor) -> Forward:
         """A ``forward`` for the examples ``index [M]``: ``f(x [M, ...])`` counts image ``i`` to

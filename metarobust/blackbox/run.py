@@ -275,7 +275,8 @@ def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
     """``mcg+<attack>`` on one oracle: MCG's one charged proposal per example with budget
     (``mcg.propose``, drawing from ``proposal_rng``), then ``attack`` from ``init=proposal.delta``
     on the examples it did not fool (those that it fooled get no budget left, so they stop with
-    exactly 1 query). Returns the combined :class:`~metarobust.blackbox.Outcome`: queries are the
+    exactly 1 query); then the attack's last point per example and the target's answer to it join
+    MCG's history (:meth:`~metarobust.blackbox.mcg.MCGAttack.remember`). Returns the combined :class:`~metarobust.blackbox.Outcome`: queries are the
     proposal's plus the attack's, success either's, ``x_adv`` the proposal where it won."""
     from metarobust.blackbox import Outcome
 
@@ -283,6 +284,7 @@ def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
     won = proposal.success.cpu()
     oracle.stop(won)  # a fooled example stops here, with its one query
     outcome = attack(oracle, x, y, generator, init=proposal.delta, known=(proposal.x_adv, proposal.scores))
+    mcg.remember(oracle, y, outcome.queries > 0)  # the attack's last points and answers join the history
     won = won.to(x.device)
     x_adv = torch.where(won.view(-1, *([1] * (x.dim() - 1))), proposal.x_adv, outcome.x_adv)
     return Outcome(x_adv, proposal.queries.to(x.device) + outcome.queries, won | outcome.success)

@@ -238,6 +238,21 @@ class MCGAttack(QueryAttack):
             scores = torch.full((len(x), 0), float("nan"), device=x.device)
         return Proposal(x_adv - x, x_adv, success, (oracle.queries - start_queries).to(x.device), scores)
 
+    def remember(self, oracle: Oracle, y: torch.Tensor, which: torch.Tensor) -> None:
+        """META.md 3.4 step 6: add to the history, for the examples ``which`` (``bool [B]``: those
+        a downstream attack queried after the proposal), the last point the attack sent and the
+        target's answer to it (:attr:`Oracle.last`: paid for, within the budget; the success
+        check's re-query is never used). The lifelong surrogate term
+        (``finetune_perturbation``) then learns from the downstream attacks' points too, as the
+        released code's history does."""
+        last = oracle.last
+        if last is None or not oracle.scores:
+            return
+        points, answers, answered = last
+        keep = (which.to(answered.device) & answered).nonzero().flatten()
+        if len(keep):
+            self.history.add(points[keep], y.to(points.device)[keep], answers[keep], oracle.output, "attack")
+
     def _one(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
              rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-4 for one group of examples: ``(point sent, target's answers)``."""
