@@ -17,6 +17,7 @@ from metarobust.blackbox.run import (
     load_blackbox_config,
     mcg_attacks,
     seeded_attack,
+    seeded_variant,
 )
 from metarobust.errors import ConfigError
 
@@ -166,3 +167,22 @@ def test_bad_mcg_fields_fail_with_the_field_the_value_and_the_fix(tmp_path):
                     f"  config: {{glow_steps: 1, confidence: [0.2, 1.0]}}\n")
     loaded = load_blackbox_config(yaml)
     assert loaded.mcg.mcg_config().glow_steps == 1 and loaded.mcg.mcg_config().confidence == (0.2, 1.0)
+
+
+def test_square_seeded_by_mcg_takes_the_released_codes_p_init_and_shifted_schedule():
+    from metarobust.attacks.square import p_selection
+
+    square = build_blackbox_attack("square", "linf", EPS)
+    seeded_square = seeded_variant(square, MCGConfig())
+    assert (seeded_square.p_init, seeded_square.schedule_offset) == (0.3, 500)
+    assert (square.p_init, square.schedule_offset) == (None, 0)  # the plain run's attack is untouched
+    # its first iteration draws squares of 0.3 / 8 of the image: the schedule's step after 200
+    assert p_selection(0.3, 0 + seeded_square.schedule_offset, 10_000, False) == pytest.approx(0.3 / 8)
+    kept = seeded_variant(square, MCGConfig(square_p_init=None, square_schedule_offset=None))
+    assert kept == square
+    signhunter = build_blackbox_attack("signhunter", "linf", EPS)
+    assert seeded_variant(signhunter, MCGConfig()) is signhunter
+    with pytest.raises(ConfigError, match="square_p_init=1.5"):
+        MCGConfig(square_p_init=1.5)
+    with pytest.raises(ConfigError, match="square_schedule_offset=-1"):
+        MCGConfig(square_schedule_offset=-1)

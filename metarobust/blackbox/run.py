@@ -22,6 +22,7 @@ meta-learner runs each fine-tuned on the group's episode's support set
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -270,16 +271,30 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=N
     return summary
 
 
+def seeded_variant(attack, cfg):
+    """``attack`` as MCG hands over to it (META.md 3.4 step 5): Square with ``cfg.square_p_init``
+    and ``cfg.square_schedule_offset`` where they are set (the released code's 0.3 and 500); any
+    other attack as it is (it starts from the proposal through ``init``)."""
+    from metarobust.blackbox.square import QuerySquare
+
+    if not isinstance(attack, QuerySquare):
+        return attack
+    changes = {"p_init": cfg.square_p_init, "schedule_offset": cfg.square_schedule_offset}
+    return dataclasses.replace(attack, **{k: v for k, v in changes.items() if v is not None})
+
+
 def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
                   proposal_rng: torch.Generator):
     """``mcg+<attack>`` on one oracle: MCG's one charged proposal per example with budget
-    (``mcg.propose``, drawing from ``proposal_rng``), then ``attack`` from ``init=proposal.delta``
+    (``mcg.propose``, drawing from ``proposal_rng``), then ``attack`` (as :func:`seeded_variant`
+    hands over to it) from ``init=proposal.delta``
     on the examples it did not fool (those that it fooled get no budget left, so they stop with
     exactly 1 query); then the attack's last point per example and the target's answer to it join
     MCG's history (:meth:`~metarobust.blackbox.mcg.MCGAttack.remember`). Returns the combined :class:`~metarobust.blackbox.Outcome`: queries are the
     proposal's plus the attack's, success either's, ``x_adv`` the proposal where it won."""
     from metarobust.blackbox import Outcome
 
+    attack = seeded_variant(attack, mcg.cfg)
     proposal = mcg.propose(oracle, x, y, proposal_rng)
     won = proposal.success.cpu()
     oracle.stop(won)  # a fooled example stops here, with its one query

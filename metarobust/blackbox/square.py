@@ -39,6 +39,8 @@ class QuerySquare(QueryAttack):
         loss (str): ``"margin"`` (the paper's untargeted loss) or ``"ce"``. (Default: ``"margin"``)
         rescale_schedule (bool): stretch ``p``'s schedule from the paper's 10,000 iterations to
             the oracle's largest budget. (Default: False: the schedule of 10,000 queries)
+        schedule_offset (int): iterations ``p``'s schedule is shifted by (MCG's seeded Square:
+            500, META.md 3.4 step 5: smaller squares around a good start). (Default: 0)
 
     Examples::
         >>> outcome = QuerySquare("linf", eps=8/255)(oracle, x, y, generator)
@@ -49,6 +51,7 @@ class QuerySquare(QueryAttack):
     p_init: float | None = None
     loss: str = "margin"
     rescale_schedule: bool = False
+    schedule_offset: int = 0
 
     def attack(self, oracle: Oracle, x: torch.Tensor, goal: Goal, generator: torch.Generator,
                init: torch.Tensor | None):
@@ -67,7 +70,7 @@ class QuerySquare(QueryAttack):
             if not active.any():
                 break
             idx = every[active]
-            p = p_selection(p_init, i, horizon, self.rescale_schedule)
+            p = p_selection(p_init, i + self.schedule_offset, horizon, self.rescale_schedule)
             candidate = steps.propose(x[idx], x_best[idx], keys[idx], 1 + i, p, self.eps)
             points = self.point(oracle, x[idx], candidate - x[idx])
             value, won = self.losses(oracle, points, idx, goal)

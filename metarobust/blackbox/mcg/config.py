@@ -115,6 +115,9 @@ class MCGConfig:
     - per_example: each image is its own task, fine-tuned on alone (the paper); ``False``
       fine-tunes one copy on the whole batch (cheaper).
     - temperature: of the latent drawn before encoding [ours: 1].
+    - square_p_init, square_schedule_offset: Square seeded by the proposal starts its squares at
+      ``p_init = 0.3`` with ``p``'s schedule shifted by 500 iterations (the released code's
+      hand-over, META.md 3.4 step 5); ``null`` keeps the attack's own value (the plain run's).
     """
 
     # stage 1
@@ -159,6 +162,8 @@ class MCGConfig:
     lifelong_warmup: int = 50
     lifelong_momentum: float = 0.9
     temperature: float = 1.0
+    square_p_init: float | None = 0.3
+    square_schedule_offset: int | None = 500
 
     def __post_init__(self) -> None:
         if self.surrogate_loss not in SURROGATE_LOSSES:
@@ -167,9 +172,11 @@ class MCGConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"mcg {name}={getattr(self, name)} must be >= 1")
         for name in ("pretrain_epochs", "meta_epochs", "inner_steps", "glow_steps", "latent_steps",
-                     "surrogate_steps"):
-            if getattr(self, name) < 0:
+                     "surrogate_steps", "square_schedule_offset"):
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"mcg {name}={getattr(self, name)} must be >= 0")
+        if self.square_p_init is not None and not 0 < self.square_p_init <= 1:
+            raise ConfigError(f"mcg square_p_init={self.square_p_init} must lie in (0, 1] (or null)")
 
     @property
     def outer_step(self) -> float:
