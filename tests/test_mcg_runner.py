@@ -186,3 +186,57 @@ def test_square_seeded_by_mcg_takes_the_released_codes_p_init_and_shifted_schedu
         MCGConfig(square_p_init=1.5)
     with pytest.raises(ConfigError, match="square_schedule_offset=-1"):
         MCGConfig(square_schedule_offset=-1)
+
+
+def test_cg_attack_pays_a_population_per_generation_within_budget_and_stays_in_the_ball(toy):
+    """CG-Attack (CMA-ES over the generator latent): exact counts (the seed's known answer is not
+    bought again; then ``popsize`` a generation, a last partial one where the budget ends), every
+    point in the eps-ball, the box and on the grid, and paid verdicts that hold on re-query."""
+    from metarobust.attacks.threat import in_threat_model
+    from metarobust.blackbox import CGAttack
+
+    model, x, y = toy
+    flow = tiny_generator()
+    budget = torch.tensor([0, 1, 5, 21, 45] + [60] * (len(x) - 5))
+    for seeded_start in (False, True):
+        oracle = Oracle(model, budget=budget, examples=len(x), output="probs", levels=256)
+        init = known = None
+        if seeded_start:
+            init = flow.sample(x, seeded(7))
+            point = CGAttack("linf", EPS).point(oracle, oracle.quantise(x), init)
+            scores = Oracle(model, budget=1, examples=len(x), output="probs", levels=256)(point)  # paid elsewhere
+            known = (point, scores)
+        attack = CGAttack("linf", EPS, popsize=4).bind(flow)
+        out = attack(oracle, x, y, seeded(0), init=init, known=known)
+        assert torch.equal(out.queries, oracle.queries) and bool((out.queries <= budget).all())
+        assert out.queries[0] == 0 and not out.success[0]
+        first = 0 if seeded_start else 1  # the seed point's answer is held; the plain start is bought
+        for i in range(len(x)):
+            spent = int(out.queries[i])
+            if not out.success[i] and budget[i] > 0:  # ran to the end: the whole budget went
+                assert spent == budget[i], (i, spent)
+            if spent > first:  # after the first query, whole generations of 4 except a last partial one
+                assert out.success[i] or (spent - first) % 4 == 0 or spent == budget[i]
+        assert bool(in_threat_model(x, out.x_adv, "linf", EPS).all())
+        assert torch.allclose(out.x_adv * 255, (out.x_adv * 255).round(), atol=1e-3)
+        assert torch.equal(oracle.verify(out.x_adv, y)[out.success], out.success[out.success])
+        assert int(out.success.sum()) > 0
+
+
+def test_cg_needs_mcg_and_runs_plain_and_seeded_in_the_runner(toy):
+    from metarobust.blackbox import CGAttack
+
+    model, x, y = toy
+    with pytest.raises(ConfigError, match="'cg'.*mcg.enabled is false"):
+        BlackboxConfig(run="toy", attacks=["cg"], budget=30, eps=EPS, whitebox_check=False).check()
+    with pytest.raises(ConfigError, match="enable blackbox.mcg"):
+        CGAttack("linf", EPS)(Oracle(model, budget=5, examples=len(x)), x, y)
+    with pytest.raises(ConfigError, match="eps=0.1"):
+        CGAttack("linf", 0.1).bind(tiny_generator())(Oracle(model, budget=5, examples=len(x)), x, y)
+    cfg = BlackboxConfig(run="toy", attacks=["cg"], budget=30, eps=EPS, whitebox_check=False,
+                         params={"cg": {"popsize": 4}})
+    mcg = mcg_for(toy)
+    s = attack_targets(cfg, [(model, x, y, False)], EPS, mcg=[mcg])
+    assert set(s["attacks"]) == {"cg", "mcg+cg"}
+    for row in s["attacks"].values():
+        assert row["attacked"] == len(x) and row["success_rate"] > 0

@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-from metarobust.blackbox import bandits, nes, signhunter, simba, square  # noqa: F401  (each registers its attacks)
+from metarobust.blackbox import bandits, cg, nes, signhunter, simba, square  # noqa: F401  (each registers its attacks)
 from metarobust.blackbox.bandits import Bandits
 from metarobust.blackbox.base import BLACKBOX_ATTACKS, Outcome, QueryAttack
+from metarobust.blackbox.cg import CGAttack
 from metarobust.blackbox.nes import NES
 from metarobust.blackbox.oracle import Oracle, QueryBudgetExceeded
 from metarobust.blackbox.signhunter import SignHunter
@@ -24,5 +25,5 @@ def build_blackbox_attack(name: str, norm: str, eps: float, **params) -> QueryAt
     return BLACKBOX_ATTACKS.get(name, "blackbox.attacks")(norm, eps, **params)
 
 
-__all__ = ["BLACKBOX_ATTACKS", "NES", "Bandits", "Oracle", "Outcome", "QueryAttack", "QueryBudgetExceeded",
+__all__ = ["BLACKBOX_ATTACKS", "NES", "Bandits", "CGAttack", "Oracle", "Outcome", "QueryAttack", "QueryBudgetExceeded",
            "QuerySquare", "SignHunter", "SimBA", "build_blackbox_attack"]

@@ -132,6 +132,9 @@ class BlackboxConfig:
         for name in self.params:  # settings of attacks not run are kept (attacks=[...] on the command line)
             BLACKBOX_ATTACKS.get(name, "blackbox.params")
         self.mcg.check()
+        if "cg" in self.attacks and not self.mcg.enabled:
+            raise ConfigError("blackbox.attacks has 'cg' (CG-Attack: CMA-ES over MCG's generator latent) but "
+                              "blackbox.mcg.enabled is false; enable mcg with a generator, or drop 'cg'")
         if self.mcg.enabled and self.output == "label":
             raise ConfigError("blackbox.mcg.enabled with output='label': MCG refreshes its surrogates on the "
                               "target's scores; use output probs or logits")
@@ -249,12 +252,13 @@ def attack_targets(cfg: BlackboxConfig, groups, eps: float, progress=None, mcg=N
         queries, claimed, verified, spent = [], [], [], 0
         for i, ((forward, x, y, coupled), ok, y_target) in enumerate(zip(groups, clean, goals)):
             oracle = Oracle(forward, cfg.budget * ok.long(), len(x), cfg.output, cfg.levels, x if coupled else None)
+            run = attack.bind(mcg[i].generator) if hasattr(attack, "bind") else attack  # CG: this target's
             if seeders is None:
-                outcome = attack(oracle, x, y, rng, y_target=y_target)
-            elif attack is None:
+                outcome = run(oracle, x, y, rng, y_target=y_target)
+            elif run is None:
                 outcome = seeders[i](oracle, x, y, rng)
             else:
-                outcome = seeded_attack(attack, seeders[i], oracle, x, y, rng, proposal_rng)
+                outcome = seeded_attack(run, seeders[i], oracle, x, y, rng, proposal_rng)
             verdict = oracle.verify(outcome.x_adv, y, target=y_target)
             queries.append(outcome.queries[ok])
             claimed.append(outcome.success[ok])
@@ -290,8 +294,9 @@ def seeded_attack(attack, mcg, oracle: Oracle, x: torch.Tensor, y: torch.Tensor,
     hands over to it) from ``init=proposal.delta``
     on the examples it did not fool (those that it fooled get no budget left, so they stop with
     exactly 1 query); then the attack's last point per example and the target's answer to it join
-    MCG's history (:meth:`~metarobust.blackbox.mcg.MCGAttack.remember`). Returns the combined :class:`~metarobust.blackbox.Outcome`: queries are the
-    proposal's plus the attack's, success either's, ``x_adv`` the proposal where it won."""
+    MCG's history (:meth:`~metarobust.blackbox.mcg.MCGAttack.remember`). Returns the combined
+    :class:`~metarobust.blackbox.Outcome`: queries are the proposal's plus the attack's, success
+    either's, ``x_adv`` the proposal where it won."""
     from metarobust.blackbox import Outcome
 
     attack = seeded_variant(attack, mcg.cfg)
