@@ -240,7 +240,7 @@ def episodes_record(dataset: str, organ: str, shots: int, train: Volumes, test: 
     """The frozen form of :func:`evaluation_episodes`: slices by (volume id, axial index)."""
     def local(stack: Volumes, pos: torch.Tensor) -> list:
         starts = stack.starts.to(pos.device)
-        row = torch.searchsorted(starts, pos, right=True) - 1
+        row = torch.searchsorted(starts, pos.contiguous(), right=True) - 1  # a support column is strided
         return (pos - starts[row]).tolist()
 
     return {"dataset": dataset, "organ": organ, "shots": shots, "support_volumes": support_ids,
