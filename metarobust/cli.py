@@ -7,6 +7,7 @@
     metarobust data info DATASET [--root PATH]
     metarobust episodes freeze DATASET [--ways 5 --shots 1 --queries 15 --count 600]
     metarobust blackbox CONFIG [key=value ...]            query-based attacks on a trained run
+    metarobust attack blackbox CONFIG [key=value ...]     the same
     metarobust blackbox-train CONFIG [key=value ...]      train MCG's generator on surrogate runs
     metarobust list recipes|models|datasets|attacks|configs
     metarobust seg train|eval ...              few-shot organ segmentation (docs/segmentation.md)
@@ -313,8 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=quiet_help)
     p.set_defaults(func=_cmd_id)
 
-    p = sub.add_parser("blackbox", help="query-based black-box attacks (SimBA, Bandits, NES, SignHunter) on a "
-                                        "trained run through a score-only oracle: table, blackbox.json, blackbox.png")
+    blackbox_help = ("query-based black-box attacks (SimBA, Bandits, NES, SignHunter, Square; with MCG: its "
+                     "generator's proposal and CG-Attack) on a trained run through a score-only oracle: table, "
+                     "blackbox.json, blackbox.png")
+    p = sub.add_parser("blackbox", help=blackbox_help)
+    p.add_argument("config", help="a YAML file, e.g. configs/blackbox/glyphs_linf.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget=500 run=runs/quickstart/maml")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_blackbox)
+
+    p = _command(sub, "attack", "attack a trained run: 'attack blackbox CONFIG' is 'blackbox CONFIG'")
+    p.add_argument("kind", choices=["blackbox"], help="blackbox: " + blackbox_help)
     p.add_argument("config", help="a YAML file, e.g. configs/blackbox/glyphs_linf.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget=500 run=runs/quickstart/maml")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -243,3 +243,7 @@ def test_metarobust_blackbox_attacks_a_few_shot_run_and_writes_table_json_and_pl
     assert saved["groups"] == 2 and saved["points"] == 20  # 2 episodes of 5-way 2-query
     assert (run / "blackbox" / "blackbox.png").stat().st_size > 0 and "whitebox" in saved
     assert all(r["attacked"] == round(saved["clean_acc"] * 20) for r in saved["attacks"].values())
+    code = main(["attack", "blackbox", str(configs / "blackbox" / "glyphs_linf.yaml"), f"run={run}", "episodes=2",
+                 "budget=30", "attacks=[signhunter]", "params={}", "whitebox_check=false", "--quiet"])
+    again = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])  # the spelling: the same command
+    assert code == 0 and again["signhunter"] == headline["signhunter"]
