@@ -99,13 +99,28 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None, chec
     return cfg
 
 
-def surrogate_runs(cfg: MCGTrainConfig) -> list:
-    """The surrogate runs of ``cfg`` (:class:`~metarobust.blackbox.mcg.fewshot.SurrogateLearner`),
-    all of one kind (plain classifiers or few-shot learners) and one dataset, else a
-    :class:`ConfigError`."""
-    from metarobust.blackbox.mcg.fewshot import surrogate_learners
+@dataclass
+class SurrogateRun:
+    """A surrogate run as ``blackbox-train`` needs it before training: its ``path``, its config
+    ``cfg`` (with ``blackbox-train``'s ``overrides``) and its ``kind`` (``"classifier"`` or
+    ``"fewshot"``). The recipes load its weights as a frozen role."""
 
-    runs = surrogate_learners(cfg.surrogates, cfg.overrides)
+    path: str
+    cfg: Any
+    kind: str
+
+
+def surrogate_runs(cfg: MCGTrainConfig) -> list[SurrogateRun]:
+    """The surrogate runs of ``cfg`` (their checkpoints read, no model built), all of one kind
+    (plain classifiers or few-shot learners) and one dataset, else a :class:`ConfigError`."""
+    from metarobust.experiment import checkpoint_config, config_from_dict, read_run_checkpoint
+    from metarobust.training.recipes import RECIPES
+
+    runs = []
+    for path in cfg.surrogates:
+        run_cfg = config_from_dict(checkpoint_config(read_run_checkpoint(path)), list(cfg.overrides))
+        kind = RECIPES.get(run_cfg.recipe, "recipe").evaluation
+        runs.append(SurrogateRun(str(path), run_cfg, "fewshot" if kind == "fewshot" else "classifier"))
     kinds = {run.kind: run.path for run in runs}
     if len(kinds) > 1:
         raise ConfigError(f"blackbox-train surrogates mix plain classifiers and few-shot learners "
@@ -237,5 +252,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["MCGTrainConfig", "load_train_config", "run_stage", "stage_configs", "surrogate_runs", "train_generator",
+__all__ = ["MCGTrainConfig", "SurrogateRun", "load_train_config", "run_stage", "stage_configs", "surrogate_runs", "train_generator",
            "train_with_recipes"]
