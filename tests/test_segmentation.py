@@ -3,8 +3,10 @@ the seven attacks, the recipes in the one trainer and the command line (docs/seg
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import math
 import tarfile
 
 import numpy as np
@@ -29,7 +31,7 @@ from metarobust.segmentation.attacks import (
     episode_loss,
     never_fooled,
 )
-from metarobust.segmentation.dice import dice, mean_ci95, volume_dice
+from metarobust.segmentation.dice import dice, mean_ci95, volume_dice, volume_hd95
 from metarobust.segmentation.network import build_segmenter
 from metarobust.segmentation.ode import ODEBlock
 from metarobust.segmentation.prototypes import cosine_logits, masked_average_pooling, prototypes
@@ -92,6 +94,23 @@ def test_dice_against_hand_computed_values():
     assert volume_dice(torch.ones(2, 2, 2), torch.cat([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)])) == pytest.approx(8 / 12)
     mean, ci = mean_ci95([0.5, 0.7])
     assert mean == pytest.approx(0.6) and ci == pytest.approx(1.959963984540054 * (0.02 ** 0.5) / 2 ** 0.5)
+
+
+def test_dice_agrees_with_monai_and_hd95_with_hand_computed_distances():
+    monai = pytest.importorskip("monai.metrics", reason="MONAI (the seg extra) cross-checks Dice and computes HD95")
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.rand(4, 3, 6, 6, generator=gen) > 0.5
+    true = torch.rand(4, 3, 6, 6, generator=gen) > 0.4
+    theirs = monai.compute_dice(pred[:, None].float(), true[:, None].float(), include_background=True)
+    assert torch.allclose(dice(pred, true), theirs.flatten().float(), atol=1e-6)  # float32 of the same ratio
+    # a cube against the same cube shifted by 2 slices: every surface voxel of either is within
+    # 2 voxels of the other, the faces that do not overlap exactly 2 away: HD95 = 2
+    cube = torch.zeros(12, 10, 10, dtype=torch.bool)
+    cube[2:6, 3:7, 3:7] = True
+    shifted = torch.roll(cube, 2, dims=0)
+    assert volume_hd95(cube, cube) == 0.0
+    assert volume_hd95(shifted, cube) == pytest.approx(2.0)
+    assert math.isnan(volume_hd95(torch.zeros_like(cube), cube))  # an empty prediction: undefined
 
 
 # -- the ODE block -------------------------------------------------------------------------------
@@ -504,6 +523,11 @@ def test_command_line_trains_and_reevaluates_a_run(tmp_path, capsys):
     assert main(["seg", "eval", str(tmp_path / "cli"), "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["clean"] == first["clean"]
+    saved = json.loads((tmp_path / "cli" / "seg_eval.json").read_text())
+    if importlib.util.find_spec("monai") is not None:  # HD95 beside Dice, per volume and summarised
+        clean = next(r for r in saved["results"] if r["attack"] == "clean")
+        assert set(clean["hd95_per_volume"]) == set(clean["per_volume"]) and "HD95" in (tmp_path / "cli" /
+                                                                                          "report.md").read_text()
 
 
 def test_a_resumed_segmentation_run_reaches_the_uninterrupted_weights(tmp_path):

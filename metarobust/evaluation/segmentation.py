@@ -12,6 +12,7 @@ against full-volume evaluation. Two reference rows come for free: ``all_backgrou
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from metarobust.data.seg_episodes import (
 )
 from metarobust.data.seg_volumes import Volumes
 from metarobust.segmentation.attacks import SegAttack
-from metarobust.segmentation.dice import mean_ci95, volume_dice
+from metarobust.segmentation.dice import mean_ci95, volume_dice, volume_hd95
 from metarobust.segmentation.network import FewShotSegmenter
 
 
@@ -75,11 +76,19 @@ def predict_volume(model: FewShotSegmenter, train: Volumes, test: Volumes, tv: E
 
 
 def summarise(name: str, eps: float | None, target: str, scores: dict[str, float],
-              nfes: list[int] | None = None) -> dict[str, Any]:
+              nfes: list[int] | None = None, hd95: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """One row of the result: mean Dice and its 95 % interval over volumes; with ``hd95`` (per
+    volume, MONAI installed) the mean HD95 over the volumes where it is defined (both masks
+    non-empty), its interval, and how many volumes it was undefined on."""
     mean, ci = mean_ci95(list(scores.values()))
     row = {"attack": name, "eps": eps, "target": target, "dice": mean, "dice_ci95": ci, "per_volume": scores}
     if nfes:
         row["nfe_mean"] = sum(nfes) / len(nfes)
+    if hd95 and all(v is not None for v in hd95.values()):
+        defined = [v for v in hd95.values() if not math.isnan(v)]
+        row["hd95"], row["hd95_ci95"] = mean_ci95(defined) if defined else (float("nan"), float("nan"))
+        row["hd95_undefined"] = len(hd95) - len(defined)
+        row["hd95_per_volume"] = hd95
     return row
 
 
@@ -111,9 +120,9 @@ def evaluate_segmentation(cfg, model: FewShotSegmenter, train: Volumes, test: Vo
 
     # reference predictions: nothing, and the aligned support masks themselves
     rows.append(summarise("all_background", None, "-", {v: volume_dice(torch.zeros_like(g), g) for v, g in truth.items()}))
-    copy = {tv.id: volume_dice((train.labels[tv.support] == organ).float().mean(dim=1) >= 0.5, truth[tv.id])
-            for tv in volumes}
-    rows.append(summarise("copy_support", None, "-", copy))
+    copied = {tv.id: (train.labels[tv.support] == organ).float().mean(dim=1) >= 0.5 for tv in volumes}
+    rows.append(summarise("copy_support", None, "-", {v: volume_dice(c, truth[v]) for v, c in copied.items()},
+                          hd95={v: volume_hd95(c, truth[v]) for v, c in copied.items()}))
 
     generator = torch.Generator(device=test.device).manual_seed(cfg.seed + 2)
     overlay_volume = volumes[0]
@@ -126,18 +135,19 @@ def evaluate_segmentation(cfg, model: FewShotSegmenter, train: Volumes, test: Vo
     for name, eps, target in bar:
         attack = None if name == "clean" else SegAttack(name, eps or 0.0, target, s.clip, s.apgd_steps,
                                                         s.square_queries)
-        scores, nfes = {}, []
+        scores, hd95, nfes = {}, {}, []
         for tv in volumes:
             pred, nfe, shown = predict_volume(model, train, test, tv, organ, s.eval_batch, attack, generator,
                                               s.attack_solver)
             scores[tv.id] = volume_dice(pred, truth[tv.id])
+            hd95[tv.id] = volume_hd95(pred, truth[tv.id])
             nfes += nfe
             if tv is overlay_volume:
                 key = f"{name}" if eps is None else f"{name} eps {eps:g} ({target})"
                 overlays["pred"][key] = pred
                 if shown is not None:
                     overlays["adv"][key] = shown
-        rows.append(summarise(name, eps, target, scores, nfes if model.ode is not None else None))
+        rows.append(summarise(name, eps, target, scores, nfes if model.ode is not None else None, hd95))
     overlays["query"] = test.images[overlay_volume.query].float().div(255)
     return {"organ": s.organ, "shots": s.shots, "dataset": s.dataset, "image_size": test.image_size,
             "support_volumes": support_ids, "test_volumes": [tv.id for tv in volumes],
@@ -147,14 +157,26 @@ def evaluate_segmentation(cfg, model: FewShotSegmenter, train: Volumes, test: Vo
 
 
 def render_table(result: dict[str, Any], title: str = "") -> str:
-    """A Markdown table: one row per setting, Dice mean ± 95 % interval over test volumes."""
+    """A Markdown table: one row per setting, Dice mean ± 95 % interval over test volumes (and
+    HD95 in voxels where MONAI computed it: mean ± interval over the volumes where it is defined,
+    with the count of volumes where the prediction was empty)."""
+    with_hd = any("hd95" in r for r in result["results"])
+    head = "| setting | eps | attacked | Dice (mean ± 95 % interval) | NFE |" + (" HD95 (voxels) |" if with_hd else "")
+    rule = "|---|---:|---|---:|---:|" + ("---:|" if with_hd else "")
     lines = [f"### {title or result['organ']} ({result['shots']}-shot, {len(result['test_volumes'])} test volumes, "
-             f"{result['slices']} query slices)", "",
-             "| setting | eps | attacked | Dice (mean ± 95 % interval) | NFE |", "|---|---:|---|---:|---:|"]
+             f"{result['slices']} query slices)", "", head, rule]
     for r in result["results"]:
         eps = "" if r["eps"] is None else f"{r['eps']:g}"
         nfe = f"{r['nfe_mean']:.1f}" if "nfe_mean" in r else ""
-        lines.append(f"| {r['attack']} | {eps} | {r['target']} | {r['dice']:.3f} ± {r['dice_ci95']:.3f} | {nfe} |")
+        line = f"| {r['attack']} | {eps} | {r['target']} | {r['dice']:.3f} ± {r['dice_ci95']:.3f} | {nfe} |"
+        if with_hd:
+            hd = ""
+            if "hd95" in r:
+                hd = f"{r['hd95']:.1f} ± {r['hd95_ci95']:.1f}"
+                if r["hd95_undefined"]:
+                    hd += f" ({r['hd95_undefined']} empty)"
+            line += f" {hd} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

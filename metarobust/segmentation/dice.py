@@ -28,6 +28,25 @@ def volume_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(dice(pred.unsqueeze(0), target.unsqueeze(0))[0])
 
 
+def volume_hd95(pred: torch.Tensor, target: torch.Tensor) -> float | None:
+    """The 95th-percentile symmetric Hausdorff distance between the surfaces of one volume's
+    predicted and true masks ``[Z, H, W]``, in voxels (the staged slices carry no spacing), from
+    MONAI's :func:`monai.metrics.compute_hausdorff_distance`; ``nan`` when either mask is empty
+    (undefined), ``None`` when MONAI is not installed (``pip install metarobust[seg]``)."""
+    try:
+        import warnings
+
+        from monai.metrics import compute_hausdorff_distance
+    except ImportError:
+        return None
+    with warnings.catch_warnings():  # MONAI's deprecation notes about its own internals
+        warnings.simplefilter("ignore")
+        value = compute_hausdorff_distance(pred.bool()[None, None].cpu(), target.bool()[None, None].cpu(),
+                                           percentile=95)
+    value = float(value.flatten()[0])
+    return value if math.isfinite(value) else float("nan")
+
+
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width ``1.96 s / sqrt(n)`` of its 95 % interval over volumes (``nan``
     for one volume)."""
@@ -39,4 +58,4 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, Z_95 * math.sqrt(var / n)
 
 
-__all__ = ["dice", "mean_ci95", "volume_dice"]
+__all__ = ["dice", "mean_ci95", "volume_dice", "volume_hd95"]
