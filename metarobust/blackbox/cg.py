@@ -24,6 +24,7 @@ Decisions [ours] (META.md gives the population only):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -135,7 +136,7 @@ class CGAttack(QueryAttack):
 
     def _points(self, oracle: Oracle, x: torch.Tensor, z: torch.Tensor, shapes) -> torch.Tensor:
         """The points of latents ``z [M, D]`` for images ``x [M, ...]``."""
-        sizes = [int(torch.tensor(s).prod()) for s in shapes]
+        sizes = [math.prod(s) for s in shapes]
         latents = [part.reshape(len(z), *s) for part, s in zip(z.split(sizes, dim=1), shapes, strict=True)]
         with torch.no_grad():
             return self.point(oracle, x, self.flow.decode(latents, x))
