@@ -198,7 +198,7 @@ def test_cg_attack_pays_a_population_per_generation_within_budget_and_stays_in_t
     model, x, y = toy
     flow = tiny_generator()
     budget = torch.tensor([0, 1, 5, 21, 45] + [60] * (len(x) - 5))
-    for seeded_start in (False, True):
+    for seeded_start, start in ((False, "mode"), (True, "mode"), (True, "proposal")):
         oracle = Oracle(model, budget=budget, examples=len(x), output="probs", levels=256)
         init = known = None
         if seeded_start:
@@ -206,7 +206,7 @@ def test_cg_attack_pays_a_population_per_generation_within_budget_and_stays_in_t
             point = CGAttack("linf", EPS).point(oracle, oracle.quantise(x), init)
             scores = Oracle(model, budget=1, examples=len(x), output="probs", levels=256)(point)  # paid elsewhere
             known = (point, scores)
-        attack = CGAttack("linf", EPS, popsize=4).bind(flow)
+        attack = CGAttack("linf", EPS, popsize=4, start=start).bind(flow)
         out = attack(oracle, x, y, seeded(0), init=init, known=known)
         assert torch.equal(out.queries, oracle.queries) and bool((out.queries <= budget).all())
         assert out.queries[0] == 0 and not out.success[0]
@@ -233,6 +233,8 @@ def test_cg_needs_mcg_and_runs_plain_and_seeded_in_the_runner(toy):
         CGAttack("linf", EPS)(Oracle(model, budget=5, examples=len(x)), x, y)
     with pytest.raises(ConfigError, match="eps=0.1"):
         CGAttack("linf", 0.1).bind(tiny_generator())(Oracle(model, budget=5, examples=len(x)), x, y)
+    with pytest.raises(ConfigError, match="start='middle'"):
+        CGAttack("linf", EPS, start="middle")
     cfg = BlackboxConfig(run="toy", attacks=["cg"], budget=30, eps=EPS, whitebox_check=False,
                          params={"cg": {"popsize": 4}})
     mcg = mcg_for(toy)

@@ -9,11 +9,15 @@ from one query. A generation costs ``popsize`` queries.
 
 Decisions [ours] (META.md gives the population only):
 
-- **The start.** Seeded by MCG's proposal (``init``: its perturbation), the search is centred on
-  the latent that gives that perturbation under the generator the attack holds
+- **The start.** Unseeded (``cg`` alone), the search is centred on the latent 0, the flow's mode,
+  whose point is the first query. Seeded by MCG's proposal (``init``: its perturbation), the
+  proposal is the first point (its answer is held, not bought again), and the search is centred
+  by ``start``: ``"mode"`` (default) on the latent 0 as unseeded, or ``"proposal"`` on the latent
+  that gives the proposal's perturbation under the generator the attack holds
   (``encode(x, delta)``; the runner hands it each target's meta-trained generator, reset after the
-  proposal's fine-tuning, so the proposal's own fine-tuned weights are not needed). Unseeded
-  (``cg`` alone), it is centred on the latent 0, the flow's mode.
+  proposal's fine-tuning). Measured on MNIST (docs/blackbox.md), ``"proposal"`` searched slower:
+  the proposal is mostly at the bound, and its latent (through ``atanh`` near +-1) lies far out in
+  the prior's tails.
 - **sep-CMA-ES** (``diagonal``, the default): the latent has as many dimensions as the image
   (784 on MNIST, 3,072 on CIFAR-10); full CMA-ES' covariance update is quadratic in that and its
   eigendecomposition cubic. ``diagonal: false`` runs the full one.
@@ -54,6 +58,8 @@ class CGAttack(QueryAttack):
         sigma (float): CMA-ES' initial step size in latent space. (Default: 0.5 [?])
         diagonal (bool): sep-CMA-ES (diagonal covariance). (Default: True [ours])
         loss (str): the target's loss the fitness is: ``"margin"`` (MCG's, positive once fooled).
+        start (str): where a seeded search is centred: ``"mode"`` or ``"proposal"`` (above).
+            (Default: ``"mode"`` [ours])
 
     Examples::
         >>> outcome = CGAttack("linf", 8/255, flow=generator)(oracle, x, y, init=proposal.delta)
@@ -66,9 +72,12 @@ class CGAttack(QueryAttack):
     sigma: float = 0.5
     diagonal: bool = True
     loss: str = "margin"
+    start: str = "mode"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.start not in ("mode", "proposal"):
+            raise ConfigError(f"cg start={self.start!r}; choose 'mode' or 'proposal'")
         if self.popsize < 2:
             raise ConfigError(f"cg popsize={self.popsize} must be >= 2 (CMA-ES needs a population)")
         if self.sigma <= 0:
@@ -93,7 +102,7 @@ class CGAttack(QueryAttack):
         b = x.shape[0]
         with torch.no_grad():
             zero = [torch.zeros_like(z) for z in flow.sample_latents(x, generator)]
-            start = flow.encode(x, init) if init is not None else zero
+            start = flow.encode(x, init) if init is not None and self.start == "proposal" else zero
             delta = init if init is not None else flow.decode(zero, x)
         shapes = [z.shape[1:] for z in start]
         mean = torch.cat([z.flatten(1) for z in start], 1).double().cpu().numpy()
