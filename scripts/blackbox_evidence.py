@@ -104,7 +104,7 @@ DATASETS: dict[str, dict[str, Any]] = {
                    "surrogate_resnet": ["model.name=preact_resnet18", "model.hidden=8", "seed=2"]},
         "generator": {"levels": 3, "steps": 4, "hidden": 64, "x_hidden_channels": 16, "x_hidden_size": 64},
         "params": {"bandits": {"tile": 2}, "nes": {"sigma": 0.01}},
-        "full": {"epochs": 6, "train_size": 2000, "images": 1000, "points": 100, "budget": 1000,
+        "full": {"epochs": 15, "train_size": 20000, "images": 3000, "points": 120, "budget": 1000,
                  "mcg": {"transfer_steps": 10, "pretrain_epochs": 5, "meta_epochs": 2}},
     },
     "omniglot": {
