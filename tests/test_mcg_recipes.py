@@ -222,3 +222,7 @@ def test_stage_configs_carry_the_surrogates_data_settings_including_nulls(mnist,
         assert first.data.image_size == second.data.image_size == size
         assert first.recipe == "mcg_pretrain" and second.mcg.stage1 == str(tmp_path / "g.pt.stage1")
         assert first.at.train_size == 32 and first.data.root == mnist[1]
+    for bad, match in (({"eps": 0.1}, r"blackbox-train generator.eps is set from"),
+                       ({"levles": 2}, r"blackbox-train generator: unknown field")):
+        with pytest.raises(ConfigError, match=match):  # refused by check(), before any run is read
+            fit.MCGTrainConfig(surrogates=[surrogate], out=str(tmp_path / "g.pt"), generator=bad).check()

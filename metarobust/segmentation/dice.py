@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -34,8 +35,6 @@ def volume_hd95(pred: torch.Tensor, target: torch.Tensor) -> float | None:
     MONAI's :func:`monai.metrics.compute_hausdorff_distance`; ``nan`` when either mask is empty
     (undefined), ``None`` when MONAI is not installed (``pip install metarobust[seg]``)."""
     try:
-        import warnings
-
         from monai.metrics import compute_hausdorff_distance
     except ImportError:
         return None

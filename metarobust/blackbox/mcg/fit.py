@@ -70,18 +70,15 @@ class MCGTrainConfig:
             raise ConfigError(f"blackbox-train norm={self.norm!r}; choose linf or l2")
         if self.images < 0 or self.episodes < 1:
             raise ConfigError(f"blackbox-train images={self.images} must be >= 0 and episodes={self.episodes} >= 1")
-        self.mcg_config()
-
-    def mcg_config(self) -> MCGConfig:
-        return MCGConfig(**known_fields(MCGConfig, self.mcg, "blackbox-train mcg"))
-
-    def generator_config(self, shape: tuple[int, int, int], eps: float) -> GeneratorConfig:
         values = known_fields(GeneratorConfig, self.generator, "blackbox-train generator")
         for fixed in ("shape", "norm", "eps"):
             if fixed in values:
                 raise ConfigError(f"blackbox-train generator.{fixed} is set from the data and the threat model "
                                   f"(norm, eps); remove it")
-        return GeneratorConfig(shape=shape, norm=self.norm, eps=eps, **values)
+        self.mcg_config()
+
+    def mcg_config(self) -> MCGConfig:
+        return MCGConfig(**known_fields(MCGConfig, self.mcg, "blackbox-train mcg"))
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None, check: bool = True) -> MCGTrainConfig:
@@ -114,13 +111,12 @@ def surrogate_runs(cfg: MCGTrainConfig) -> list[SurrogateRun]:
     """The surrogate runs of ``cfg`` (their checkpoints read, no model built), all of one kind
     (plain classifiers or few-shot learners) and one dataset, else a :class:`ConfigError`."""
     from metarobust.experiment import checkpoint_config, config_from_dict, read_run_checkpoint
-    from metarobust.training.recipes import RECIPES
+    from metarobust.training.recipes.mcg import surrogate_kind
 
     runs = []
     for path in cfg.surrogates:
         run_cfg = config_from_dict(checkpoint_config(read_run_checkpoint(path)), list(cfg.overrides))
-        kind = RECIPES.get(run_cfg.recipe, "recipe").evaluation
-        runs.append(SurrogateRun(str(path), run_cfg, "fewshot" if kind == "fewshot" else "classifier"))
+        runs.append(SurrogateRun(str(path), run_cfg, surrogate_kind(run_cfg.recipe)))
     kinds = {run.kind: run.path for run in runs}
     if len(kinds) > 1:
         raise ConfigError(f"blackbox-train surrogates mix plain classifiers and few-shot learners "

@@ -130,11 +130,10 @@ def surrogate_config(path: str) -> dict[str, Any]:
                           f"metarobust train configs/at/mnist_natural.yaml") from None
 
 
-def surrogate_kind(saved: dict[str, Any]) -> str:
-    """``"fewshot"`` for a run of a recipe evaluated on few-shot episodes (a meta-learner, RFS),
-    else ``"classifier"``."""
-    name = saved.get("recipe")
-    if name in RECIPES.names() and RECIPES.get(name, "recipe").evaluation == "fewshot":
+def surrogate_kind(recipe: str | None) -> str:
+    """``"fewshot"`` for a run of ``recipe`` if that recipe is evaluated on few-shot episodes (a
+    meta-learner, RFS), else ``"classifier"`` (also for a run that records no known recipe)."""
+    if recipe in RECIPES.names() and RECIPES.get(recipe, "recipe").evaluation == "fewshot":
         return "fewshot"
     return "classifier"
 
@@ -235,7 +234,7 @@ class MCGRecipe(Recipe):
         """Refuse surrogates that mix kinds or come from another dataset (or, few-shot, another
         ``meta.ways``); whether they are few-shot learners."""
         paths = self.section.surrogates
-        kinds = {surrogate_kind(saved): path for path, saved in zip(paths, self.saved, strict=True)}
+        kinds = {surrogate_kind(saved.get("recipe")): path for path, saved in zip(paths, self.saved, strict=True)}
         if len(kinds) > 1:
             raise ConfigError(f"mcg.surrogates mix plain classifiers ({kinds['classifier']!r}) and few-shot learners "
                               f"({kinds['fewshot']!r}); a generator trains on one kind: give surrogates of the "
@@ -316,13 +315,13 @@ class MCGRecipe(Recipe):
     def sampler(self, train: ImageStore, rank: int, world_size: int) -> BatchSampler | EpisodeSampler:
         if world_size > 1:
             raise ConfigError(f"recipe {self.name!r} runs in one process (no torchrun)")
+        self.store = train
         if self.fewshot:
             ways, shots, queries = self.episode_shape
             self.pool = EpisodePool(train, ways, shots, queries, self.section.episodes, self.cfg.seed)
+            self.store = self.pool.store
             if self.one_episode_per_batch:
-                self.store = self.pool.store
                 return EpisodeSampler(self.pool, self.cfg.seed)
-        self.store = self.pool.store if self.pool is not None else train
         return BatchSampler(self.store, min(self.batch_size(), len(self.store)), seed=self.cfg.seed)
 
     def schedule(self, train: ImageStore, world_size: int) -> tuple[int, int]:
